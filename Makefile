@@ -1,0 +1,30 @@
+# `make demo` and `make test` create the environment when it is missing, then run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.modxla-installed
+PYTEST_ARGS ?=
+# 8 virtual XLA CPU devices for SPMD (XLA_FLAGS device counts do not work with torch_xla).
+XLA_CPU := PJRT_DEVICE=CPU CPU_NUM_DEVICES=8
+
+.PHONY: venv demo test lint clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(XLA_CPU) $(PY) tools/demo.py
+
+test: $(STAMP)
+	@$(XLA_CPU) $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs .pytest_cache

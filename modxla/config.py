@@ -1,0 +1,288 @@
+"""Typed experiment configuration: YAML files plus dotted `key=value` overrides.
+
+Every section is a dataclass; loading checks types, rejects unknown keys and validates values,
+raising `ConfigError` with the dotted name of the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or out of range."""
+
+
+@dataclass
+class ModConfig:
+    capacity: float = 1.0  # fraction of tokens a routed block processes; 1.0 = baseline
+    every: int = 2  # every `every`-th block routes (blocks every-1, 2*every-1, ...); 0 = none
+    routing: str = "learned"  # learned | random (Gaussian router weights drawn each step)
+    aux_loss_weight: float = 0.0  # BCE of router logits vs top-k membership; 0 = off
+    predictor: bool = True  # a small MLP per routed block on stop_gradient(x)
+    predictor_hidden: int = 64
+    predictor_loss_weight: float = 1.0  # predictor BCE; cannot touch the model (stop-gradient)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    num_layers: int = 8
+    num_heads: int = 4
+    d_ff: int = 0  # 0 = derived: 8/3 d_model rounded up to 64 for swiglu, 4 d_model for gelu
+    mlp: str = "swiglu"  # swiglu | gelu
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    mod: ModConfig = field(default_factory=ModConfig)
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return -(-(8 * self.d_model // 3) // 64) * 64
+        return 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def routed_layers(self) -> list[int]:
+        """Indices of the blocks that route; empty for the dense baseline."""
+        if self.mod.capacity >= 1.0 or self.mod.every == 0:
+            return []
+        e = self.mod.every
+        return [i for i in range(self.num_layers) if i % e == e - 1]
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | local path or glob (txt, jsonl, parquet) | hub dataset name
+    hub_config: str = ""  # dataset config name, for hub sources
+    text_field: str = "text"
+    split: str = "train"
+    streaming: bool = False  # hub sources only
+    tokenizer: str = ""  # sentencepiece .model path; empty = train one on the source and cache it
+    tokenizer_type: str = "bpe"  # bpe | unigram, when the tokenizer is trained here
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    cache_dir: str = "~/.cache/modxla"
+    num_proc: int = 2
+    max_chars: int = 0  # cap on corpus characters read (0 = all); keeps demos small
+    seed: int = 0
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1  # -1 = fill from the device count
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1  # data parallelism across TPU slices (multislice)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global sequences per micro-step
+    grad_accum: int = 1
+    seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    device: str = "xla"  # xla | cpu | cuda
+    log_every: int = 10
+    eval_every: int = 100  # 0 = off
+    eval_batches: int = 4
+    peak_flops: float = 0.0  # per device; 0 = table for TPUs, measured once on CPU
+    compile_cache: str = "~/.cache/modxla/xla"  # persistent XLA cache; empty = off
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep: int = 3
+    async_save: bool = False
+    resume: str = "auto"  # auto (newest complete checkpoint if any) | never
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if isinstance(tp, types.UnionType):
+        tp = next(t for t in typing.get_args(tp) if t is not type(None))
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[tp](value)
+    if not ok:
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges and cross-field constraints; returns cfg for chaining."""
+    m, mod, d, t, o = cfg.model, cfg.model.mod, cfg.data, cfg.train, cfg.optimizer
+    _check(0.0 < mod.capacity <= 1.0, "model.mod.capacity", f"must be in (0, 1], got {mod.capacity}")
+    _check(mod.every >= 0, "model.mod.every", f"must be >= 0, got {mod.every}")
+    _check(
+        mod.routing in ("learned", "random"),
+        "model.mod.routing",
+        f"must be learned or random, got {mod.routing!r}",
+    )
+    _check(mod.aux_loss_weight >= 0, "model.mod.aux_loss_weight", "must be >= 0")
+    _check(mod.predictor_loss_weight >= 0, "model.mod.predictor_loss_weight", "must be >= 0")
+    _check(mod.predictor_hidden > 0, "model.mod.predictor_hidden", "must be > 0")
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
+        _check(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
+    _check(
+        m.d_model % m.num_heads == 0,
+        "model.num_heads",
+        f"{m.num_heads} heads do not divide d_model {m.d_model}",
+    )
+    _check(m.head_dim % 2 == 0, "model.num_heads", f"head_dim {m.head_dim} must be even for RoPE")
+    _check(m.d_ff >= 0, "model.d_ff", "must be >= 0")
+    _check(m.mlp in ("swiglu", "gelu"), "model.mlp", f"must be swiglu or gelu, got {m.mlp!r}")
+    _check(d.seq_len > 1, "data.seq_len", f"must be > 1, got {d.seq_len}")
+    _check(
+        d.seq_len <= m.max_seq_len,
+        "data.seq_len",
+        f"{d.seq_len} exceeds model.max_seq_len {m.max_seq_len}",
+    )
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    _check(d.tokenizer_type in ("bpe", "unigram"), "data.tokenizer_type", "must be bpe or unigram")
+    _check(d.num_proc >= 1, "data.num_proc", "must be >= 1")
+    for name in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, name)
+        _check(v == -1 or v >= 1, f"mesh.{name}", f"must be -1 or >= 1, got {v}")
+    _check(cfg.mesh.dcn_data >= 1, "mesh.dcn_data", "must be >= 1")
+    _check(
+        [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
+        "mesh",
+        "at most one axis may be -1",
+    )
+    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", "must be in [0, 1]")
+    _check(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1", "betas must be in [0, 1)")
+    _check(o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
+    _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    _check(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    _check(t.grad_accum > 0, "train.grad_accum", f"must be > 0, got {t.grad_accum}")
+    _check(t.dtype in ("float32", "bfloat16"), "train.dtype", "must be float32 or bfloat16")
+    _check(t.device in ("xla", "cpu", "cuda"), "train.device", "must be xla, cpu or cuda")
+    _check(t.log_every > 0, "train.log_every", "must be > 0")
+    _check(t.eval_every >= 0 and t.eval_batches > 0, "train.eval_every", "must be >= 0")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(
+        cfg.checkpoint.resume in ("auto", "never"),
+        "checkpoint.resume",
+        f"must be auto or never, got {cfg.checkpoint.resume!r}",
+    )
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a', 'b', 'c'], value), the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def from_dict(raw: dict, overrides: list[str] = ()) -> Config:
+    raw = copy.deepcopy(raw or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        node[path[-1]] = value
+    return validate(_build(Config, raw, ""))
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (None = defaults), apply `key=value` overrides and validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return from_dict(raw, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

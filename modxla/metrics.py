@@ -1,0 +1,100 @@
+"""Analytic FLOPs per step (the paper's FLOPs/step chart), MFU and throughput helpers.
+
+A matmul of (m, n) by (n, p) counts 2*m*n*p FLOPs. Dense blocks process all T tokens, routed
+blocks k = round(C*T); attention scores and values add their own quadratic term over the
+tokens a block processes (the full square is counted, as it is computed). The input embedding
+is a gather (0 FLOPs); the output head counts 2*T*D*V. Backward counts twice the forward.
+"""
+
+from __future__ import annotations
+
+import time
+
+from modxla.config import Config, ModelConfig
+from modxla.model.mod import capacity_k
+
+# Dense bf16 peak per chip, from the Cloud TPU documentation.
+TPU_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5litepod": 197e12, "v5p": 459e12, "v6e": 918e12}
+
+
+def block_flops(cfg: ModelConfig, n: int) -> dict[str, int]:
+    """Forward FLOPs of one block's f over n tokens (one sequence)."""
+    d, f = cfg.d_model, cfg.ffn_dim
+    return {
+        "attn_proj": 2 * n * d * d * 4,  # q, k, v, o
+        "attn_scores": 2 * 2 * n * n * d,  # q k^T and p v, all heads
+        "mlp": 2 * n * d * f * (3 if cfg.mlp == "swiglu" else 2),
+    }
+
+
+def forward_flops(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
+    """Forward FLOPs for one sequence of `seq_len` tokens, by component, with a total."""
+    t, d = seq_len, cfg.d_model
+    routed = set(cfg.routed_layers)
+    k = capacity_k(cfg.mod.capacity, t)
+    out = {"embedding": 0, "attn_proj": 0, "attn_scores": 0, "mlp": 0, "router": 0, "predictor": 0}
+    for i in range(cfg.num_layers):
+        for name, v in block_flops(cfg, k if i in routed else t).items():
+            out[name] += v
+    n_routed = len(routed)
+    if cfg.mod.routing == "learned":
+        out["router"] = n_routed * 2 * t * d
+    if cfg.mod.predictor:
+        h = cfg.mod.predictor_hidden
+        out["predictor"] = n_routed * 2 * t * (d * h + h)
+    out["head"] = 2 * t * d * cfg.vocab_size
+    out["total"] = sum(out.values())
+    return out
+
+
+def flops_per_step(cfg: Config) -> int:
+    """Training FLOPs of one optimizer step: (forward + 2x backward) x global batch x accum."""
+    fwd = forward_flops(cfg.model, cfg.data.seq_len)["total"]
+    return 3 * fwd * cfg.train.batch_size * cfg.train.grad_accum
+
+
+def param_count(cfg: ModelConfig, exclude_embeddings: bool = False) -> int:
+    """Parameters of the model a config builds, without building it."""
+    d, f, v = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
+    block = 4 * d * d + d * f * (3 if cfg.mlp == "swiglu" else 2) + 2 * d
+    n_routed = len(cfg.routed_layers)
+    extra = 0
+    if cfg.mod.routing == "learned":
+        extra += d
+    if cfg.mod.predictor:
+        h = cfg.mod.predictor_hidden
+        extra += d * h + h + h + 1
+    n = cfg.num_layers * block + n_routed * extra + d  # + final norm
+    emb = v * d
+    head = 0 if cfg.tie_embeddings else v * d
+    return n + head + (0 if exclude_embeddings else emb)
+
+
+def tpu_peak_flops(device_kind: str) -> float | None:
+    kind = device_kind.lower().replace(" ", "")
+    for name, peak in sorted(TPU_PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if name in kind:
+            return peak
+    return None
+
+
+def measure_matmul_peak(device=None, n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of a square fp32 matmul on `device` (the CPU's achievable peak for MFU)."""
+    import torch
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    (a @ b).sum().item()  # warm up (and compile, under XLA)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def mfu(flops_step: int, step_time_s: float, peak_per_device: float, num_devices: int) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the devices' summed peak."""
+    if step_time_s <= 0 or peak_per_device <= 0:
+        return 0.0
+    return flops_step / step_time_s / (peak_per_device * num_devices)

@@ -1,0 +1,118 @@
+"""The Mixture-of-Depths block: router, static top-k capacity buffer, causal routing modes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modxla.config import ModelConfig
+from modxla.model.layers import BlockDelta, attention_mask
+
+ROUTING_MODES = ("topk", "predictor", "router")
+
+
+def capacity_k(capacity: float, seq_len: int) -> int:
+    """Static buffer size k = round(C * T), at least 1: a Python int, so XLA sees one shape."""
+    return max(1, min(seq_len, int(round(capacity * seq_len))))
+
+
+def causal_slots(decide: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill a k-slot buffer with the first k tokens that `decide` routes, in position order.
+
+    decide: (B, T) bool, a per-token causal decision. Returns idx (B, k) ascending and valid
+    (B, k): slots beyond the routed count hold undecided tokens marked invalid; routed tokens
+    past the k-th overflow and are dropped. Whether token t takes a slot depends only on
+    decide[:, :t+1], so the selection is causal. Static shapes: no nonzero, no masking.
+    """
+    t = decide.shape[1]
+    pos = torch.arange(t, device=decide.device, dtype=torch.float32)
+    key = torch.where(decide, 2 * t - pos, -pos)  # routed first, earliest first
+    idx = torch.sort(torch.topk(key, k, dim=1).indices, dim=1).values
+    return idx, torch.gather(decide, 1, idx)
+
+
+@dataclass
+class RoutingInfo:
+    """What one routed block decided, for losses, metrics and tests."""
+
+    router_logits: torch.Tensor  # (B, T) raw router output r
+    topk_mask: torch.Tensor  # (B, T) float, 1 for the top-k of r (the training target)
+    predictor_logits: torch.Tensor | None  # (B, T), on stop_gradient(x)
+    routed_mask: torch.Tensor  # (B, T) float, 1 for tokens processed in this forward
+    idx: torch.Tensor  # (B, k) buffer positions, ascending
+    valid: torch.Tensor  # (B, k) bool, False for empty slots (causal modes)
+    decided: torch.Tensor  # (B,) tokens the routing wanted to process (>= routed on overflow)
+
+
+class Predictor(nn.Module):
+    """Small MLP predicting top-k membership from one token's own state (causal by design)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x))).squeeze(-1)  # (B, T)
+
+
+class MoDBlock(nn.Module):
+    """x_i + r_i * f(X~)_i for the k routed tokens, x_i for the rest."""
+
+    routed = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.capacity = cfg.mod.capacity
+        self.random = cfg.mod.routing == "random"
+        self.f = BlockDelta(cfg)
+        # One router per block, never shared; random routing has none to learn.
+        self.router = None if self.random else nn.Linear(cfg.d_model, 1, bias=False)
+        self.predictor = (
+            Predictor(cfg.d_model, cfg.mod.predictor_hidden) if cfg.mod.predictor else None
+        )
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.random:
+            w = torch.randn(x.shape[-1], device=x.device, dtype=x.dtype)  # fresh every step
+            return x.detach() @ w
+        return self.router(x).squeeze(-1)  # (B, T)
+
+    def select(self, x: torch.Tensor, routing: str):
+        """Router and predictor logits, the top-k target, and the buffer for this mode."""
+        b, t, _ = x.shape
+        k = capacity_k(self.capacity, t)
+        r = self.router_logits(x)
+        topk_idx = torch.topk(r, k, dim=1).indices  # (B, k)
+        topk_mask = torch.zeros_like(r).scatter(1, topk_idx, 1.0)
+        p = self.predictor(x.detach()) if self.predictor is not None else None
+        if routing == "topk":
+            idx = torch.sort(topk_idx, dim=1).values  # causal order kept
+            valid = torch.ones_like(idx, dtype=torch.bool)
+            decided = torch.full((b,), k, device=x.device)
+        else:
+            if routing == "predictor" and p is None:
+                raise ValueError("routing='predictor' needs model.mod.predictor: true")
+            if routing == "router" and self.random:
+                raise ValueError("routing='router' needs a learned router")
+            decide = (p if routing == "predictor" else r) > 0
+            idx, valid = causal_slots(decide, k)
+            decided = decide.sum(1)
+        return r, topk_mask, p, idx, valid, decided
+
+    def forward(self, x, positions, routing: str = "topk"):
+        b, t, d = x.shape
+        r, topk_mask, p, idx, valid, decided = self.select(x, routing)
+        idx_d = idx[..., None].expand(-1, -1, d)  # (B, k, D)
+        xs = torch.gather(x, 1, idx_d)  # (B, k, D)
+        pos = torch.gather(positions, 1, idx)  # original positions, for RoPE
+        mask = None if routing == "topk" else attention_mask(valid, valid, pos, pos)
+        delta = self.f(xs, pos, mask)  # (B, k, D)
+        w = torch.ones_like(pos, dtype=x.dtype) if self.random else torch.gather(r, 1, idx)
+        w = w * valid.to(x.dtype)
+        out = x.scatter_add(1, idx_d, delta * w[..., None])
+        routed = torch.zeros_like(topk_mask).scatter(1, idx, valid.to(topk_mask.dtype))
+        return out, RoutingInfo(r, topk_mask, p, routed, idx, valid, decided)
