@@ -181,7 +181,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: Config) -> Config:
     """Check value ranges and cross-field constraints; returns cfg for chaining."""
     m, mod, d, t, o = cfg.model, cfg.model.mod, cfg.data, cfg.train, cfg.optimizer
-    _check(0.0 < mod.capacity <= 1.0, "model.mod.capacity", f"must be in (0, 1], got {mod.capacity}")
+    cap = mod.capacity
+    _check(0.0 < cap <= 1.0, "model.mod.capacity", f"must be in (0, 1], got {cap}")
     _check(mod.every >= 0, "model.mod.every", f"must be >= 0, got {mod.every}")
     _check(
         mod.routing in ("learned", "random"),

@@ -83,7 +83,9 @@ class Transformer(nn.Module):
         learned = self.cfg.mod.routing == "learned"
         router = sum(bce(i.router_logits, i.topk_mask) for i in infos) / len(infos)
         router = router if learned else zero
-        preds = [bce(i.predictor_logits, i.topk_mask) for i in infos if i.predictor_logits is not None]
+        preds = [
+            bce(i.predictor_logits, i.topk_mask) for i in infos if i.predictor_logits is not None
+        ]
         predictor = sum(preds) / len(preds) if preds else zero
         return router, predictor
 

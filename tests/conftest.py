@@ -1,0 +1,36 @@
+"""Shared fixtures. XLA runs on the CPU with 8 virtual devices (set before torch_xla loads)."""
+
+import os
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+os.environ.setdefault("CPU_NUM_DEVICES", "8")
+
+import pytest  # noqa: E402
+
+from modxla.config import load_config  # noqa: E402
+
+
+def tiny_overrides(**kw) -> list[str]:
+    base = {
+        "model.vocab_size": 128,
+        "model.d_model": 64,
+        "model.num_layers": 2,
+        "model.num_heads": 4,
+        "model.max_seq_len": 64,
+        "model.mod.capacity": 0.25,
+        "model.mod.every": 2,
+        "model.mod.predictor_hidden": 16,
+        "data.seq_len": 32,
+    }
+    base.update(kw)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def tiny_cfg():
+    """Factory: a tiny MoD config, with dotted overrides as keyword arguments."""
+
+    def make(**kw):
+        return load_config(None, tiny_overrides(**kw))
+
+    return make

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from modxla.config import ConfigError, load_config, save_config
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert len(CONFIGS) >= 5
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.d_model % cfg.model.num_heads == 0
+    assert cfg.data.seq_len <= cfg.model.max_seq_len
+
+
+def test_baseline_has_no_routed_blocks_and_mod_routes_every_other():
+    root = CONFIGS[0].parent
+    assert load_config(root / "baseline.yaml").model.routed_layers == []
+    assert load_config(root / "mod_c12_every2.yaml").model.routed_layers == [1, 3, 5, 7]
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["model.mod.capacity=0.5", "train.steps=7", "data.source=/x/*.txt"])
+    assert cfg.model.mod.capacity == 0.5
+    assert cfg.train.steps == 7
+    assert cfg.data.source == "/x/*.txt"
+    cfg = load_config(None, ["optimizer.lr=1"])  # an int where a float is expected is fine
+    assert isinstance(cfg.optimizer.lr, float)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.mod.capacity=1.5", "model.mod.capacity"),
+        ("model.mod.capacity=0", "model.mod.capacity"),
+        ("model.num_heads=3", "model.num_heads"),
+        ("model.d_model=abc", "model.d_model"),
+        ("model.colour=blue", "model.colour"),
+        ("model.mod.routing=softmax", "model.mod.routing"),
+        ("data.seq_len=4096", "data.seq_len"),
+        ("train.dtype=fp8", "train.dtype"),
+        ("mesh.fsdp=0", "mesh.fsdp"),
+        ("train.batch_size=true", "train.batch_size"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        load_config(None, [override])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["model.d_model"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS[0].parent / "tiny.yaml", ["train.steps=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
