@@ -1,0 +1,66 @@
+"""The logical device mesh (data, fsdp, tensor) built from config."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from modxla.config import MeshConfig
+
+AXES = ("data", "fsdp", "tensor")
+
+
+class MeshError(ValueError):
+    """The mesh does not match the devices, or the batch does not divide over it."""
+
+
+def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with a -1 axis filled in from the device count."""
+    shape = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise MeshError(
+                f"mesh: {num_devices} devices do not divide by the fixed axes "
+                f"{dict(zip(AXES, shape, strict=True))} (product {known})"
+            )
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise MeshError(
+            f"mesh: data x fsdp x tensor = {' x '.join(map(str, shape))} = {math.prod(shape)} "
+            f"but there are {num_devices} devices"
+        )
+    if shape[0] % cfg.dcn_data:
+        raise MeshError(f"mesh.dcn_data {cfg.dcn_data} does not divide mesh.data {shape[0]}")
+    return tuple(shape)
+
+
+def check_batch(global_batch: int, shape: tuple[int, int, int], process_count: int = 1) -> None:
+    shards = shape[0] * shape[1]
+    if global_batch % shards:
+        raise MeshError(
+            f"train.batch_size {global_batch} is not divisible by the batch shards "
+            f"data x fsdp = {shards}"
+        )
+    if global_batch % process_count:
+        raise MeshError(
+            f"train.batch_size {global_batch} is not divisible by {process_count} hosts"
+        )
+
+
+def build_mesh(cfg: MeshConfig, num_devices: int | None = None):
+    """An SPMD mesh over all devices; HybridMesh across TPU slices when dcn_data > 1."""
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+
+    n = num_devices or xr.global_runtime_device_count()  # not world_size(): 1 under SPMD
+    shape = resolve_mesh_shape(cfg, n)
+    if cfg.dcn_data > 1:
+        if xr.device_type() != "TPU":
+            raise MeshError("mesh.dcn_data > 1 (multislice) needs TPU devices")
+        ici = (shape[0] // cfg.dcn_data, shape[1], shape[2])
+        return xs.HybridMesh(
+            ici_mesh_shape=ici, dcn_mesh_shape=(cfg.dcn_data, 1, 1), axis_names=AXES
+        )
+    return xs.Mesh(np.arange(n), shape, AXES)

@@ -1,0 +1,49 @@
+"""Sharding rules: weights FSDP-sharded over `fsdp`, heads and MLP hidden over `tensor`.
+
+Linear weights are (out, in). Column-parallel layers (q, k, v, MLP up/gate, embeddings) shard
+out over tensor and in over fsdp; row-parallel layers (attention out, MLP down) the reverse.
+Norms, biases and other 1-D parameters are replicated. The sequence axis is never sharded.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+COLUMN = ("tensor", "fsdp")
+ROW = ("fsdp", "tensor")
+RULES = {
+    "embed.weight": COLUMN,
+    "head.weight": COLUMN,
+    "attn.wq.weight": COLUMN,
+    "attn.wk.weight": COLUMN,
+    "attn.wv.weight": COLUMN,
+    "attn.wo.weight": ROW,
+    "mlp.w1.weight": COLUMN,
+    "mlp.w3.weight": COLUMN,
+    "mlp.w2.weight": ROW,
+    "router.weight": (None, "fsdp"),
+    "predictor.fc1.weight": (None, "fsdp"),
+}
+
+
+def param_spec(name: str, ndim: int) -> tuple | None:
+    """Partition spec of a parameter by its name; None = replicated."""
+    if ndim < 2:
+        return None
+    for suffix, spec in RULES.items():
+        if name.endswith(suffix):
+            return spec
+    return None
+
+
+def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
+    """Annotate every parameter of a model already on the XLA device; returns the specs."""
+    import torch_xla.distributed.spmd as xs
+
+    specs = {}
+    for name, p in model.named_parameters():
+        spec = param_spec(name, p.ndim)
+        specs[name] = spec
+        if spec is not None:
+            xs.mark_sharding(p, mesh, spec)
+    return specs

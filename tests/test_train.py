@@ -1,0 +1,165 @@
+"""The SPMD training loop, run in subprocesses (the device count is fixed per process)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from modxla.config import load_config
+from modxla.parallel.mesh import MeshError, check_batch, resolve_mesh_shape
+
+ROOT = Path(__file__).parent.parent
+TINY = [
+    "model.vocab_size=384",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "data.max_chars=400000",
+    "train.batch_size=8",
+    "train.eval_every=0",
+]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def run(args, devices, timeout=600, check=True):
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
+    proc = subprocess.run(
+        [sys.executable, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+PARAMS_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from modxla.config import load_config
+    from modxla.train import Trainer
+    from modxla.logger import MetricsLogger
+    cfg = load_config("configs/tiny.yaml", sys.argv[2:])
+    t = Trainer(cfg, sys.argv[1])
+    hist = t.fit(MetricsLogger(t.run_dir, cfg.train.steps, 0, enabled=False))
+    params = {k: v.detach().cpu() for k, v in t.model.state_dict().items()}
+    torch.save({"losses": [h["loss"] for h in hist], "params": params}, sys.argv[1] + "/out.pt")
+""")
+
+
+def test_sharded_equals_unsharded(tmp_path, data_cache):
+    common = [*TINY, f"data.cache_dir={data_cache}", "train.steps=3", "train.log_every=1"]
+    results = {}
+    for name, devices, mesh in (
+        ("one", 1, ["mesh.data=1"]),
+        ("mesh", 8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
+    ):
+        out = tmp_path / name
+        run(["-c", PARAMS_SCRIPT, str(out), *common, *mesh], devices)
+        results[name] = torch.load(out / "out.pt")
+    one, mesh = results["one"], results["mesh"]
+    assert len(one["losses"]) == 3
+    torch.testing.assert_close(mesh["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+    assert one["params"].keys() == mesh["params"].keys()
+    for k, v in one["params"].items():
+        torch.testing.assert_close(mesh["params"][k], v, rtol=1e-5, atol=1e-5, msg=k)
+    # the parameters did move: the comparison is not of two untouched inits
+    from modxla.model import build_model
+
+    init = build_model(load_config("configs/tiny.yaml", TINY).model, seed=0).state_dict()
+    assert max((init[k] - v).abs().max() for k, v in one["params"].items()) > 1e-3
+
+
+def test_train_cli_compiles_once_and_loss_falls(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    args = [
+        "-m",
+        "modxla.train",
+        "--config",
+        "configs/tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+        f"data.cache_dir={data_cache}",
+        "train.steps=30",
+        "train.log_every=1",
+        "train.eval_every=10",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+    ]
+    run(args, 4)
+    assert (run_dir / "config.yaml").exists()
+    assert load_config(run_dir / "config.yaml").train.steps == 30
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    recs = read_metrics(run_dir)
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    required = {
+        "step",
+        "loss",
+        "lm_loss",
+        "router_loss",
+        "predictor_loss",
+        "lr",
+        "grad_norm",
+        "step_time_s",
+        "tokens_per_s",
+        "flops_per_step",
+        "mfu",
+        "compiles",
+        "routed_frac/block1",
+        "predictor_acc/block1",
+    }
+    assert required <= steps[-1].keys()
+    compiles = [r["compiles"] for r in steps]
+    assert compiles[1] == compiles[-1]  # nothing new after step 2 (evaluations included)
+    assert steps[0]["routed_frac/block1"] == pytest.approx(4 / 32)  # k = round(0.125 * 32)
+    first = sum(r["lm_loss"] for r in steps[:3]) / 3
+    last = sum(r["lm_loss"] for r in steps[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    vals = [r["val_loss"] for r in recs if "val_loss" in r]
+    assert len(vals) == 4 and vals[-1] < vals[0]
+
+
+def test_mesh_and_batch_errors():
+    cfg = load_config(None, ["mesh.data=3"])
+    with pytest.raises(MeshError, match="data x fsdp x tensor = 3 x 1 x 1 = 3 but there are 8"):
+        resolve_mesh_shape(cfg.mesh, 8)
+    cfg = load_config(None, ["mesh.fsdp=3"])
+    with pytest.raises(MeshError, match="8 devices do not divide by the fixed axes"):
+        resolve_mesh_shape(cfg.mesh, 8)
+    assert resolve_mesh_shape(load_config(None, ["mesh.tensor=2"]).mesh, 8) == (4, 1, 2)
+    with pytest.raises(MeshError, match="batch_size 6 is not divisible by the batch shards"):
+        check_batch(6, (4, 1, 2))
+    with pytest.raises(MeshError, match="batch_size 8 is not divisible by 3 hosts"):
+        check_batch(8, (1, 1, 8), process_count=3)
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path):
+    proc = run(
+        ["-m", "modxla.train", "--run-dir", str(tmp_path / "r"), "mesh.data=3"], 8, check=False
+    )
+    assert proc.returncode == 2
+    assert "error: mesh: data x fsdp x tensor = 3 x 1 x 1 = 3 but there are 8" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run(
+        ["-m", "modxla.train", "--run-dir", str(tmp_path / "r"), "model.mod.capacity=2"],
+        1,
+        check=False,
+    )
+    assert proc.returncode == 2 and "model.mod.capacity: must be in (0, 1]" in proc.stderr
