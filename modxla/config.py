@@ -122,10 +122,11 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps between checkpoints; 0 = only at the end
+    dir: str = ""  # local path or fsspec URL (gs://...); empty = <run-dir>/checkpoints
+    every: int = 0  # steps between checkpoints; 0 = only at the end (and on SIGTERM)
     keep: int = 3
     async_save: bool = False
-    resume: str = "auto"  # auto (newest complete checkpoint if any) | never
+    resume: str = "auto"  # auto: newest complete checkpoint if any | must: fail if none | never
 
 
 @dataclass
@@ -236,9 +237,9 @@ def validate(cfg: Config) -> Config:
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(
-        cfg.checkpoint.resume in ("auto", "never"),
+        cfg.checkpoint.resume in ("auto", "must", "never"),
         "checkpoint.resume",
-        f"must be auto or never, got {cfg.checkpoint.resume!r}",
+        f"must be auto, must or never, got {cfg.checkpoint.resume!r}",
     )
     return cfg
 

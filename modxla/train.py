@@ -4,119 +4,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from modxla.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_model_shapes,
+    latest_checkpoint,
+)
+from modxla.checkpoint import load as load_checkpoint
 from modxla.config import Config, ConfigError, load_config, save_config
 from modxla.data import BatchLoader, DataError, build_streams
-from modxla.metrics import flops_per_step, measure_matmul_peak, mfu, tpu_peak_flops
+from modxla.metrics import flops_per_step, mfu
 from modxla.model import build_model
 from modxla.optim import build_optimizer, lr_at, set_lr
-from modxla.parallel.mesh import MeshError, check_batch, resolve_mesh_shape
+from modxla.parallel.mesh import MeshError
+from modxla.runtime import compile_count, feed, peak_flops_per_device, setup_runtime
 from modxla.step import eval_step, train_step
 
 
-@dataclass
-class Runtime:
-    """Where the run executes: device, mesh, and this host's place among the hosts."""
+def _say(msg: str) -> None:
+    from tqdm import tqdm
 
-    device: torch.device
-    xla: bool
-    mesh: object = None
-    num_devices: int = 1
-    process_index: int = 0
-    process_count: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.process_index == 0
-
-
-_CACHE_READY = False
-
-
-def setup_runtime(cfg: Config) -> Runtime:
-    """SPMD over every XLA device (or a native device); validates mesh against batch."""
-    global _CACHE_READY
-    if cfg.train.device != "xla":
-        if cfg.train.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device: cuda requested but no CUDA device is available")
-        return Runtime(torch.device(cfg.train.device), xla=False)
-    import torch_xla
-    import torch_xla.runtime as xr
-
-    from modxla.parallel import build_mesh
-
-    if cfg.train.compile_cache and not _CACHE_READY:
-        cache = os.path.expanduser(cfg.train.compile_cache)
-        os.makedirs(cache, exist_ok=True)
-        xr.initialize_cache(cache, readonly=False)  # must precede the first compile
-        _CACHE_READY = True
-    xr.use_spmd()
-    n = xr.global_runtime_device_count()
-    shape = resolve_mesh_shape(cfg.mesh, n)
-    check_batch(cfg.train.batch_size, shape, xr.process_count())
-    return Runtime(
-        device=torch_xla.device(),
-        xla=True,
-        mesh=build_mesh(cfg.mesh, n),
-        num_devices=n,
-        process_index=xr.process_index(),
-        process_count=xr.process_count(),
-    )
-
-
-def peak_flops_per_device(cfg: Config, rt: Runtime) -> float:
-    """Config value, else the TPU table, else the CPU's matmul rate shared among devices."""
-    if cfg.train.peak_flops > 0:
-        return cfg.train.peak_flops
-    if rt.xla:
-        import torch_xla.runtime as xr
-
-        if xr.device_type() == "TPU":
-            kind = os.environ.get("TPU_ACCELERATOR_TYPE", "")
-            peak = tpu_peak_flops(kind)
-            if peak:
-                return peak
-    cache = Path(os.path.expanduser(cfg.data.cache_dir)) / "cpu_peak_flops.json"
-    if cache.exists():
-        total = json.loads(cache.read_text())["flops"]
-    else:
-        total = measure_matmul_peak()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"flops": total}))
-    return total / rt.num_devices
+    tqdm.write(f"[modxla] {msg}", file=sys.stderr)
 
 
 def _grouped(loader: BatchLoader, accum: int):
     while True:
         yield torch.stack([next(loader) for _ in range(accum)])  # (A, B/P, T+1)
-
-
-def _feed(batches, rt: Runtime, batch_dim: int):
-    """Iterator of device batches, the batch axis sharded over (data, fsdp) under SPMD."""
-    if not rt.xla:
-        return (b.to(rt.device) for b in batches)
-    import torch_xla.distributed.parallel_loader as pl
-    import torch_xla.distributed.spmd as xs
-
-    spec = [None] * (batch_dim + 2)
-    spec[batch_dim] = ("data", "fsdp")
-    return iter(
-        pl.MpDeviceLoader(batches, rt.device, input_sharding=xs.ShardingSpec(rt.mesh, tuple(spec)))
-    )
-
-
-def compile_count() -> int:
-    import torch_xla.debug.metrics as met
-
-    data = met.metric_data("CompileTime")
-    return int(data[0]) if data else 0
 
 
 class Trainer:
@@ -140,13 +60,24 @@ class Trainer:
             self.rt.process_index,
             self.rt.process_count,
         )
-        self.model = build_model(cfg.model, seed=cfg.train.seed).to(self.rt.device)
+        self.stop_requested = False  # set by SIGTERM: checkpoint, then leave the loop
+        self.ckpt_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
+        self.ckpt = Checkpointer(
+            self.ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, self.rt.is_main
+        )
+        self.step = 0
+        model = build_model(cfg.model, seed=cfg.train.seed)
+        resume = self._find_resume()
+        restored = self._load(resume, model) if resume else None
+        self.model = model.to(self.rt.device)
+        specs = {}
         if self.rt.xla:
             from modxla.parallel import shard_model
 
-            shard_model(self.model, self.rt.mesh)
+            specs = shard_model(self.model, self.rt.mesh)
         self.opt = build_optimizer(self.model, cfg.optimizer)
-        self.step = 0
+        if restored:
+            self._restore(restored, specs)
         self.flops = flops_per_step(cfg)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
         self.peak = peak_flops_per_device(cfg, self.rt)
@@ -167,6 +98,77 @@ class Trainer:
         else:
             fn(*args)
 
+    def _find_resume(self) -> str | None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return None
+        path = latest_checkpoint(self.ckpt_dir, warn=_say)
+        if path is None and mode == "must":
+            raise CheckpointError(f"resume: no complete checkpoint in {self.ckpt_dir}")
+        return path
+
+    def _load(self, path: str, model: torch.nn.Module) -> dict:
+        """Read a checkpoint into host tensors; the model (on the CPU) takes its weights."""
+        state = model.state_dict()
+        check_model_shapes(path, state)
+        opt = build_optimizer(model, self.cfg.optimizer)
+        opt_template = opt.state_dict()
+        params = [p for g in opt.param_groups for p in g["params"]]  # state_dict's index order
+        opt_template["state"] = {
+            i: {
+                "step": torch.zeros(()),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
+            for i, p in enumerate(params)
+        }
+        meta = {
+            "step": 0,
+            "loader": self.loader.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "xla_rng": 0,
+        }
+        loaded = load_checkpoint(path, {"model": state, "optim": opt_template, "meta": meta})
+        model.load_state_dict(loaded["model"])
+        _say(f"resuming from {path} (step {loaded['meta']['step']})")
+        return loaded
+
+    def _restore(self, loaded: dict, specs: dict) -> None:
+        """Optimizer state (sharded like its parameter), step, data position and RNG."""
+        self.opt.load_state_dict(loaded["optim"])
+        if self.rt.xla:
+            import torch_xla.core.xla_model as xm
+            import torch_xla.distributed.spmd as xs
+
+            for name, p in self.model.named_parameters():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    t = self.opt.state[p][key]
+                    if specs.get(name) is not None:
+                        xs.mark_sharding(t, self.rt.mesh, specs[name])
+            xm.set_rng_state(int(loaded["meta"]["xla_rng"]))
+        meta = loaded["meta"]
+        self.step = int(meta["step"])
+        self.loader.load_state_dict(meta["loader"])
+        torch.set_rng_state(meta["torch_rng"])
+
+    def save(self) -> str:
+        loader = {**self.loader.state_dict(), "batch": self.step * self.cfg.train.grad_accum}
+        xla_rng = 0
+        if self.rt.xla:
+            import torch_xla.core.xla_model as xm
+
+            xla_rng = xm.get_rng_state()
+        meta = {
+            "step": self.step,
+            "loader": loader,
+            "torch_rng": torch.get_rng_state(),
+            "xla_rng": xla_rng,
+        }
+        state = {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "meta": meta}
+        path = self.ckpt.save(self.step, state)
+        _say(f"checkpoint step {self.step} -> {path}")
+        return path
+
     def evaluate(self) -> torch.Tensor:
         """Mean validation loss over the first `eval_batches` fixed validation batches."""
         cfg = self.cfg.train
@@ -179,7 +181,7 @@ class Trainer:
             shuffle=False,
         )
         batches = [next(loader) for _ in range(cfg.eval_batches)]
-        losses = [self._eval_step(self.model, b, cfg.dtype) for b in _feed(batches, self.rt, 0)]
+        losses = [self._eval_step(self.model, b, cfg.dtype) for b in feed(batches, self.rt, 0)]
         return torch.stack(losses).mean()
 
     def fit(self, logger) -> list[dict]:
@@ -209,7 +211,7 @@ class Trainer:
 
         if self.val_seqs is not None and self.step == 0:
             self._after_sync(record_eval, (0, self.evaluate()))
-        batches = _feed(_grouped(self.loader, cfg.train.grad_accum), self.rt, 1)
+        batches = feed(_grouped(self.loader, cfg.train.grad_accum), self.rt, 1)
         while self.step < cfg.train.steps:
             lr = lr_at(self.step, cfg.optimizer, cfg.train.steps)
             set_lr(self.opt, lr)
@@ -229,6 +231,16 @@ class Trainer:
                 import torch_xla
 
                 torch_xla.sync()  # runs pending closures
+            every = cfg.checkpoint.every
+            if self.stop_requested or (every and self.step % every == 0):
+                saved = self.save()
+            if self.stop_requested:
+                _say(f"stop requested: left at step {self.step}, checkpoint {saved}")
+                break
+        else:
+            if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                self.save()
+        self.ckpt.close()
         self.loader.batch = self.step * cfg.train.grad_accum  # what the steps consumed
         return history
 
@@ -238,11 +250,33 @@ def train(cfg: Config, run_dir: str | Path) -> list[dict]:
     from modxla.logger import MetricsLogger
 
     trainer = Trainer(cfg, run_dir)
+    if trainer.step and trainer.rt.is_main:
+        _truncate_metrics(trainer.run_dir / "metrics.jsonl", trainer.step)
     logger = MetricsLogger(trainer.run_dir, cfg.train.steps, trainer.step, trainer.rt.is_main)
+
+    def on_term(signum, frame):  # preemption: finish the step, save, exit cleanly
+        if not trainer.stop_requested:
+            _say(f"signal {signum}: saving a checkpoint after this step")
+        trainer.stop_requested = True  # a second signal changes nothing
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         return trainer.fit(logger)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         logger.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,12 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--config", help="YAML experiment config (see configs/)")
     ap.add_argument("--run-dir", required=True, help="output directory (local path)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint, failing if there is none "
+        "(without it, checkpoint.resume=auto resumes when one exists)",
+    )
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = [*args.overrides, *(["checkpoint.resume=must"] if args.resume else [])]
+        cfg = load_config(args.config, overrides)
         train(cfg, args.run_dir)
-    except (ConfigError, DataError, MeshError) as e:
+    except (ConfigError, DataError, MeshError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

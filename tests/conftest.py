@@ -34,3 +34,9 @@ def tiny_cfg():
         return load_config(None, tiny_overrides(**kw))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One tokenizer and packed corpus for every training test of the session."""
+    return str(tmp_path_factory.mktemp("data_cache"))

@@ -24,11 +24,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data_cache"))
-
-
 def run(args, devices, timeout=600, check=True):
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
     proc = subprocess.run(

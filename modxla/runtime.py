@@ -1,0 +1,113 @@
+"""Where a run executes: XLA SPMD over every device (or a native device), and its peak."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modxla.config import Config, ConfigError
+from modxla.metrics import measure_matmul_peak, tpu_peak_flops
+from modxla.parallel.mesh import check_batch, resolve_mesh_shape
+
+
+@dataclass
+class Runtime:
+    """Where the run executes: device, mesh, and this host's place among the hosts."""
+
+    device: torch.device
+    xla: bool
+    mesh: object = None
+    num_devices: int = 1
+    process_index: int = 0
+    process_count: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+
+_CACHE_READY = False
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    """SPMD over every XLA device (or a native device); validates mesh against batch."""
+    global _CACHE_READY
+    if cfg.train.device != "xla":
+        if cfg.train.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda requested but no CUDA device is available")
+        return Runtime(torch.device(cfg.train.device), xla=False)
+    import torch_xla
+    import torch_xla.runtime as xr
+
+    from modxla.parallel import build_mesh
+
+    if cfg.train.compile_cache and not _CACHE_READY:
+        cache = os.path.expanduser(cfg.train.compile_cache)
+        os.makedirs(cache, exist_ok=True)
+        xr.initialize_cache(cache, readonly=False)  # must precede the first compile
+        _CACHE_READY = True
+    xr.use_spmd()
+    if xr.process_count() > 1:
+        import torch.distributed as dist
+        import torch_xla.distributed.xla_backend  # noqa: F401 (registers xla:// init)
+
+        if not dist.is_initialized():  # checkpoint coordination between hosts
+            dist.init_process_group("gloo", init_method="xla://")
+    n = xr.global_runtime_device_count()
+    shape = resolve_mesh_shape(cfg.mesh, n)
+    check_batch(cfg.train.batch_size, shape, xr.process_count())
+    return Runtime(
+        device=torch_xla.device(),
+        xla=True,
+        mesh=build_mesh(cfg.mesh, n),
+        num_devices=n,
+        process_index=xr.process_index(),
+        process_count=xr.process_count(),
+    )
+
+
+def peak_flops_per_device(cfg: Config, rt: Runtime) -> float:
+    """Config value, else the TPU table, else the CPU's matmul rate shared among devices."""
+    if cfg.train.peak_flops > 0:
+        return cfg.train.peak_flops
+    if rt.xla:
+        import torch_xla.runtime as xr
+
+        if xr.device_type() == "TPU":
+            kind = os.environ.get("TPU_ACCELERATOR_TYPE", "")
+            peak = tpu_peak_flops(kind)
+            if peak:
+                return peak
+    cache = Path(os.path.expanduser(cfg.data.cache_dir)) / "cpu_peak_flops.json"
+    if cache.exists():
+        total = json.loads(cache.read_text())["flops"]
+    else:
+        total = measure_matmul_peak()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"flops": total}))
+    return total / rt.num_devices
+
+
+def feed(batches, rt: Runtime, batch_dim: int):
+    """Iterator of device batches, the batch axis sharded over (data, fsdp) under SPMD."""
+    if not rt.xla:
+        return (b.to(rt.device) for b in batches)
+    import torch_xla.distributed.parallel_loader as pl
+    import torch_xla.distributed.spmd as xs
+
+    spec = [None] * (batch_dim + 2)
+    spec[batch_dim] = ("data", "fsdp")
+    return iter(
+        pl.MpDeviceLoader(batches, rt.device, input_sharding=xs.ShardingSpec(rt.mesh, tuple(spec)))
+    )
+
+
+def compile_count() -> int:
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0

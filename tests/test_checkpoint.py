@@ -1,0 +1,226 @@
+"""Checkpoints: every tensor restored, resharding, exact resume after kill -9, SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from modxla.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_model_shapes,
+    latest_checkpoint,
+    list_checkpoints,
+    load,
+    read_metadata,
+)
+from tests.test_train import ROOT, TINY, read_metrics, run
+
+# --- unit level, CPU tensors -------------------------------------------------------------
+
+
+def _state(step):
+    return {
+        "model": {"w": torch.full((4, 3), float(step)), "b": torch.arange(3.0)},
+        "meta": {"step": step, "note": "x"},
+    }
+
+
+def test_keep_last_k_and_round_trip(tmp_path):
+    ck = Checkpointer(str(tmp_path), keep=2)
+    for step in (1, 2, 3):
+        ck.save(step, _state(step))
+    ck.close()
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2, 3]
+    out = load(latest_checkpoint(str(tmp_path)), _state(0))
+    assert torch.equal(out["model"]["w"], torch.full((4, 3), 3.0))
+    assert out["meta"] == {"step": 3, "note": "x"}
+
+
+def test_async_save_completes(tmp_path):
+    ck = Checkpointer(str(tmp_path), keep=5, async_save=True)
+    ck.save(7, _state(7))
+    ck.close()  # waits for the background write
+    assert latest_checkpoint(str(tmp_path)).endswith("step_00000007")
+
+
+@pytest.mark.parametrize("damage", ["marker", "file"])
+def test_incomplete_checkpoint_is_skipped_with_a_message(tmp_path, damage):
+    ck = Checkpointer(str(tmp_path), keep=5)
+    ck.save(5, _state(5))
+    newest = ck.save(10, _state(10))
+    if damage == "marker":
+        os.remove(Path(newest) / "COMPLETE")
+    else:
+        data = next(p for p in Path(newest).iterdir() if p.suffix == ".distcp")
+        data.unlink()
+    messages = []
+    assert latest_checkpoint(str(tmp_path), warn=messages.append).endswith("step_00000005")
+    assert len(messages) == 1 and "step_00000010 is incomplete" in messages[0]
+    with pytest.raises(CheckpointError, match="is incomplete"):
+        load(newest, _state(0))
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(str(tmp_path / "step_00000001"), _state(0))
+    path = Checkpointer(str(tmp_path)).save(1, _state(1))
+    with pytest.raises(CheckpointError, match=r"w has shape \(4, 3\) but the model config gives"):
+        check_model_shapes(path, {"w": torch.zeros(4, 5), "b": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match=r"missing \['c'\]"):
+        check_model_shapes(path, {"w": torch.zeros(4, 3), "b": torch.zeros(3), "c": torch.zeros(1)})
+
+
+# --- the trainer, in subprocesses --------------------------------------------------------
+
+ROUND_TRIP = textwrap.dedent("""
+    import sys, torch
+    from modxla.config import load_config
+    from modxla.checkpoint import latest_checkpoint, read_metadata
+    from modxla.logger import MetricsLogger
+    from modxla.train import Trainer
+
+    def states(t):
+        model = {k: v.cpu() for k, v in t.model.state_dict().items()}
+        opt = {f"{i}.{k}": v.cpu() for i, s in t.opt.state_dict()["state"].items()
+               for k, v in s.items()}
+        return model, opt
+
+    run_dir, args = sys.argv[1], sys.argv[2:]
+    cfg = load_config("configs/tiny.yaml", args + ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"])
+    t = Trainer(cfg, run_dir)
+    t.fit(MetricsLogger(t.run_dir, cfg.train.steps, 0, enabled=False))
+    before = states(t)
+    keys = set(read_metadata(latest_checkpoint(t.ckpt_dir)))
+    again = Trainer(cfg, run_dir)  # resumes from the checkpoint just written
+    after = states(again)
+    cfg8 = load_config("configs/tiny.yaml", args + ["mesh.data=8"])
+    other_mesh = states(Trainer(cfg8, run_dir))
+    torch.save({"before": before, "after": after, "other": other_mesh, "keys": keys,
+                "step": again.step}, run_dir + "/states.pt")
+""")
+
+
+def test_round_trip_on_a_2d_mesh_restores_every_tensor(tmp_path, data_cache):
+    out = tmp_path / "run"
+    args = [*TINY, f"data.cache_dir={data_cache}", "train.steps=2", "train.log_every=1"]
+    run(["-c", ROUND_TRIP, str(out), *args], 8)
+    r = torch.load(out / "states.pt")
+    assert r["step"] == 2
+    (model, opt), (model2, opt2), (model3, opt3) = r["before"], r["after"], r["other"]
+    saved_model = {k[len("model.") :] for k in r["keys"] if k.startswith("model.")}
+    assert saved_model == set(model)  # none dropped, e.g. router (None, fsdp) on this mesh
+    n_params = len(model)
+    assert len(opt) == 3 * n_params  # step, exp_avg, exp_avg_sq for every parameter
+    for restored in ((model2, opt2), (model3, opt3)):
+        for want, got in zip((model, opt), restored, strict=True):
+            assert want.keys() == got.keys()
+            for k in want:
+                assert torch.equal(want[k], got[k]), k
+
+
+def _losses(run_dir):
+    if not (Path(run_dir) / "metrics.jsonl").exists():
+        return {}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def _cmd(run_dir, data_cache, *extra):
+    return [
+        "-m",
+        "modxla.train",
+        "--config",
+        "configs/tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+        f"data.cache_dir={data_cache}",
+        "train.log_every=1",
+        *extra,
+    ]
+
+
+def _popen(args, devices=2):
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
+    return subprocess.Popen(
+        [sys.executable, *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(cond, proc, timeout=300):
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, data_cache):
+    steps = ["train.steps=16", "checkpoint.every=4", "optimizer.warmup_steps=4"]
+    straight = tmp_path / "straight"
+    run(_cmd(straight, data_cache, *steps), 2)
+    expected = _losses(straight)
+
+    broken = tmp_path / "broken"
+    proc = _popen(_cmd(broken, data_cache, *steps))
+    marker = broken / "checkpoints" / "step_00000008" / "COMPLETE"
+    _wait_for(marker.exists, proc)
+    _wait_for(lambda: max(_losses(broken), default=0) >= 9, proc)  # it went on past 8
+    proc.kill()  # SIGKILL: no chance to save anything
+    proc.wait()
+    proc.stderr.close()
+    run(_cmd(broken, data_cache, *steps, "--resume"), 2)
+    got = _losses(broken)
+    assert sorted(got) == list(range(1, 17))  # records after the checkpoint were replaced
+    for step in range(9, 17):
+        assert got[step] == pytest.approx(expected[step], rel=0, abs=1e-6), step
+
+
+def test_sigterm_saves_a_loadable_checkpoint_at_the_step_reached(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    proc = _popen(_cmd(run_dir, data_cache, "train.steps=100000"))
+    _wait_for(lambda: max(_losses(run_dir), default=0) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # a second signal must not corrupt the save
+    assert proc.wait(timeout=120) == 0
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert "saving a checkpoint" in err
+    found = list_checkpoints(str(run_dir / "checkpoints"))
+    assert len(found) == 1
+    step, path = found[0]
+    assert 3 <= step < 100000
+    assert max(_losses(run_dir)) <= step
+    info = json.loads((Path(path) / "COMPLETE").read_text())
+    assert info["step"] == step and info["files"]
+    assert {"model.embed.weight", "meta.torch_rng"} <= set(read_metadata(path))
+    proc = run(_cmd(run_dir, data_cache, f"train.steps={step + 1}", "--resume"), 2)
+    assert f"resuming from {path} (step {step})" in proc.stderr
+    assert sorted(_losses(run_dir))[-1] == step + 1
+
+
+def test_resume_flag_needs_a_checkpoint_and_a_matching_model(tmp_path, data_cache):
+    proc = run(_cmd(tmp_path / "new", data_cache, "train.steps=1", "--resume"), 1, check=False)
+    assert proc.returncode == 2 and "resume: no complete checkpoint in" in proc.stderr
+    run(_cmd(tmp_path / "r", data_cache, "train.steps=1"), 1)
+    proc = run(
+        _cmd(tmp_path / "r", data_cache, "train.steps=2", "model.d_model=32"), 1, check=False
+    )
+    assert proc.returncode == 2
+    assert "embed.weight has shape (384, 64) but the model config gives (384, 32)" in proc.stderr
