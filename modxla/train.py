@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import time
@@ -51,6 +52,8 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(cfg.train.seed)
         streams = build_streams(cfg.data, cfg.model.vocab_size, progress=self.rt.is_main)
+        if self.rt.is_main:  # tools (generate, predictor) read the run's own tokenizer
+            shutil.copyfile(streams.tokenizer, self.run_dir / "tokenizer.model")
         self.train_seqs = streams.sequences("train", cfg.data.seq_len)
         self.val_seqs = streams.sequences("val", cfg.data.seq_len) if cfg.train.eval_every else None
         self.loader = BatchLoader(

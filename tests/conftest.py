@@ -6,8 +6,13 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("CPU_NUM_DEVICES", "8")
 
 import pytest  # noqa: E402
+import torch_xla  # noqa: E402
 
 from modxla.config import load_config  # noqa: E402
+
+# The autograd engine sizes its per-device queues at the first backward pass; the XLA devices
+# must exist by then, or an XLA backward after a CPU one fails inside the engine.
+torch_xla.device()
 
 
 def tiny_overrides(**kw) -> list[str]:

@@ -1,0 +1,170 @@
+"""Using a trained run: load it, evaluate causal routing against top-k, and sample text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from modxla.checkpoint import CheckpointError, latest_checkpoint
+from modxla.checkpoint import load as load_checkpoint
+from modxla.config import Config, load_config
+from modxla.model import Transformer, build_model, lm_loss
+from modxla.model.decode import KVCache, decode_step
+
+PREDICTOR_DIR = "predictor"
+
+
+def predictor_ckpt_dir(run_dir: str | Path) -> str:
+    return str(Path(run_dir) / PREDICTOR_DIR / "checkpoints")
+
+
+def load_run(
+    run_dir: str | Path, prefer_predictor: bool = True, warn=print
+) -> tuple[Config, Transformer, str]:
+    """The run's config and model (CPU, eval mode) with the newest weights.
+
+    With `prefer_predictor`, a checkpoint written by tools/train_predictor.py wins over the
+    training one (it holds the same frozen model plus the trained predictors).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    path = latest_checkpoint(predictor_ckpt_dir(run_dir), warn) if prefer_predictor else None
+    path = path or latest_checkpoint(cfg.checkpoint.dir or str(run_dir / "checkpoints"), warn)
+    if path is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
+    model = build_model(cfg.model)
+    state = load_checkpoint(path, {"model": model.state_dict()})
+    model.load_state_dict(state["model"])
+    return cfg, model.eval(), path
+
+
+def tokenizer_path(run_dir: str | Path) -> str:
+    path = Path(run_dir) / "tokenizer.model"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no tokenizer.model")
+    return str(path)
+
+
+@torch.no_grad()
+def evaluate_routing(
+    model: Transformer, batches, modes=("topk", "predictor", "router")
+) -> dict[str, dict]:
+    """Per routing mode: mean NLL, fraction routed, overflow rate; and predictor quality.
+
+    Overflow: the share of (sequence, routed block) pairs whose causal decisions wanted more
+    tokens than the capacity buffer holds. Predictor quality is measured against top-k
+    membership, next to the accuracy of always answering "skip" (1 - capacity).
+    """
+    if not model.cfg.routed_layers:
+        raise ValueError("the model has no routed blocks: nothing to evaluate")
+    if model.cfg.mod.routing == "random":
+        modes = tuple(m for m in modes if m != "router")
+    acc = {m: {"nll": 0.0, "routed": 0.0, "overflow": 0.0} for m in modes}
+    tp = fp = fn = tn = 0.0
+    n = 0
+    for batch in batches:
+        n += 1
+        for mode in modes:
+            out = model(batch[:, :-1], routing=mode)
+            acc[mode]["nll"] += float(lm_loss(out.logits, batch[:, 1:]))
+            acc[mode]["routed"] += float(
+                torch.stack([i.routed_mask.mean() for i in out.routing]).mean()
+            )
+            k = out.routing[0].idx.shape[1]
+            acc[mode]["overflow"] += float(
+                torch.stack([(i.decided > k).float().mean() for i in out.routing]).mean()
+            )
+            if mode == "topk":
+                for info in out.routing:
+                    pred = info.predictor_logits > 0
+                    target = info.topk_mask > 0.5
+                    tp += float((pred & target).sum())
+                    fp += float((pred & ~target).sum())
+                    fn += float((~pred & target).sum())
+                    tn += float((~pred & ~target).sum())
+    if n == 0:
+        raise ValueError("no evaluation batches")
+    result = {m: {k: v / n for k, v in d.items()} for m, d in acc.items()}
+    for m in modes:
+        result[m]["normalized_ll"] = result["topk"]["nll"] / result[m]["nll"]
+    total = tp + fp + fn + tn
+    result["predictor"] |= {
+        "topk_accuracy": (tp + tn) / total,
+        "precision": tp / max(1.0, tp + fp),
+        "recall": tp / max(1.0, tp + fn),
+        "always_skip_accuracy": (fn + tn) / total,
+    }
+    return result
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V): temperature, then top-k, then nucleus (top-p)."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt: list[int],
+    max_tokens: int,
+    routing: str = "predictor",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    device=None,
+    stop_id: int | None = None,
+) -> tuple[list[int], KVCache]:
+    """Sample `max_tokens` after `prompt`, one compiled decode step per token."""
+    if not prompt:
+        raise ValueError("the prompt encodes to no tokens")
+    length = len(prompt) + max_tokens
+    if length > model.cfg.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max tokens ({max_tokens}) exceed the model's "
+            f"max_seq_len {model.cfg.max_seq_len}"
+        )
+    step = decode_step
+    if device is not None and device.type == "xla":
+        import torch_xla
+
+        step = torch_xla.compile(decode_step, full_graph=True, name="decode_step")
+    cache = KVCache.empty(model, 1, length, device)
+    gen = torch.Generator().manual_seed(seed)
+    out = list(prompt)
+    for t in range(length - 1):
+        tok = torch.tensor([out[t]], device=device)
+        logits = step(model, cache, tok, torch.tensor([t], device=device), routing)
+        if t + 1 < len(prompt):
+            continue  # still reading the prompt
+        nxt = int(sample_next(logits.cpu(), temperature, top_k, top_p, gen)[0])
+        out.append(nxt)
+        if stop_id is not None and nxt == stop_id:
+            break
+    return out, cache
+
+
+def run_config(run_dir: str | Path) -> Config:
+    return load_config(Path(run_dir) / "config.yaml")

@@ -1,0 +1,68 @@
+"""Sample text from a trained run with causal routing and a static-shape KV cache.
+
+    python tools/generate.py --run-dir runs/demo --prompt "def main(" [--max-tokens 64]
+
+Routing is causal: `predictor` (the predictor MLPs decide; train them first with
+tools/train_predictor.py) or `router` (the aux-loss-calibrated router logit decides). The
+newest predictor checkpoint is used if there is one, else the newest training checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from modxla.checkpoint import CheckpointError
+from modxla.data import EOS_ID, load_tokenizer
+from modxla.inference import generate, load_run, tokenizer_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--routing", choices=("predictor", "router"), default="predictor")
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=40, help="0 = off")
+    ap.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "xla"),
+        default="cpu",
+        help="xla runs one compiled decode step per token",
+    )
+    args = ap.parse_args(argv)
+    try:
+        cfg, model, path = load_run(args.run_dir)
+        sp = load_tokenizer(tokenizer_path(args.run_dir), cfg.model.vocab_size)
+        device = None
+        if args.device == "xla":
+            import torch_xla
+
+            device = torch_xla.device()
+            model = model.to(device)
+        prompt = sp.encode(args.prompt)
+        tokens, _ = generate(
+            model,
+            prompt,
+            args.max_tokens,
+            args.routing,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            device,
+            stop_id=EOS_ID,
+        )
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[{path}, routing={args.routing}]", file=sys.stderr)
+    print(sp.decode(tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
