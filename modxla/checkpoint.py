@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional")
+warnings.filterwarnings("ignore", message="The function definition for SavePlanner.set_up_planner")
 
 MARKER = "COMPLETE"
 PREFIX = "step_"

@@ -95,7 +95,7 @@ def evaluate_routing(
         "topk_accuracy": (tp + tn) / total,
         "precision": tp / max(1.0, tp + fp),
         "recall": tp / max(1.0, tp + fn),
-        "always_skip_accuracy": (fn + tn) / total,
+        "always_skip_accuracy": (fp + tn) / total,  # every non-top-k token
     }
     return result
 
@@ -155,8 +155,8 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     out = list(prompt)
     for t in range(length - 1):
-        tok = torch.tensor([out[t]], device=device)
-        logits = step(model, cache, tok, torch.tensor([t], device=device), routing)
+        tok = torch.tensor([out[t]]).to(device)  # host-made: device data, not a traced op
+        logits = step(model, cache, tok, torch.tensor([t]).to(device), routing)
         if t + 1 < len(prompt):
             continue  # still reading the prompt
         nxt = int(sample_next(logits.cpu(), temperature, top_k, top_p, gen)[0])

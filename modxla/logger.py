@@ -10,7 +10,9 @@ from tqdm import tqdm
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, initial: int, enabled: bool = True):
+    def __init__(
+        self, run_dir: Path, total_steps: int, initial: int, enabled: bool = True, desc="train"
+    ):
         self.enabled = enabled
         self.file = None
         self.tb = None
@@ -24,7 +26,7 @@ class MetricsLogger:
         self.bar = tqdm(
             total=total_steps,
             initial=initial,
-            desc="train",
+            desc=desc,
             unit="step",
             dynamic_ncols=True,
             mininterval=1.0,

@@ -46,7 +46,7 @@ def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--run-dir", required=True, help="a run directory written by modxla.train")
     ap.add_argument("--steps", type=int, default=300, help="predictor training steps")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--eval-batches", type=int, default=8, help="validation batches to score")
     ap.add_argument("--fresh", action="store_true", help="ignore earlier predictor checkpoints")
