@@ -1,0 +1,75 @@
+"""The `make demo` pipeline: train a small MoD model with XLA SPMD, checkpoint, train the
+causal predictor, sample text with causal routing, and plot. Every step is a command a user
+can run alone; they are printed as they run.
+
+    python tools/demo.py [--run-dir runs/demo] [--devices 4] [key=value ...]
+
+Run it again and the training resumes from its checkpoints (a finished run is not redone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sh(args: list[str], devices: int) -> None:
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
+    print(f"\n$ CPU_NUM_DEVICES={devices} {shlex.join(args)}", flush=True)
+    t0 = time.perf_counter()
+    code = subprocess.call([sys.executable, *args], env=env, cwd=ROOT)
+    if code:
+        sys.exit(f"demo: the step above failed with exit code {code}")
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--run-dir", default="runs/demo")
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--devices", type=int, default=4, help="virtual XLA CPU devices")
+    ap.add_argument("--predictor-steps", type=int, default=300)
+    ap.add_argument("overrides", nargs="*", help="training config overrides")
+    args = ap.parse_args()
+    run = args.run_dir
+    t0 = time.perf_counter()
+    sh(
+        ["-m", "modxla.train", "--config", args.config, "--run-dir", run, *args.overrides],
+        args.devices,
+    )
+    sh(
+        ["tools/train_predictor.py", "--run-dir", run, "--steps", str(args.predictor_steps)],
+        args.devices,
+    )
+    for routing in ("predictor", "router"):
+        sh(
+            [
+                "tools/generate.py",
+                "--run-dir",
+                run,
+                "--prompt",
+                "def read_config(path):\n",
+                "--max-tokens",
+                "96",
+                "--routing",
+                routing,
+            ],
+            1,
+        )
+    sh(["tools/plot.py", "--out", f"{run}/plots", run], 1)
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    print(f"  run directory:   {run}  (config.yaml, metrics.jsonl, checkpoints/, predictor/)")
+    print(f"  TensorBoard:     tensorboard --logdir {run}")
+    print(f"  plots:           {run}/plots/*.png")
+    print(f"  routing eval:    {run}/predictor/eval.json")
+
+
+if __name__ == "__main__":
+    main()
