@@ -162,6 +162,10 @@ def setup_command(a) -> str:
     )
 
 
+def train_args(a) -> list[str]:
+    return ["-m", "modxla.train", "--config", a.config, "--run-dir", a.run_dir, *a.overrides]
+
+
 def train_command(a, slice_id: int, coordinator: str) -> str:
     """The command each host runs; a re-run resumes by itself (checkpoint.resume=auto)."""
     env = dict(XLA_ENV)
@@ -172,16 +176,7 @@ def train_command(a, slice_id: int, coordinator: str) -> str:
             MEGASCALE_COORDINATOR_ADDRESS=coordinator,
             MEGASCALE_PORT="8081",
         )
-    args = [
-        "python",
-        "-m",
-        "modxla.train",
-        "--config",
-        a.config,
-        "--run-dir",
-        a.run_dir,
-        *a.overrides,
-    ]
+    args = ["python", *train_args(a)]
     # the coordinator's address is looked up on the worker, when the slices exist
     envs = " ".join(f"{k}={v if v.startswith('$(') else shlex.quote(v)}" for k, v in env.items())
     return f"cd {REPO_DIR} && {envs} {shlex.join(args)}"
@@ -339,17 +334,7 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
         if a.command == "local":
             shape = resolve_mesh_shape(cfg.mesh, sl.chips * a.slices)
             over = local_overrides(shape, a.local_devices)
-            cmd = [
-                sys.executable,
-                "-m",
-                "modxla.train",
-                "--config",
-                a.config,
-                "--run-dir",
-                a.run_dir,
-                *a.overrides,
-                *over,
-            ]
+            cmd = [sys.executable, *train_args(a), *over]
             run.out(
                 f"# {a.slices} x {sl.accelerator} mesh {shape} -> {a.local_devices} CPU devices"
             )

@@ -124,13 +124,17 @@ def _to_host(obj):
 
 def _writer(path: str):
     if "://" in path:
-        return dcp.FsspecWriter(path)
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        return FsspecWriter(path)
     return dcp.FileSystemWriter(path)
 
 
 def _reader(path: str):
     if "://" in path:
-        return dcp.FsspecReader(path)
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(path)
     return dcp.FileSystemReader(path)
 
 

@@ -21,7 +21,7 @@ from modxla.checkpoint import (
     load,
     read_metadata,
 )
-from tests.test_train import ROOT, TINY, read_metrics, run
+from tests.test_train import ROOT, TINY, read_metrics, run, train_args
 
 # --- unit level, CPU tensors -------------------------------------------------------------
 
@@ -42,6 +42,17 @@ def test_keep_last_k_and_round_trip(tmp_path):
     out = load(latest_checkpoint(str(tmp_path)), _state(0))
     assert torch.equal(out["model"]["w"], torch.full((4, 3), 3.0))
     assert out["meta"] == {"step": 3, "note": "x"}
+
+
+def test_fsspec_url_round_trip():
+    # memory:// goes through the same fsspec writer and reader as gs://
+    base = "memory://modxla-test/run/checkpoints"
+    ck = Checkpointer(base, keep=2)
+    for step in (1, 2, 3):
+        ck.save(step, _state(step))
+    assert [s for s, _ in list_checkpoints(base)] == [2, 3]
+    out = load(latest_checkpoint(base), _state(0))
+    assert torch.equal(out["model"]["w"], torch.full((4, 3), 3.0))
 
 
 def test_async_save_completes(tmp_path):
@@ -133,18 +144,7 @@ def _losses(run_dir):
 
 
 def _cmd(run_dir, data_cache, *extra):
-    return [
-        "-m",
-        "modxla.train",
-        "--config",
-        "configs/tiny.yaml",
-        "--run-dir",
-        str(run_dir),
-        *TINY,
-        f"data.cache_dir={data_cache}",
-        "train.log_every=1",
-        *extra,
-    ]
+    return train_args(run_dir, data_cache, "train.log_every=1", *extra)
 
 
 def _popen(args, devices=2):

@@ -10,7 +10,7 @@ import torch_xla.debug.metrics as met
 from modxla.inference import evaluate_routing, generate, sample_next
 from modxla.model import build_model
 from modxla.model.decode import KVCache, decode_step
-from tests.test_train import TINY, read_metrics, run
+from tests.test_train import read_metrics, run, train_args
 
 PROMPT, NEW = 32, 32
 
@@ -103,20 +103,14 @@ def test_predictor_tool_learns_top_k_membership(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     # predictor_loss_weight 0: the predictors stay at their init, as in a post-hoc setting
     run(
-        [
-            "-m",
-            "modxla.train",
-            "--config",
-            "configs/tiny.yaml",
-            "--run-dir",
-            str(run_dir),
-            *TINY,
-            f"data.cache_dir={data_cache}",
+        train_args(
+            run_dir,
+            data_cache,
             "train.steps=120",
             "train.log_every=40",
             "model.mod.predictor_loss_weight=0",
             "data.val_fraction=0.05",
-        ],
+        ),
         2,
     )
     proc = run(
@@ -165,21 +159,7 @@ def test_predictor_tool_refusals(tmp_path, data_cache):
     proc = run(["tools/train_predictor.py", "--run-dir", str(tmp_path / "none")], 1, check=False)
     assert proc.returncode == 2 and "is not a run directory" in proc.stderr
     base = tmp_path / "base"
-    run(
-        [
-            "-m",
-            "modxla.train",
-            "--config",
-            "configs/tiny.yaml",
-            "--run-dir",
-            str(base),
-            *TINY,
-            f"data.cache_dir={data_cache}",
-            "train.steps=2",
-            "model.mod.capacity=1.0",
-        ],
-        1,
-    )
+    run(train_args(base, data_cache, "train.steps=2", "model.mod.capacity=1.0"), 1)
     proc = run(["tools/train_predictor.py", "--run-dir", str(base)], 1, check=False)
     assert proc.returncode == 2 and "without routed blocks" in proc.stderr
     for p in (base / "checkpoints").iterdir():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launch import tpu
-from tests.test_train import ROOT, TINY, read_metrics
+from tests.test_train import ROOT, TINY, read_metrics, train_args
 
 GOLDEN = Path(__file__).parent / "golden"
 COMMON = [
@@ -157,19 +157,9 @@ class PreemptedOnce(tpu.Runner):
 
 def test_retry_loop_resumes_after_a_preemption(tmp_path, data_cache):
     run_dir = tmp_path / "run"
-    train = [
-        "-m",
-        "modxla.train",
-        "--config",
-        "configs/tiny.yaml",
-        "--run-dir",
-        str(run_dir),
-        *TINY,
-        f"data.cache_dir={data_cache}",
-        "train.steps=8",
-        "checkpoint.every=4",
-        "train.log_every=1",
-    ]
+    train = train_args(
+        run_dir, data_cache, "train.steps=8", "checkpoint.every=4", "train.log_every=1"
+    )
     runner = PreemptedOnce(train, preempt_after_step=4)
     args = tpu.parse(
         [

@@ -39,6 +39,21 @@ def run(args, devices, timeout=600, check=True):
     return proc
 
 
+def train_args(run_dir, data_cache, *extra, config="configs/tiny.yaml"):
+    """`python -m modxla.train` arguments for a tiny run on the session's cached data."""
+    return [
+        "-m",
+        "modxla.train",
+        "--config",
+        config,
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+        f"data.cache_dir={data_cache}",
+        *extra,
+    ]
+
+
 def read_metrics(run_dir):
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines]
@@ -82,21 +97,15 @@ def test_sharded_equals_unsharded(tmp_path, data_cache):
 
 def test_train_cli_compiles_once_and_loss_falls(tmp_path, data_cache):
     run_dir = tmp_path / "run"
-    args = [
-        "-m",
-        "modxla.train",
-        "--config",
-        "configs/tiny.yaml",
-        "--run-dir",
-        str(run_dir),
-        *TINY,
-        f"data.cache_dir={data_cache}",
+    args = train_args(
+        run_dir,
+        data_cache,
         "train.steps=30",
         "train.log_every=1",
         "train.eval_every=10",
         "mesh.data=2",
         "mesh.fsdp=2",
-    ]
+    )
     run(args, 4)
     assert (run_dir / "config.yaml").exists()
     assert load_config(run_dir / "config.yaml").train.steps == 30
@@ -158,3 +167,56 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
         check=False,
     )
     assert proc.returncode == 2 and "model.mod.capacity: must be in (0, 1]" in proc.stderr
+
+
+def _cpu_trainer(tmp_path, data_cache, name, *over):
+    from modxla.logger import MetricsLogger
+    from modxla.train import Trainer
+
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [*TINY, f"data.cache_dir={data_cache}", "train.device=cpu", "train.log_every=1", *over],
+    )
+    t = Trainer(cfg, tmp_path / name)
+    hist = t.fit(MetricsLogger(t.run_dir, cfg.train.steps, 0, enabled=False))
+    return t, [h["loss"] for h in hist if "loss" in h]
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, data_cache):
+    # 2 micro-batches of 4 see the same 8 sequences as one batch of 8 (the loader's order)
+    full, losses_full = _cpu_trainer(
+        tmp_path, data_cache, "full", "train.steps=3", "train.batch_size=8", "train.grad_accum=1"
+    )
+    acc, losses_acc = _cpu_trainer(
+        tmp_path, data_cache, "acc", "train.steps=3", "train.batch_size=4", "train.grad_accum=2"
+    )
+    assert len(losses_full) == 3
+    torch.testing.assert_close(losses_acc, losses_full, rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(
+        acc.model.state_dict().items(), full.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert acc.loader.batch == 6 and full.loader.batch == 3
+
+
+def test_native_cpu_device_runs_the_same_loop(tmp_path, data_cache):
+    t, losses = _cpu_trainer(
+        tmp_path, data_cache, "cpu", "train.steps=20", "optimizer.warmup_steps=2"
+    )
+    assert next(t.model.parameters()).device.type == "cpu"
+    assert losses[-1] < losses[0] - 0.5
+    assert (tmp_path / "cpu" / "checkpoints" / "step_00000020" / "COMPLETE").exists()
+
+
+def test_bfloat16_autocast_trains(tmp_path, data_cache):
+    t, losses = _cpu_trainer(
+        tmp_path,
+        data_cache,
+        "bf16",
+        "train.steps=10",
+        "train.dtype=bfloat16",
+        "optimizer.warmup_steps=2",
+    )
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert next(t.model.parameters()).dtype == torch.float32  # fp32 master weights

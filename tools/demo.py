@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def sh(args: list[str], devices: int) -> None:
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
-    print(f"\n$ CPU_NUM_DEVICES={devices} {shlex.join(args)}", flush=True)
+    print(f"\n$ CPU_NUM_DEVICES={devices} python {shlex.join(args)}", flush=True)
     t0 = time.perf_counter()
     code = subprocess.call([sys.executable, *args], env=env, cwd=ROOT)
     if code:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from modxla.model.layers import BlockDelta
+
 COLUMN = ("tensor", "fsdp")
 ROW = ("fsdp", "tensor")
 RULES = {
@@ -37,7 +39,12 @@ def param_spec(name: str, ndim: int) -> tuple | None:
 
 
 def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
-    """Annotate every parameter of a model already on the XLA device; returns the specs."""
+    """Annotate every parameter of a model already on the XLA device; returns the specs.
+
+    Each block's input is also pinned to batch sharding: without it, sharding propagation
+    carries the weights' fsdp split onto a routed block's gathered tokens and then has to
+    rematerialize them whole (XLA's "involuntary full rematerialization").
+    """
     import torch_xla.distributed.spmd as xs
 
     specs = {}
@@ -46,4 +53,12 @@ def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
         specs[name] = spec
         if spec is not None:
             xs.mark_sharding(p, mesh, spec)
+
+    def batch_sharded(module, args):
+        x = args[0]  # (B, T, D)
+        xs.mark_sharding(x, mesh, (("data", "fsdp"),) + (None,) * (x.ndim - 1))
+
+    for module in model.modules():
+        if isinstance(module, BlockDelta):
+            module.register_forward_pre_hook(batch_sharded)
     return specs
