@@ -56,6 +56,8 @@ def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
 
     def batch_sharded(module, args):
         x = args[0]  # (B, T, D)
+        if x.device.type != "xla":  # the model was moved off the device (e.g. to evaluate)
+            return
         xs.mark_sharding(x, mesh, (("data", "fsdp"),) + (None,) * (x.ndim - 1))
 
     for module in model.modules():
