@@ -80,8 +80,11 @@ def _incomplete(fs, root: str) -> str | None:
     marker = _join(root, MARKER)
     if not fs.exists(marker):
         return f"no {MARKER} marker"
-    with fs.open(marker, "r") as f:
-        expected = json.load(f).get("files", {})
+    try:
+        with fs.open(marker, "r") as f:
+            expected = json.load(f).get("files", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return f"{MARKER} marker unreadable"
     present = _manifest(fs, root)
     for name, size in expected.items():
         if present.get(name) != size:
@@ -172,8 +175,10 @@ class Checkpointer:
         if self.is_main:
             fs, root = _fs(path)
             info = {"step": step, "time": time.time(), "files": _manifest(fs, root), **extra}
-            with fs.open(_join(root, MARKER), "w") as f:  # last: marks the folder loadable
+            tmp = _join(root, f".{MARKER}.tmp")
+            with fs.open(tmp, "w") as f:
                 json.dump(info, f)
+            fs.mv(tmp, _join(root, MARKER))  # last, and whole: marks the folder loadable
             self._prune()
 
     def wait(self) -> None:

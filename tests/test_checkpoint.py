@@ -62,13 +62,15 @@ def test_async_save_completes(tmp_path):
     assert latest_checkpoint(str(tmp_path)).endswith("step_00000007")
 
 
-@pytest.mark.parametrize("damage", ["marker", "file"])
+@pytest.mark.parametrize("damage", ["marker", "file", "empty_marker"])
 def test_incomplete_checkpoint_is_skipped_with_a_message(tmp_path, damage):
     ck = Checkpointer(str(tmp_path), keep=5)
     ck.save(5, _state(5))
     newest = ck.save(10, _state(10))
     if damage == "marker":
         os.remove(Path(newest) / "COMPLETE")
+    elif damage == "empty_marker":  # killed while the marker was being written
+        (Path(newest) / "COMPLETE").write_text("")
     else:
         data = next(p for p in Path(newest).iterdir() if p.suffix == ".distcp")
         data.unlink()

@@ -150,7 +150,7 @@ class PreemptedOnce(tpu.Runner):
                 assert proc.poll() is None, proc.stderr.read()
             proc.kill()  # the slice went away
         proc.wait()
-        self.stderr = proc.stderr.read()
+        self.stderr = proc.stderr.read()  # the last attempt's
         proc.stderr.close()
         return proc.returncode
 
@@ -173,7 +173,8 @@ def test_retry_loop_resumes_after_a_preemption(tmp_path, data_cache):
             str(run_dir),
         ]
     )
-    assert tpu.up(args, tpu.parse_accelerator("v5e-8"), runner, sleep=lambda s: None) == 0
+    code = tpu.up(args, tpu.parse_accelerator("v5e-8"), runner, sleep=lambda s: None)
+    assert code == 0, runner.stderr[-3000:]
     assert runner.attempts == 2
     assert "resuming from" in runner.stderr and "step_00000004" in runner.stderr
     deletes = [c for c in runner.log if c[3:5] == ["queued-resources", "delete"]]
