@@ -117,7 +117,7 @@ class TrainConfig:
     eval_every: int = 100  # 0 = off
     eval_batches: int = 4
     peak_flops: float = 0.0  # per device; 0 = table for TPUs, measured once on CPU
-    compile_cache: str = "~/.cache/modxla/xla"  # persistent XLA cache; empty = off
+    compile_cache: str = "~/.cache/modxla/xla"  # persistent XLA cache (TPU/GPU); empty = off
 
 
 @dataclass

@@ -45,7 +45,9 @@ def setup_runtime(cfg: Config) -> Runtime:
 
     from modxla.parallel import build_mesh
 
-    if cfg.train.compile_cache and not _CACHE_READY:
+    # XLA:CPU cannot load cached executables ("Deserializing serialized executable not
+    # supported"), so the persistent cache is for TPU and GPU only.
+    if cfg.train.compile_cache and not _CACHE_READY and xr.device_type() != "CPU":
         cache = os.path.expanduser(cfg.train.compile_cache)
         os.makedirs(cache, exist_ok=True)
         xr.initialize_cache(cache, readonly=False)  # must precede the first compile

@@ -48,8 +48,6 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rt = setup_runtime(cfg)
-        if self.rt.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(cfg.train.seed)
         streams = build_streams(cfg.data, cfg.model.vocab_size, progress=self.rt.is_main)
         if self.rt.is_main:  # tools (generate, predictor) read the run's own tokenizer
@@ -81,6 +79,8 @@ class Trainer:
         self.opt = build_optimizer(self.model, cfg.optimizer)
         if restored:
             self._restore(restored, specs)
+        if self.rt.is_main:  # only now: a refused resume leaves the run's config untouched
+            save_config(cfg, self.run_dir / "config.yaml")
         self.flops = flops_per_step(cfg)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
         self.peak = peak_flops_per_device(cfg, self.rt)

@@ -21,6 +21,7 @@ from modxla.checkpoint import (
     load,
     read_metadata,
 )
+from modxla.config import load_config
 from tests.test_train import ROOT, TINY, read_metrics, run, train_args
 
 # --- unit level, CPU tensors -------------------------------------------------------------
@@ -226,3 +227,4 @@ def test_resume_flag_needs_a_checkpoint_and_a_matching_model(tmp_path, data_cach
     )
     assert proc.returncode == 2
     assert "embed.weight has shape (384, 64) but the model config gives (384, 32)" in proc.stderr
+    assert load_config(tmp_path / "r" / "config.yaml").model.d_model == 64  # left untouched
