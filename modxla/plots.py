@@ -147,14 +147,20 @@ def isoflop_ll(runs: list[Run]):
     ref = min(base, key=lambda r: r.final_loss)
     ref_flops = forward_flops(ref.cfg.model, ref.cfg.data.seq_len)["total"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    series: dict[str, list] = {"Baseline": [], "MoD using top-k": [], "MoD using predictor": []}
+    series: dict[str, list] = {"Baseline": []}
     for r in runs:
         x = forward_flops(r.cfg.model, r.cfg.data.seq_len)["total"] / ref_flops
         y = r.final_loss / ref.final_loss
-        series["Baseline" if r.variant == "Baseline" else "MoD using top-k"].append((x, y))
+        if r.variant == "Baseline":
+            series["Baseline"].append((x, y))
+            continue
+        if r.cfg.model.mod.routing != "learned":
+            continue  # random routing has no top-k vs predictor story to tell
+        cap = f"{r.cfg.model.mod.capacity:.1%}".replace(".0%", "%")
+        series.setdefault(f"MoD ({cap}) using top-k", []).append((x, y))
         if r.routing_eval:
             ratio = r.routing_eval["predictor"]["nll"] / r.routing_eval["topk"]["nll"]
-            series["MoD using predictor"].append((x, y * ratio))
+            series.setdefault(f"MoD ({cap}) using predictor", []).append((x, y * ratio))
     for name, pts in series.items():
         if pts:
             ax.plot(*zip(*sorted(pts), strict=True), "o--", label=name)

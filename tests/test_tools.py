@@ -101,7 +101,7 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
         assert [(a.get_xlabel(), a.get_ylabel()) for a in fig.axes] == labels[name]
     iso = plots.isoflop_ll(loaded).axes[0]
     lines = {ln.get_label(): ln.get_xydata() for ln in iso.get_lines() if ln.get_label()[0] != "_"}
-    assert set(lines) == {"Baseline", "MoD using top-k", "MoD using predictor"}
+    assert set(lines) == {"Baseline", "MoD (12.5%) using top-k", "MoD (12.5%) using predictor"}
     assert min(y for _, y in lines["Baseline"]) == pytest.approx(1.0)  # normalized to the best
     assert loaded[2].variant == "MoD (12.5% capacity, every 2)"
     assert loaded[0].variant == "Baseline"
