@@ -164,7 +164,3 @@ def generate(
         if stop_id is not None and nxt == stop_id:
             break
     return out, cache
-
-
-def run_config(run_dir: str | Path) -> Config:
-    return load_config(Path(run_dir) / "config.yaml")

@@ -1,6 +1,6 @@
 """Data: sources (HF datasets), sentencepiece tokenizers, packing, resumable sharded batches."""
 
-from modxla.data.loader import BatchLoader, device_loader
+from modxla.data.loader import BatchLoader
 from modxla.data.pipeline import TokenStreams, build_streams, split_documents
 from modxla.data.sources import DataError, load_documents
 from modxla.data.tokenizer import EOS_ID, load_tokenizer, resolve_tokenizer, train_tokenizer
@@ -11,7 +11,6 @@ __all__ = [
     "DataError",
     "TokenStreams",
     "build_streams",
-    "device_loader",
     "load_documents",
     "load_tokenizer",
     "resolve_tokenizer",

@@ -88,14 +88,3 @@ class BatchLoader:
                     f"{getattr(self, key)}: the data or batch size changed since the checkpoint"
                 )
         self.batch = int(state["batch"])
-
-
-def device_loader(loader: BatchLoader, mesh, device):
-    """Feed XLA devices with the batch axis sharded over (data, fsdp) of `mesh`."""
-    import torch_xla.distributed.parallel_loader as pl
-    import torch_xla.distributed.spmd as xs
-
-    sharding = None
-    if mesh is not None:
-        sharding = xs.ShardingSpec(mesh, (("data", "fsdp"), None))
-    return pl.MpDeviceLoader(loader, device, input_sharding=sharding)
