@@ -159,6 +159,16 @@ def test_resume_continues_exactly():
         BatchLoader(seqs, 12, seed=7).load_state_dict(state)
 
 
+def test_local_paths_and_hub_names_are_told_apart(tmp_path):
+    from modxla.data.sources import is_local
+
+    (tmp_path / "corpus").mkdir()
+    for local in ("stdlib", str(tmp_path / "corpus"), "data/*.jsonl", "./x", "~/d", "a/b.txt"):
+        assert is_local(local), local
+    for hub in ("allenai/c4", "wikitext", "HuggingFaceFW/fineweb-edu"):
+        assert not is_local(hub), hub
+
+
 def test_missing_path(tmp_path, tokenizer):
     cfg = data_cfg(tmp_path / "nowhere", tmp_path, tokenizer)
     with pytest.raises(DataError, match=r"no such file or directory: .*nowhere"):

@@ -73,8 +73,6 @@ def run(args) -> int:
     ckpt = Checkpointer(predictor_ckpt_dir(run_dir), keep=2)
     step = 0
     resume = None if args.fresh else latest_checkpoint(predictor_ckpt_dir(run_dir))
-    preds = [p for n, p in model.named_parameters() if ".predictor." in n]
-    opt = torch.optim.AdamW(preds, lr=args.lr, weight_decay=0.0)
     if resume:
         state = load_checkpoint(resume, {"model": model.state_dict(), "meta": {"step": 0}})
         model.load_state_dict(state["model"])

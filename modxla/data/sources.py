@@ -31,7 +31,12 @@ def stdlib_files() -> list[str]:
 
 
 def is_local(source: str) -> bool:
-    return source == "stdlib" or any(c in source for c in "/*?.") or os.path.exists(source)
+    """Local files, unless it reads as a hub name such as `allenai/c4` or `wikitext`."""
+    if source == "stdlib" or os.path.exists(os.path.expanduser(source)):
+        return True
+    if any(c in source for c in "*?[") or source.startswith(("/", ".", "~")):
+        return True
+    return Path(source).suffix.lower() in TEXT_SUFFIXES | set(TABLE_BUILDERS)
 
 
 def local_files(source: str) -> list[str]:
