@@ -16,8 +16,12 @@ from typing import Any
 
 import yaml
 
+from modxla.errors import UserError
 
-class ConfigError(ValueError):
+ROOT = Path(__file__).resolve().parent.parent  # the repository (configs/ lives here)
+
+
+class ConfigError(UserError, ValueError):
     """A configuration key is unknown, mistyped or out of range."""
 
 

@@ -82,6 +82,59 @@ def test_incomplete_checkpoint_is_skipped_with_a_message(tmp_path, damage):
         load(newest, _state(0))
 
 
+def _flip(path: Path, offset: int = 64, n: int = 4096) -> None:
+    """Damage a file in place: same size, different bytes (bit rot, a bad copy)."""
+    data = bytearray(path.read_bytes())
+    n = min(n, len(data) - offset)
+    data[offset : offset + n] = bytes(b ^ 0xFF for b in data[offset : offset + n])
+    path.write_bytes(bytes(data))
+
+
+def test_a_shard_damaged_in_place_is_refused_and_the_previous_one_loads(tmp_path):
+    ck = Checkpointer(str(tmp_path), keep=5)
+    ck.save(5, _state(5))
+    newest = ck.save(10, _state(10))
+    info = json.loads((Path(newest) / "COMPLETE").read_text())
+    assert set(info["crc32"]) == set(info["files"])  # every file has a checksum
+    shard = next(p for p in Path(newest).iterdir() if p.suffix == ".distcp")
+    _flip(shard)
+    messages = []
+    path = latest_checkpoint(str(tmp_path), warn=messages.append)
+    assert path.endswith("step_00000005")
+    assert len(messages) == 1 and f"{shard.name} fails its checksum" in messages[0]
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load(newest, _state(0))
+    assert torch.equal(load(path, _state(0))["model"]["w"], torch.full((4, 3), 5.0))
+
+
+def test_a_complete_step_is_never_deleted_to_be_rewritten(tmp_path, monkeypatch):
+    ck = Checkpointer(str(tmp_path), keep=5)
+    path = ck.save(5, _state(5))
+    assert ck.save(5, _state(99)) is None  # already complete: skipped, not rewritten
+    assert torch.equal(load(path, _state(0))["model"]["w"], torch.full((4, 3), 5.0))
+
+    # a damaged step is rewritten, but into step_N.partial first: a kill mid-write (here an
+    # exception from the writer) leaves the old folder as it was and no loadable partial
+    _flip(next(p for p in Path(path).iterdir() if p.suffix == ".distcp"))
+    import torch.distributed.checkpoint as dcp
+
+    real_save = dcp.save
+
+    def killed(state, storage_writer, planner):
+        real_save(state, storage_writer=storage_writer, planner=planner)
+        raise KeyboardInterrupt  # after the data, before the marker
+
+    monkeypatch.setattr(dcp, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(5, _state(6))
+    assert (Path(path) / "COMPLETE").exists() and Path(path + ".partial").exists()
+    assert list_checkpoints(str(tmp_path)) == [(5, path)]  # the partial folder is never listed
+    monkeypatch.setattr(dcp, "save", real_save)
+    assert ck.save(5, _state(6)) == path
+    assert not Path(path + ".partial").exists()
+    assert torch.equal(load(path, _state(0))["model"]["w"], torch.full((4, 3), 6.0))
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load(str(tmp_path / "step_00000001"), _state(0))

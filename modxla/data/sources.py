@@ -16,12 +16,13 @@ import datasets
 from datasets.arrow_writer import SchemaInferenceError
 
 from modxla.config import DataConfig
+from modxla.errors import UserError
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data input: a missing path, an empty corpus, undecodable bytes, a vocab mismatch."""
 
 

@@ -7,11 +7,12 @@ import math
 import numpy as np
 
 from modxla.config import MeshConfig
+from modxla.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """The mesh does not match the devices, or the batch does not divide over it."""
 
 
