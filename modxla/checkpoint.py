@@ -32,13 +32,13 @@ import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
 
+from modxla.errors import UserError
+
 # Single-process saves are intended; these warnings would print on every checkpoint.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional")
 warnings.filterwarnings("ignore", message="The function definition for SavePlanner.set_up_planner")
-
-from modxla.errors import UserError
 
 MARKER = "COMPLETE"
 PREFIX = "step_"
