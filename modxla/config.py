@@ -122,6 +122,13 @@ class TrainConfig:
     eval_batches: int = 4
     peak_flops: float = 0.0  # per device; 0 = table for TPUs, measured once on CPU
     compile_cache: str = "~/.cache/modxla/xla"  # persistent XLA cache (TPU/GPU); empty = off
+    # A non-finite loss, or one above divergence_factor x the median of the last
+    # divergence_window logged losses (0 = non-finite only), is a diverged step.
+    # stop: end the run before any checkpoint | skip: undo the step on the device (twice the
+    # parameter + moment memory during the step), counted as skipped_steps | off
+    on_divergence: str = "stop"
+    divergence_factor: float = 10.0
+    divergence_window: int = 20
 
 
 @dataclass
@@ -229,7 +236,9 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", "must be in [0, 1]")
     _check(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1", "betas must be in [0, 1)")
+    _check(0 <= o.beta1 < 1, "optimizer.beta1", f"must be in [0, 1), got {o.beta1}")
+    _check(0 <= o.beta2 < 1, "optimizer.beta2", f"must be in [0, 1), got {o.beta2}")
+    _check(o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps}")
     _check(o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
     _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
     _check(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
@@ -237,7 +246,15 @@ def validate(cfg: Config) -> Config:
     _check(t.dtype in ("float32", "bfloat16"), "train.dtype", "must be float32 or bfloat16")
     _check(t.device in ("xla", "cpu", "cuda"), "train.device", "must be xla, cpu or cuda")
     _check(t.log_every > 0, "train.log_every", "must be > 0")
-    _check(t.eval_every >= 0 and t.eval_batches > 0, "train.eval_every", "must be >= 0")
+    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _check(t.eval_batches > 0, "train.eval_batches", f"must be > 0, got {t.eval_batches}")
+    _check(
+        t.on_divergence in ("stop", "skip", "off"),
+        "train.on_divergence",
+        f"must be stop, skip or off, got {t.on_divergence!r}",
+    )
+    _check(t.divergence_factor >= 0, "train.divergence_factor", "must be >= 0 (0 = off)")
+    _check(t.divergence_window >= 1, "train.divergence_window", "must be >= 1")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(
@@ -276,14 +293,24 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (None = defaults), apply `key=value` overrides and validate."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config file not found: {path}")
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
     return from_dict(raw, overrides)
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given; a relative one that does not exist from the working directory is
+    looked up in the repository (so `configs/tiny.yaml` works from any folder)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    in_repo = ROOT / p
+    return in_repo if in_repo.exists() else p
 
 
 def to_dict(cfg: Config) -> dict:

@@ -32,6 +32,37 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
+def state_template(model: nn.Module, cfg: OptimizerConfig) -> dict:
+    """An AdamW state_dict with every slot present (CPU zeros), to load a checkpoint into.
+
+    AdamW creates its state lazily at the first step; a checkpoint needs the full layout.
+    """
+    opt = build_optimizer(model, cfg)
+    template = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]  # state_dict's index order
+    template["state"] = {
+        i: {
+            "step": torch.zeros(()),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+        }
+        for i, p in enumerate(params)
+    }
+    return template
+
+
+def restore_state(opt: torch.optim.Optimizer, model: nn.Module, state: dict, shard_like) -> None:
+    """Load an optimizer state_dict; each moment is sharded like its parameter.
+
+    `shard_like(tensor, spec_of_param_name)`: e.g. a Runtime's, bound to the model's specs.
+    """
+    opt.load_state_dict(state)
+    for name, p in model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if p in opt.state and key in opt.state[p]:
+                shard_like(opt.state[p][key], name)
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr

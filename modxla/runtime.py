@@ -16,7 +16,11 @@ from modxla.parallel.mesh import check_batch, resolve_mesh_shape
 
 @dataclass
 class Runtime:
-    """Where the run executes: device, mesh, and this host's place among the hosts."""
+    """Where the run executes: device, mesh, and this host's place among the hosts.
+
+    Everything the training loop does differently on XLA goes through here (compile, step
+    closures, sync, RNG state, sharding), so the loop itself has no device branches.
+    """
 
     device: torch.device
     xla: bool
@@ -28,6 +32,64 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.process_index == 0
+
+    def compile(self, fn, name: str):
+        """One compiled graph per call site on XLA; the plain function elsewhere."""
+        if not self.xla:
+            return fn
+        import torch_xla
+
+        return torch_xla.compile(fn, full_graph=True, name=name)
+
+    def after_step(self, fn, *args) -> None:
+        """Run `fn(*args)` once the step's tensors exist, without forcing a sync per step."""
+        if not self.xla:
+            fn(*args)
+            return
+        import torch_xla.core.xla_model as xm
+
+        xm.add_step_closure(fn, args=args)
+
+    def sync(self) -> None:
+        """End of a step: launch the pending graph and run the step closures."""
+        if self.xla:
+            import torch_xla
+
+            torch_xla.sync()
+
+    def rng_state(self) -> int:
+        if not self.xla:
+            return 0
+        import torch_xla.core.xla_model as xm
+
+        return int(xm.get_rng_state())
+
+    def set_rng_state(self, seed: int) -> None:
+        if self.xla:
+            import torch_xla.core.xla_model as xm
+
+            xm.set_rng_state(int(seed))
+
+    def shard_model(self, model: torch.nn.Module) -> dict[str, tuple | None]:
+        """Annotate a model already on the device; returns each parameter's spec."""
+        if not self.xla:
+            return {}
+        from modxla.parallel import shard_model
+
+        return shard_model(model, self.mesh)
+
+    def shard_like(self, t: torch.Tensor, spec: tuple | None) -> None:
+        """Shard a tensor (e.g. an optimizer moment) like its parameter; no-op off XLA."""
+        if self.xla and spec is not None:
+            import torch_xla.distributed.spmd as xs
+
+            xs.mark_sharding(t, self.mesh, spec)
+
+    def compile_count(self) -> int:
+        return compile_count() if self.xla else 0
+
+    def feed(self, batches, batch_dim: int):
+        return feed(batches, self, batch_dim)
 
 
 _CACHE_READY = False

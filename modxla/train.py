@@ -12,21 +12,18 @@ from pathlib import Path
 
 import torch
 
-from modxla.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    check_model_shapes,
-    latest_checkpoint,
-)
+from modxla.checkpoint import Checkpointer, CheckpointError, check_model_shapes
+from modxla.checkpoint import latest_checkpoint as find_latest
 from modxla.checkpoint import load as load_checkpoint
-from modxla.config import Config, ConfigError, load_config, save_config
-from modxla.data import BatchLoader, DataError, build_streams
+from modxla.config import Config, load_config, save_config
+from modxla.data import BatchLoader, build_streams
+from modxla.errors import UserError, report
+from modxla.guard import DivergenceGuard, guarded_step
 from modxla.metrics import flops_per_step, mfu
 from modxla.model import build_model
-from modxla.optim import build_optimizer, lr_at, set_lr
-from modxla.parallel.mesh import MeshError
-from modxla.runtime import compile_count, feed, peak_flops_per_device, setup_runtime
-from modxla.step import eval_step, train_step
+from modxla.optim import build_optimizer, lr_at, restore_state, set_lr, state_template
+from modxla.runtime import peak_flops_per_device, setup_runtime
+from modxla.step import eval_step
 
 
 def _say(msg: str) -> None:
@@ -47,162 +44,131 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.rt = setup_runtime(cfg)
+        self.rt = rt = setup_runtime(cfg)
         torch.manual_seed(cfg.train.seed)
-        streams = build_streams(cfg.data, cfg.model.vocab_size, progress=self.rt.is_main)
-        if self.rt.is_main:  # tools (generate, predictor) read the run's own tokenizer
+        streams = build_streams(cfg.data, cfg.model.vocab_size, progress=rt.is_main)
+        if rt.is_main:  # tools (generate, predictor) read the run's own tokenizer
             shutil.copyfile(streams.tokenizer, self.run_dir / "tokenizer.model")
         self.train_seqs = streams.sequences("train", cfg.data.seq_len)
         self.val_seqs = streams.sequences("val", cfg.data.seq_len) if cfg.train.eval_every else None
         self.loader = BatchLoader(
-            self.train_seqs,
-            cfg.train.batch_size,
-            cfg.data.seed,
-            self.rt.process_index,
-            self.rt.process_count,
+            self.train_seqs, cfg.train.batch_size, cfg.data.seed, rt.process_index, rt.process_count
         )
         self.stop_requested = False  # set by SIGTERM: checkpoint, then leave the loop
         self.ckpt_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
         self.ckpt = Checkpointer(
-            self.ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, self.rt.is_main
+            self.ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, rt.is_main
         )
         self.step = 0
         model = build_model(cfg.model, seed=cfg.train.seed)
         resume = self._find_resume()
         restored = self._load(resume, model) if resume else None
-        self.model = model.to(self.rt.device)
-        specs = {}
-        if self.rt.xla:
-            from modxla.parallel import shard_model
-
-            specs = shard_model(self.model, self.rt.mesh)
+        self.model = model.to(rt.device)
+        self.specs = rt.shard_model(self.model)
         self.opt = build_optimizer(self.model, cfg.optimizer)
         if restored:
-            self._restore(restored, specs)
-        if self.rt.is_main:  # only now: a refused resume leaves the run's config untouched
+            self._restore(restored)
+        if rt.is_main:  # only now: a refused resume leaves the run's config untouched
             save_config(cfg, self.run_dir / "config.yaml")
         self.flops = flops_per_step(cfg)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
-        self.peak = peak_flops_per_device(cfg, self.rt)
-        if self.rt.xla:
-            import torch_xla
+        self.peak = peak_flops_per_device(cfg, rt)
+        self.guard = DivergenceGuard(cfg.train, self.step, rt.device)
+        self._train_step = rt.compile(guarded_step, "train_step")
+        self._eval_step = rt.compile(eval_step, "eval_step")
 
-            self._train_step = torch_xla.compile(train_step, full_graph=True, name="train_step")
-            self._eval_step = torch_xla.compile(eval_step, full_graph=True, name="eval_step")
-        else:
-            self._train_step, self._eval_step = train_step, eval_step
-
-    def _after_sync(self, fn, args) -> None:
-        """Run `fn(*args)` once the step's tensors exist, without forcing a sync per step."""
-        if self.rt.xla:
-            import torch_xla.core.xla_model as xm
-
-            xm.add_step_closure(fn, args=args)
-        else:
-            fn(*args)
+    @property
+    def data_position(self) -> int:
+        """Global batches the finished steps consumed (the device feed reads ahead of it)."""
+        return self.step * self.cfg.train.grad_accum
 
     def _find_resume(self) -> str | None:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return None
-        path = latest_checkpoint(self.ckpt_dir, warn=_say)
+        path = find_latest(self.ckpt_dir, warn=_say)  # checksums verified: damaged -> older
         if path is None and mode == "must":
             raise CheckpointError(f"resume: no complete checkpoint in {self.ckpt_dir}")
         return path
+
+    def _meta(self) -> dict:
+        """Step, data position and RNG state: what a resumed run needs besides the tensors."""
+        return {
+            "step": self.step,
+            "loader": {**self.loader.state_dict(), "batch": self.data_position},
+            "torch_rng": torch.get_rng_state(),
+            "xla_rng": self.rt.rng_state(),
+        }
 
     def _load(self, path: str, model: torch.nn.Module) -> dict:
         """Read a checkpoint into host tensors; the model (on the CPU) takes its weights."""
         state = model.state_dict()
         check_model_shapes(path, state)
-        opt = build_optimizer(model, self.cfg.optimizer)
-        opt_template = opt.state_dict()
-        params = [p for g in opt.param_groups for p in g["params"]]  # state_dict's index order
-        opt_template["state"] = {
-            i: {
-                "step": torch.zeros(()),
-                "exp_avg": torch.zeros_like(p),
-                "exp_avg_sq": torch.zeros_like(p),
-            }
-            for i, p in enumerate(params)
+        template = {
+            "model": state,
+            "optim": state_template(model, self.cfg.optimizer),
+            "meta": self._meta(),
         }
-        meta = {
-            "step": 0,
-            "loader": self.loader.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "xla_rng": 0,
-        }
-        loaded = load_checkpoint(path, {"model": state, "optim": opt_template, "meta": meta})
+        loaded = load_checkpoint(path, template, verify=False)  # verified when found
         model.load_state_dict(loaded["model"])
         _say(f"resuming from {path} (step {loaded['meta']['step']})")
         return loaded
 
-    def _restore(self, loaded: dict, specs: dict) -> None:
+    def _restore(self, loaded: dict) -> None:
         """Optimizer state (sharded like its parameter), step, data position and RNG."""
-        self.opt.load_state_dict(loaded["optim"])
-        if self.rt.xla:
-            import torch_xla.core.xla_model as xm
-            import torch_xla.distributed.spmd as xs
-
-            for name, p in self.model.named_parameters():
-                for key in ("exp_avg", "exp_avg_sq"):
-                    t = self.opt.state[p][key]
-                    if specs.get(name) is not None:
-                        xs.mark_sharding(t, self.rt.mesh, specs[name])
-            xm.set_rng_state(int(loaded["meta"]["xla_rng"]))
+        restore_state(
+            self.opt,
+            self.model,
+            loaded["optim"],
+            lambda t, name: self.rt.shard_like(t, self.specs.get(name)),
+        )
         meta = loaded["meta"]
         self.step = int(meta["step"])
         self.loader.load_state_dict(meta["loader"])
         torch.set_rng_state(meta["torch_rng"])
+        self.rt.set_rng_state(meta["xla_rng"])
 
-    def save(self) -> str:
-        loader = {**self.loader.state_dict(), "batch": self.step * self.cfg.train.grad_accum}
-        xla_rng = 0
-        if self.rt.xla:
-            import torch_xla.core.xla_model as xm
-
-            xla_rng = xm.get_rng_state()
-        meta = {
-            "step": self.step,
-            "loader": loader,
-            "torch_rng": torch.get_rng_state(),
-            "xla_rng": xla_rng,
-        }
-        state = {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "meta": meta}
-        path = self.ckpt.save(self.step, state)
-        _say(f"checkpoint step {self.step} -> {path}")
+    def save(self) -> str | None:
+        """Checkpoint the current step, unless a step since the last check diverged."""
+        self.guard.check()  # raises before anything is written
+        state = {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
+        path = self.ckpt.save(self.step, {**state, "meta": self._meta()})
+        if path is None:
+            _say(f"checkpoint step {self.step} is already complete; not rewritten")
+        else:
+            _say(f"checkpoint step {self.step} -> {path}")
         return path
 
     def evaluate(self) -> torch.Tensor:
         """Mean validation loss over the first `eval_batches` fixed validation batches."""
-        cfg = self.cfg.train
+        cfg, rt = self.cfg.train, self.rt
         loader = BatchLoader(
-            self.val_seqs,
-            cfg.batch_size,
-            0,
-            self.rt.process_index,
-            self.rt.process_count,
-            shuffle=False,
+            self.val_seqs, cfg.batch_size, 0, rt.process_index, rt.process_count, shuffle=False
         )
         batches = [next(loader) for _ in range(cfg.eval_batches)]
-        losses = [self._eval_step(self.model, b, cfg.dtype) for b in feed(batches, self.rt, 0)]
+        losses = [self._eval_step(self.model, b, cfg.dtype) for b in rt.feed(batches, 0)]
         return torch.stack(losses).mean()
 
+    def _due(self, every: int) -> bool:
+        return bool(every) and (self.step % every == 0 or self.step == self.cfg.train.steps)
+
     def fit(self, logger) -> list[dict]:
-        cfg = self.cfg
+        cfg, rt, guard = self.cfg, self.rt, self.guard
         history: list[dict] = []
         last = {"t": time.perf_counter(), "step": self.step}
 
-        def record(step: int, stats: dict, lr: float) -> None:
+        def record(step: int, stats: dict, health: torch.Tensor, lr: float) -> None:
             now = time.perf_counter()
             dt = (now - last["t"]) / max(1, step - last["step"])
             last.update(t=now, step=step)
             rec = {"step": step, "lr": lr, **{k: float(v) for k, v in stats.items()}}
+            rec.update(guard.observe(rec["loss"], health))
             rec.update(
                 step_time_s=dt,
                 tokens_per_s=self.tokens_per_step / dt,
                 flops_per_step=self.flops,
-                mfu=mfu(self.flops, dt, self.peak, self.rt.num_devices),
-                compiles=compile_count() if self.rt.xla else 0,
+                mfu=mfu(self.flops, dt, self.peak, rt.num_devices),
+                compiles=rt.compile_count(),
             )
             history.append(rec)
             logger.log(rec)
@@ -213,39 +179,48 @@ class Trainer:
             logger.log(rec)
 
         if self.val_seqs is not None and self.step == 0:
-            self._after_sync(record_eval, (0, self.evaluate()))
-        batches = feed(_grouped(self.loader, cfg.train.grad_accum), self.rt, 1)
+            rt.after_step(record_eval, 0, self.evaluate())
+        batches = rt.feed(_grouped(self.loader, cfg.train.grad_accum), 1)
+        try:
+            self._loop(batches, record, record_eval)
+        finally:
+            self.ckpt.close()
+        guard.check()  # a divergence seen at a log step: stop with its message
+        return history
+
+    def _loop(self, batches, record, record_eval) -> None:
+        cfg, rt, guard = self.cfg, self.rt, self.guard
+        every = cfg.checkpoint.every
+        saved = None
         while self.step < cfg.train.steps:
             lr = lr_at(self.step, cfg.optimizer, cfg.train.steps)
             set_lr(self.opt, lr)
-            stats = self._train_step(
-                self.model, self.opt, next(batches), cfg.optimizer.grad_clip, cfg.train.dtype
+            stats, guard.health = self._train_step(
+                self.model,
+                self.opt,
+                next(batches),
+                cfg.optimizer.grad_clip,
+                cfg.train.dtype,
+                guard.health,
+                guard.limit,
+                guard.skip,
             )
             self.step += 1
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                self._after_sync(record, (self.step, stats, lr))
-            if (
-                cfg.train.eval_every
-                and self.val_seqs is not None
-                and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps)
-            ):
-                self._after_sync(record_eval, (self.step, self.evaluate()))
-            if self.rt.xla:
-                import torch_xla
-
-                torch_xla.sync()  # runs pending closures
-            every = cfg.checkpoint.every
+            if self._due(cfg.train.log_every):
+                rt.after_step(record, self.step, stats, guard.health, lr)
+            if self.val_seqs is not None and self._due(cfg.train.eval_every):
+                rt.after_step(record_eval, self.step, self.evaluate())
+            rt.sync()  # runs pending closures
+            if guard.problem:
+                break
             if self.stop_requested or (every and self.step % every == 0):
                 saved = self.save()
             if self.stop_requested:
                 _say(f"stop requested: left at step {self.step}, checkpoint {saved}")
                 break
         else:
-            if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+            if not (every and self.step % every == 0):
                 self.save()
-        self.ckpt.close()
-        self.loader.batch = self.step * cfg.train.grad_accum  # what the steps consumed
-        return history
 
 
 def train(cfg: Config, run_dir: str | Path) -> list[dict]:
@@ -302,9 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*args.overrides, *(["checkpoint.resume=must"] if args.resume else [])]
         cfg = load_config(args.config, overrides)
         train(cfg, args.run_dir)
-    except (ConfigError, DataError, MeshError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
     return 0
 
 

@@ -1,6 +1,11 @@
-"""Shared fixtures. XLA runs on the CPU with 8 virtual devices (set before torch_xla loads)."""
+"""Shared fixtures and helpers. XLA runs on the CPU with 8 virtual devices (set before
+torch_xla loads)."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("CPU_NUM_DEVICES", "8")
@@ -45,3 +50,65 @@ def tiny_cfg():
 def data_cache(tmp_path_factory):
     """One tokenizer and packed corpus for every training test of the session."""
     return str(tmp_path_factory.mktemp("data_cache"))
+
+
+# --- training helpers shared by the trainer, checkpoint, launcher and tool tests ---------
+
+ROOT = Path(__file__).parent.parent
+TINY = [
+    "model.vocab_size=384",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "data.max_chars=400000",
+    "train.batch_size=8",
+    "train.eval_every=0",
+]
+
+
+def run(args, devices, timeout=600, check=True):
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
+    proc = subprocess.run(
+        [sys.executable, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_args(run_dir, data_cache, *extra, config="configs/tiny.yaml"):
+    """`python -m modxla.train` arguments for a tiny run on the session's cached data."""
+    return [
+        "-m",
+        "modxla.train",
+        "--config",
+        config,
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+        f"data.cache_dir={data_cache}",
+        *extra,
+    ]
+
+
+def read_metrics(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def cpu_trainer(tmp_path, data_cache, name, *over):
+    """Train in-process on the native CPU device (no XLA compile); returns (trainer, losses)."""
+    from modxla.logger import MetricsLogger
+    from modxla.train import Trainer
+
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [*TINY, f"data.cache_dir={data_cache}", "train.device=cpu", "train.log_every=1", *over],
+    )
+    t = Trainer(cfg, tmp_path / name)
+    t.history = t.fit(MetricsLogger(t.run_dir, cfg.train.steps, 0, enabled=False))
+    return t, [h["loss"] for h in t.history if "loss" in h]

@@ -22,7 +22,7 @@ from modxla.checkpoint import (
     read_metadata,
 )
 from modxla.config import load_config
-from tests.test_train import ROOT, TINY, read_metrics, run, train_args
+from tests.conftest import ROOT, TINY, read_metrics, run, train_args
 
 # --- unit level, CPU tensors -------------------------------------------------------------
 

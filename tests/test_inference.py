@@ -10,7 +10,7 @@ import torch_xla.debug.metrics as met
 from modxla.inference import evaluate_routing, generate, sample_next
 from modxla.model import build_model
 from modxla.model.decode import KVCache, decode_step
-from tests.test_train import read_metrics, run, train_args
+from tests.conftest import read_metrics, run, train_args
 
 PROMPT, NEW = 32, 32
 

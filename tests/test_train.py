@@ -1,63 +1,13 @@
 """The SPMD training loop, run in subprocesses (the device count is fixed per process)."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from modxla.config import load_config
 from modxla.parallel.mesh import MeshError, check_batch, resolve_mesh_shape
-
-ROOT = Path(__file__).parent.parent
-TINY = [
-    "model.vocab_size=384",
-    "model.max_seq_len=64",
-    "data.seq_len=32",
-    "data.max_chars=400000",
-    "train.batch_size=8",
-    "train.eval_every=0",
-]
-
-
-def run(args, devices, timeout=600, check=True):
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
-    proc = subprocess.run(
-        [sys.executable, *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def train_args(run_dir, data_cache, *extra, config="configs/tiny.yaml"):
-    """`python -m modxla.train` arguments for a tiny run on the session's cached data."""
-    return [
-        "-m",
-        "modxla.train",
-        "--config",
-        config,
-        "--run-dir",
-        str(run_dir),
-        *TINY,
-        f"data.cache_dir={data_cache}",
-        *extra,
-    ]
-
-
-def read_metrics(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x) for x in lines]
-
+from tests.conftest import ROOT, TINY, cpu_trainer, read_metrics, run, train_args  # noqa: F401
 
 PARAMS_SCRIPT = textwrap.dedent("""
     import sys, torch
@@ -169,25 +119,12 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     assert proc.returncode == 2 and "model.mod.capacity: must be in (0, 1]" in proc.stderr
 
 
-def _cpu_trainer(tmp_path, data_cache, name, *over):
-    from modxla.logger import MetricsLogger
-    from modxla.train import Trainer
-
-    cfg = load_config(
-        "configs/tiny.yaml",
-        [*TINY, f"data.cache_dir={data_cache}", "train.device=cpu", "train.log_every=1", *over],
-    )
-    t = Trainer(cfg, tmp_path / name)
-    hist = t.fit(MetricsLogger(t.run_dir, cfg.train.steps, 0, enabled=False))
-    return t, [h["loss"] for h in hist if "loss" in h]
-
-
 def test_gradient_accumulation_equals_the_full_batch(tmp_path, data_cache):
     # 2 micro-batches of 4 see the same 8 sequences as one batch of 8 (the loader's order)
-    full, losses_full = _cpu_trainer(
+    full, losses_full = cpu_trainer(
         tmp_path, data_cache, "full", "train.steps=3", "train.batch_size=8", "train.grad_accum=1"
     )
-    acc, losses_acc = _cpu_trainer(
+    acc, losses_acc = cpu_trainer(
         tmp_path, data_cache, "acc", "train.steps=3", "train.batch_size=4", "train.grad_accum=2"
     )
     assert len(losses_full) == 3
@@ -196,11 +133,11 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, data_cache):
         acc.model.state_dict().items(), full.model.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-    assert acc.loader.batch == 6 and full.loader.batch == 3
+    assert acc.data_position == 6 and full.data_position == 3
 
 
 def test_native_cpu_device_runs_the_same_loop(tmp_path, data_cache):
-    t, losses = _cpu_trainer(
+    t, losses = cpu_trainer(
         tmp_path, data_cache, "cpu", "train.steps=20", "optimizer.warmup_steps=2"
     )
     assert next(t.model.parameters()).device.type == "cpu"
@@ -209,7 +146,7 @@ def test_native_cpu_device_runs_the_same_loop(tmp_path, data_cache):
 
 
 def test_bfloat16_autocast_trains(tmp_path, data_cache):
-    t, losses = _cpu_trainer(
+    t, losses = cpu_trainer(
         tmp_path,
         data_cache,
         "bf16",
