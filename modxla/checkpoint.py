@@ -261,6 +261,13 @@ class Checkpointer:
         for _, path in found[: -self.keep]:
             fs.rm(_fs(path)[1], recursive=True)
 
+    def clear(self) -> None:
+        """Delete every checkpoint here (complete or not): an explicit fresh start."""
+        self.wait()
+        fs, root = _fs(self.base)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
     def close(self) -> None:
         self.wait()
         if self._pool is not None:

@@ -9,10 +9,15 @@ import torch
 from modxla.checkpoint import CheckpointError, latest_checkpoint
 from modxla.checkpoint import load as load_checkpoint
 from modxla.config import Config, load_config
+from modxla.errors import UserError
 from modxla.model import Transformer, build_model, lm_loss
 from modxla.model.decode import KVCache, decode_step
 
 PREDICTOR_DIR = "predictor"
+
+
+class InferenceError(UserError, ValueError):
+    """A request the model cannot serve: an empty prompt, too many tokens, no routed blocks."""
 
 
 def predictor_ckpt_dir(run_dir: str | Path) -> str:
@@ -32,6 +37,8 @@ def load_run(
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     path = latest_checkpoint(predictor_ckpt_dir(run_dir), warn) if prefer_predictor else None
+    if path:  # its model has predictors even when the run was trained without them
+        cfg = load_config(run_dir / PREDICTOR_DIR / "config.yaml")
     path = path or latest_checkpoint(cfg.checkpoint.dir or str(run_dir / "checkpoints"), warn)
     if path is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
@@ -59,9 +66,12 @@ def evaluate_routing(
     membership, next to the accuracy of always answering "skip" (1 - capacity).
     """
     if not model.cfg.routed_layers:
-        raise ValueError("the model has no routed blocks: nothing to evaluate")
+        raise InferenceError("the model has no routed blocks: nothing to evaluate")
     if model.cfg.mod.routing == "random":
         modes = tuple(m for m in modes if m != "router")
+    has_predictor = model.cfg.mod.predictor
+    if not has_predictor:  # trained without predictors: nothing to score them on
+        modes = tuple(m for m in modes if m != "predictor")
     acc = {m: {"nll": 0.0, "routed": 0.0, "overflow": 0.0} for m in modes}
     tp = fp = fn = tn = 0.0
     n = 0
@@ -77,7 +87,7 @@ def evaluate_routing(
             acc[mode]["overflow"] += float(
                 torch.stack([(i.decided > k).float().mean() for i in out.routing]).mean()
             )
-            if mode == "topk":
+            if mode == "topk" and has_predictor:
                 for info in out.routing:
                     pred = info.predictor_logits > 0
                     target = info.topk_mask > 0.5
@@ -86,18 +96,41 @@ def evaluate_routing(
                     fn += float((~pred & target).sum())
                     tn += float((~pred & ~target).sum())
     if n == 0:
-        raise ValueError("no evaluation batches")
+        raise InferenceError("no evaluation batches")
     result = {m: {k: v / n for k, v in d.items()} for m, d in acc.items()}
     for m in modes:
         result[m]["normalized_ll"] = result["topk"]["nll"] / result[m]["nll"]
+    if "predictor" in result:
+        result["predictor"] |= _predictor_quality(tp, fp, fn, tn)
+    result["batches"] = n
+    return result
+
+
+def _predictor_quality(tp: float, fp: float, fn: float, tn: float) -> dict:
     total = tp + fp + fn + tn
-    result["predictor"] |= {
+    return {
         "topk_accuracy": (tp + tn) / total,
         "precision": tp / max(1.0, tp + fp),
         "recall": tp / max(1.0, tp + fn),
         "always_skip_accuracy": (fp + tn) / total,  # every non-top-k token
+        "counts": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
     }
-    return result
+
+
+def merge_routing_results(parts: list[dict]) -> dict:
+    """One result from `evaluate_routing` on each host's rows (equal batch counts)."""
+    out = {}
+    for mode in ("topk", "predictor", "router"):
+        if mode in parts[0]:
+            keys = ("nll", "routed", "overflow")
+            out[mode] = {k: sum(p[mode][k] for p in parts) / len(parts) for k in keys}
+    for mode in out:
+        out[mode]["normalized_ll"] = out["topk"]["nll"] / out[mode]["nll"]
+    if "predictor" in out:
+        c = [sum(p["predictor"]["counts"][k] for p in parts) for k in ("tp", "fp", "fn", "tn")]
+        out["predictor"] |= _predictor_quality(*c)
+    out["batches"] = sum(p["batches"] for p in parts)
+    return out
 
 
 def sample_next(
@@ -139,10 +172,10 @@ def generate(
 ) -> tuple[list[int], KVCache]:
     """Sample `max_tokens` after `prompt`, one compiled decode step per token."""
     if not prompt:
-        raise ValueError("the prompt encodes to no tokens")
+        raise InferenceError("the prompt encodes to no tokens")
     length = len(prompt) + max_tokens
     if length > model.cfg.max_seq_len:
-        raise ValueError(
+        raise InferenceError(
             f"prompt ({len(prompt)} tokens) + max tokens ({max_tokens}) exceed the model's "
             f"max_seq_len {model.cfg.max_seq_len}"
         )

@@ -13,7 +13,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from modxla.config import Config, load_config  # noqa: E402
+from modxla.errors import UserError  # noqa: E402
 from modxla.metrics import forward_flops, param_count  # noqa: E402
+
+
+class MissingData(UserError):
+    """The runs lack what one figure needs (a baseline, logged steps): that figure is skipped."""
 
 
 @dataclass
@@ -45,6 +50,8 @@ class Run:
         if self.val:
             return self.val[-1]["val_loss"]
         tail = [r["lm_loss"] for r in self.train[-5:]]
+        if not tail:
+            raise MissingData(f"{self.path.name} has no logged losses")
         return sum(tail) / len(tail)
 
     def curve(self) -> tuple[list[float], list[float], list[float]]:
@@ -62,6 +69,8 @@ class Run:
     @property
     def steps_per_s(self) -> float:
         times = [r["step_time_s"] for r in self.train[len(self.train) // 4 :]]  # past compiles
+        if not times:
+            raise MissingData(f"{self.path.name} has no logged training steps")
         return 1.0 / statistics.median(times)
 
 
@@ -143,7 +152,7 @@ def isoflop_ll(runs: list[Run]):
     """Normalized LL vs normalized FLOPs per forward pass, to the best (lowest-loss) baseline."""
     base = [r for r in runs if r.variant == "Baseline"]
     if not base:
-        raise ValueError("needs at least one baseline run")
+        raise MissingData("needs at least one baseline run")
     ref = min(base, key=lambda r: r.final_loss)
     ref_flops = forward_flops(ref.cfg.model, ref.cfg.data.seq_len)["total"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -209,13 +218,7 @@ def render_all(run_dirs, out: str | Path, warn=print) -> dict[str, Path]:
     for name, fn in FIGURES.items():
         try:
             written[name] = _save(fn(runs), out, name)
-        except (
-            ValueError,
-            KeyError,
-            IndexError,
-            ZeroDivisionError,
-            statistics.StatisticsError,
-        ) as e:
+        except MissingData as e:  # anything else is a bug and keeps its traceback
             warn(f"skipped {name}: {e}")
             plt.close("all")
     return written

@@ -46,6 +46,12 @@ def test_overrides_are_typed_and_nested():
         ("train.dtype=fp8", "train.dtype"),
         ("mesh.fsdp=0", "mesh.fsdp"),
         ("train.batch_size=true", "train.batch_size"),
+        ("optimizer.beta2=1.5", "optimizer.beta2"),
+        ("optimizer.beta1=-0.1", "optimizer.beta1"),
+        ("train.eval_batches=0", "train.eval_batches"),
+        ("train.eval_every=-1", "train.eval_every"),
+        ("train.on_divergence=panic", "train.on_divergence"),
+        ("train.divergence_window=0", "train.divergence_window"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -62,6 +68,24 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_relative_config_paths_resolve_from_the_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository
+    assert load_config("configs/tiny.yaml").model.d_model == 64
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("model: {d_model: 32, num_heads: 2}\n")
+    assert load_config("configs/tiny.yaml").model.d_model == 32  # the working dir's wins
+
+
+def test_user_errors_share_one_base_class():
+    from modxla.checkpoint import CheckpointError
+    from modxla.data import DataError
+    from modxla.errors import UserError
+    from modxla.parallel import MeshError
+
+    for cls in (ConfigError, DataError, MeshError, CheckpointError):
+        assert issubclass(cls, UserError), cls
 
 
 def test_resolved_config_round_trips(tmp_path):

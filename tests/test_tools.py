@@ -4,10 +4,12 @@ import json
 import math
 
 import pytest
+import torch
 
 from modxla import plots
 from modxla.config import ConfigError, load_config, save_config
 from modxla.metrics import flops_per_step
+from tests.conftest import cpu_trainer
 from tools import isoflop
 
 SIZES = ["2x64", "4x128", "6x192"]
@@ -116,3 +118,83 @@ def test_plot_cli_skips_what_the_runs_lack(tmp_path, capsys):
     assert "skipped isoflop_loglikelihood: needs at least one baseline run" in err
     assert (tmp_path / "p" / "loss_vs_params.png").exists()
     assert plot.main(["--out", str(tmp_path / "p"), str(tmp_path / "missing")]) == 2
+
+
+def test_a_bug_in_a_figure_is_not_reported_as_skipped(tmp_path, monkeypatch):
+    run = _fake_run(tmp_path, "mod_only", 0.125, 64, 3.2)
+
+    def broken(runs):
+        return {}["missing"]  # a programming error, not missing data
+
+    monkeypatch.setitem(plots.FIGURES, "loss_vs_params", broken)
+    with pytest.raises(KeyError):
+        plots.render_all([run], tmp_path / "p", warn=lambda m: None)
+
+
+def test_isoflop_default_base_config_is_found_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert isoflop.main(["--budget", "3e14", "--sizes", "2x64", "--out", "o"]) == 0
+    assert (tmp_path / "o" / "run_all.sh").exists()
+
+
+# --- the post-hoc predictor tool (in-process, native CPU device: no XLA compile) ----------
+
+
+def _predictor_main(run_dir, *args):
+    from modxla.predictor import main
+
+    return main(["--run-dir", str(run_dir), "--log-every", "1", "--eval-batches", "2", *args])
+
+
+def _pred_weight(path):
+    from modxla.checkpoint import load
+
+    key = "blocks.1.predictor.fc1.weight"
+    return load(path, {"model": {key: torch.zeros(32, 64)}})["model"][key]
+
+
+def test_predictor_tool_adds_fresh_predictors_to_a_model_trained_without(
+    tmp_path, data_cache, capsys
+):
+    from modxla.inference import evaluate_routing, load_run
+
+    t, _ = cpu_trainer(tmp_path, data_cache, "run", "train.steps=4", "model.mod.predictor=false")
+    run_dir = tmp_path / "run"
+    base_cfg, base_model, _ = load_run(run_dir)
+    val = [torch.from_numpy(t.train_seqs[:4].astype("int64"))]
+    res = evaluate_routing(base_model, val)  # no predictors: no TypeError, no predictor mode
+    assert set(res) == {"topk", "router", "batches"}
+    assert _predictor_main(run_dir, "--steps", "6") == 0
+    out = capsys.readouterr()
+    assert "predictors: fresh" in out.out and "fresh predictors" in out.err
+    ev = json.loads((run_dir / "predictor" / "eval.json").read_text())
+    assert ev["predictor_init"] == "fresh" and ev["predictor"]["always_skip_accuracy"] > 0.8
+    recs = [
+        json.loads(x) for x in (run_dir / "predictor" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    cfg, model, path = load_run(run_dir)  # evaluation and sampling load the predictors
+    assert cfg.model.mod.predictor and path.endswith("predictor/checkpoints/step_00000006")
+    assert model.blocks[1].predictor is not None
+    assert evaluate_routing(model, val)["predictor"]["topk_accuracy"] > 0
+    # resume: a longer run continues from step 6
+    assert _predictor_main(run_dir, "--steps", "8") == 0
+    assert "resuming predictor training from" in capsys.readouterr().err
+    assert _predictor_main(run_dir, "--init", "continue") == 2  # none to continue from
+    assert "model.mod.predictor: false" in capsys.readouterr().err
+
+
+def test_predictor_tool_offers_fresh_or_continue_on_a_joint_run(tmp_path, data_cache, capsys):
+    cpu_trainer(tmp_path, data_cache, "run", "train.steps=4")
+    run_dir = tmp_path / "run"
+    joint = _pred_weight(str(run_dir / "checkpoints" / "step_00000004"))
+    tiny_lr = ["--steps", "1", "--lr", "1e-12", "--restart"]  # the weights stay where they began
+    got = {}
+    for init in ("continue", "fresh"):
+        assert _predictor_main(run_dir, "--init", init, *tiny_lr) == 0
+        assert f"predictors: {init}" in capsys.readouterr().out
+        got[init] = _pred_weight(str(run_dir / "predictor" / "checkpoints" / "step_00000001"))
+    torch.testing.assert_close(got["continue"], joint, rtol=0, atol=1e-6)
+    assert (got["fresh"] - joint).abs().max() > 1e-3
+    assert _predictor_main(run_dir, "--init", "continue", "--steps", "2") == 2
+    assert "pass --restart" in capsys.readouterr().err

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from modxla.checkpoint import CheckpointError
 from modxla.data import EOS_ID, load_tokenizer
+from modxla.errors import UserError, report
 from modxla.inference import generate, load_run, tokenizer_path
 
 
@@ -34,8 +34,17 @@ def main(argv: list[str] | None = None) -> int:
         help="xla runs one compiled decode step per token",
     )
     args = ap.parse_args(argv)
+    if args.max_tokens < 1:
+        ap.error("--max-tokens must be >= 1")
     try:
         cfg, model, path = load_run(args.run_dir)
+        if args.routing == "predictor" and not cfg.model.mod.predictor:
+            raise UserError(
+                f"{args.run_dir} has no predictors: add them with tools/train_predictor.py, "
+                "or pass --routing router"
+            )
+        if args.routing == "router" and cfg.model.mod.routing == "random":
+            raise UserError(f"{args.run_dir} uses random routing: pass --routing predictor")
         sp = load_tokenizer(tokenizer_path(args.run_dir), cfg.model.vocab_size)
         device = None
         if args.device == "xla":
@@ -56,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             device,
             stop_id=EOS_ID,
         )
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # anything else is a bug: keep its traceback
+        return report(e)
     print(f"[{path}, routing={args.routing}]", file=sys.stderr)
     print(sp.decode(tokens))
     return 0
