@@ -137,6 +137,23 @@ def test_isoflop_default_base_config_is_found_from_any_folder(tmp_path, monkeypa
     assert (tmp_path / "o" / "run_all.sh").exists()
 
 
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("bench_data", ["train.batch_size=-1"], "error: train.batch_size: must be > 0"),
+        ("bench_step", ["--baseline", "nope.yaml"], "error: config file not found: nope.yaml"),
+        ("demo", ["model.mod.capacity=3"], "error: model.mod.capacity: must be in (0, 1]"),
+        ("generate", ["--run-dir", "nowhere", "--prompt", "x"], "error: nowhere is not a run"),
+    ],
+)
+def test_tools_refuse_bad_input_without_a_traceback(module, argv, message, capsys):
+    import importlib
+
+    tool = importlib.import_module(f"tools.{module}")
+    assert tool.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
 # --- the post-hoc predictor tool (in-process, native CPU device: no XLA compile) ----------
 
 

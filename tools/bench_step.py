@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
 
 from modxla.config import load_config
+from modxla.errors import UserError, report
 from modxla.metrics import flops_per_step
 from modxla.model import build_model
 from modxla.optim import build_optimizer
@@ -24,13 +26,22 @@ from modxla.runtime import compile_count, setup_runtime
 from modxla.step import train_step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--baseline", default="configs/baseline.yaml")
     ap.add_argument("--mod", default="configs/mod_c12_every2.yaml")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per variant")
     ap.add_argument("overrides", nargs="*", help="applied to both configs")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
+    try:
+        return bench(args)
+    except UserError as e:
+        return report(e)
+
+
+def bench(args) -> int:
     import torch_xla
     import torch_xla.core.xla_model as xm
 
@@ -96,7 +107,8 @@ def main() -> None:
             indent=2,
         )
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+from modxla.config import load_config, resolve_config_path
+from modxla.errors import UserError, report
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class StepFailed(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
 
 
 def sh(args: list[str], devices: int) -> None:
@@ -26,19 +34,37 @@ def sh(args: list[str], devices: int) -> None:
     t0 = time.perf_counter()
     code = subprocess.call([sys.executable, *args], env=env, cwd=ROOT)
     if code:
-        sys.exit(f"demo: the step above failed with exit code {code}")
+        print(f"demo: the step above failed with exit code {code}", file=sys.stderr)
+        raise StepFailed(code)
     print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--run-dir", default="runs/demo")
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--devices", type=int, default=4, help="virtual XLA CPU devices")
     ap.add_argument("--predictor-steps", type=int, default=300)
     ap.add_argument("overrides", nargs="*", help="training config overrides")
-    args = ap.parse_args()
-    run = args.run_dir
+    args = ap.parse_args(argv)
+    if args.devices < 1 or args.predictor_steps < 1:
+        ap.error("--devices and --predictor-steps must be >= 1")
+    try:  # bad input is refused here, before minutes of training
+        load_config(args.config, args.overrides)
+    except UserError as e:
+        return report(e)
+    try:
+        run_demo(args)
+    except StepFailed as e:
+        return e.code
+    return 0
+
+
+def run_demo(args) -> None:
+    run = (
+        args.run_dir if "://" in args.run_dir else os.path.abspath(args.run_dir)
+    )  # steps run in ROOT
+    args.config = str(resolve_config_path(args.config).resolve())
     t0 = time.perf_counter()
     sh(
         ["-m", "modxla.train", "--config", args.config, "--run-dir", run, *args.overrides],
@@ -72,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
