@@ -154,6 +154,19 @@ def test_tools_refuse_bad_input_without_a_traceback(module, argv, message, capsy
     assert message in capsys.readouterr().err
 
 
+def test_demo_shows_the_xla_deprecation_line_once(monkeypatch):
+    import io
+
+    from tools import demo
+
+    line = b"W sharding_propagation.cc] " + demo.DEPRECATION + b" (Shardy)\n"
+    out = io.BytesIO()
+    monkeypatch.setitem(demo._shown, "deprecation", False)
+    demo._pump(io.BytesIO(line + b"train  10%\rtrain  20%\r" + line + b"done\n" + line), out)
+    demo._pump(io.BytesIO(line + b"next step"), out)
+    assert out.getvalue() == line + b"train  10%\rtrain  20%\rdone\nnext step"
+
+
 # --- the post-hoc predictor tool (in-process, native CPU device: no XLA compile) ----------
 
 

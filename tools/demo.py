@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -28,11 +29,35 @@ class StepFailed(Exception):
         self.code = code
 
 
+# XLA logs this once per compiled graph (some 40 times in a demo): shown once here.
+DEPRECATION = b"GSPMD sharding propagation is going to be deprecated"
+_shown = {"deprecation": False}
+
+
+def _pump(pipe, out) -> None:
+    """Copy a child's stderr to `out` as it comes (progress bars included), the XLA
+    deprecation line once per demo."""
+    buf = b""
+    while chunk := pipe.read1(65536):
+        *lines, buf = re.split(rb"(?<=[\r\n])", buf + chunk)
+        for line in lines:
+            if DEPRECATION in line:
+                if _shown["deprecation"]:
+                    continue
+                _shown["deprecation"] = True
+            out.write(line)
+        out.flush()
+    out.write(buf)
+    out.flush()
+
+
 def sh(args: list[str], devices: int) -> None:
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
     print(f"\n$ CPU_NUM_DEVICES={devices} python {shlex.join(args)}", flush=True)
     t0 = time.perf_counter()
-    code = subprocess.call([sys.executable, *args], env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+    _pump(proc.stderr, sys.stderr.buffer)
+    code = proc.wait()
     if code:
         print(f"demo: the step above failed with exit code {code}", file=sys.stderr)
         raise StepFailed(code)
@@ -71,7 +96,7 @@ def run_demo(args) -> None:
         args.devices,
     )
     sh(
-        ["tools/train_predictor.py", "--run-dir", run, "--steps", str(args.predictor_steps)],
+        ["-m", "modxla.predictor", "--run-dir", run, "--steps", str(args.predictor_steps)],
         args.devices,
     )
     for routing in ("predictor", "router"):
