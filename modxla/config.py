@@ -29,11 +29,18 @@ class ConfigError(UserError, ValueError):
 class ModConfig:
     capacity: float = 1.0  # fraction of tokens a routed block processes; 1.0 = baseline
     every: int = 2  # every `every`-th block routes (blocks every-1, 2*every-1, ...); 0 = none
-    routing: str = "learned"  # learned | random (Gaussian router weights drawn each step)
+    # learned | random (Gaussian router weights drawn each step). Was `routing`, which still
+    # loads: that name now means only forward(routing=topk|predictor|router), the mode.
+    router: str = "learned"
     aux_loss_weight: float = 0.0  # BCE of router logits vs top-k membership; 0 = off
     predictor: bool = True  # a small MLP per routed block on stop_gradient(x)
     predictor_hidden: int = 64
     predictor_loss_weight: float = 1.0  # predictor BCE; cannot touch the model (stop-gradient)
+
+    @property
+    def routing(self) -> str:
+        """The old name of `router` (learned | random), for code not yet renamed."""
+        return self.router
 
 
 @dataclass
@@ -156,6 +163,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    raw = _renamed(cls, raw, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
@@ -167,6 +175,18 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(hints[name], value, key)
     return cls(**kwargs)
+
+
+RENAMED = {"ModConfig": {"routing": "router"}}  # old key -> new key, still loaded
+
+
+def _renamed(cls: type, raw: dict, prefix: str) -> dict:
+    for old, new in RENAMED.get(cls.__name__, {}).items():
+        if old in raw:
+            if new in raw:
+                raise ConfigError(f"{prefix}.{old}: old name of {prefix}.{new}; give one of them")
+            raw = {(new if k == old else k): v for k, v in raw.items()}
+    return raw
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -197,9 +217,9 @@ def validate(cfg: Config) -> Config:
     _check(0.0 < cap <= 1.0, "model.mod.capacity", f"must be in (0, 1], got {cap}")
     _check(mod.every >= 0, "model.mod.every", f"must be >= 0, got {mod.every}")
     _check(
-        mod.routing in ("learned", "random"),
-        "model.mod.routing",
-        f"must be learned or random, got {mod.routing!r}",
+        mod.router in ("learned", "random"),
+        "model.mod.router",
+        f"must be learned or random, got {mod.router!r}",
     )
     _check(mod.aux_loss_weight >= 0, "model.mod.aux_loss_weight", "must be >= 0")
     _check(mod.predictor_loss_weight >= 0, "model.mod.predictor_loss_weight", "must be >= 0")

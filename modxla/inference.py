@@ -67,7 +67,7 @@ def evaluate_routing(
     """
     if not model.cfg.routed_layers:
         raise InferenceError("the model has no routed blocks: nothing to evaluate")
-    if model.cfg.mod.routing == "random":
+    if model.cfg.mod.router == "random":
         modes = tuple(m for m in modes if m != "router")
     has_predictor = model.cfg.mod.predictor
     if not has_predictor:  # trained without predictors: nothing to score them on

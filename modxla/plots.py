@@ -37,7 +37,7 @@ class Run:
             return "Baseline"
         name = f"MoD ({mod.capacity:.1%} capacity, every {mod.every})".replace(".0%", "%")
         return (
-            name.replace(", every", ", random routing, every") if mod.routing == "random" else name
+            name.replace(", every", ", random routing, every") if mod.router == "random" else name
         )
 
     @property
@@ -163,7 +163,7 @@ def isoflop_ll(runs: list[Run]):
         if r.variant == "Baseline":
             series["Baseline"].append((x, y))
             continue
-        if r.cfg.model.mod.routing != "learned":
+        if r.cfg.model.mod.router != "learned":
             continue  # random routing has no top-k vs predictor story to tell
         cap = f"{r.cfg.model.mod.capacity:.1%}".replace(".0%", "%")
         series.setdefault(f"MoD ({cap}) using top-k", []).append((x, y))

@@ -41,7 +41,7 @@ def test_overrides_are_typed_and_nested():
         ("model.num_heads=3", "model.num_heads"),
         ("model.d_model=abc", "model.d_model"),
         ("model.colour=blue", "model.colour"),
-        ("model.mod.routing=softmax", "model.mod.routing"),
+        ("model.mod.router=softmax", "model.mod.router"),
         ("data.seq_len=4096", "data.seq_len"),
         ("train.dtype=fp8", "train.dtype"),
         ("mesh.fsdp=0", "mesh.fsdp"),
@@ -76,6 +76,18 @@ def test_relative_config_paths_resolve_from_the_repo(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "tiny.yaml").write_text("model: {d_model: 32, num_heads: 2}\n")
     assert load_config("configs/tiny.yaml").model.d_model == 32  # the working dir's wins
+
+
+def test_the_old_routing_key_still_loads_as_router(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  mod:\n    capacity: 0.5\n    routing: random\n")
+    cfg = load_config(old)
+    assert cfg.model.mod.router == "random" and cfg.model.mod.routing == "random"
+    assert load_config(None, ["model.mod.routing=random"]).model.mod.router == "random"
+    with pytest.raises(ConfigError, match=r"^model.mod.routing: old name of model.mod.router"):
+        load_config(old, ["model.mod.router=learned"])
+    save_config(cfg, tmp_path / "new.yaml")
+    assert "router: random" in (tmp_path / "new.yaml").read_text()
 
 
 def test_user_errors_share_one_base_class():

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.run_dir} has no predictors: add them with tools/train_predictor.py, "
                 "or pass --routing router"
             )
-        if args.routing == "router" and cfg.model.mod.routing == "random":
+        if args.routing == "router" and cfg.model.mod.router == "random":
             raise UserError(f"{args.run_dir} uses random routing: pass --routing predictor")
         sp = load_tokenizer(tokenizer_path(args.run_dir), cfg.model.vocab_size)
         device = None

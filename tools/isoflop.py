@@ -20,12 +20,12 @@ from modxla.metrics import flops_per_step, param_count
 
 VARIANTS = {
     "baseline": ["model.mod.capacity=1.0"],
-    "mod_c12": ["model.mod.capacity=0.125", "model.mod.every=2", "model.mod.routing=learned"],
-    "mod_c50": ["model.mod.capacity=0.5", "model.mod.every=2", "model.mod.routing=learned"],
+    "mod_c12": ["model.mod.capacity=0.125", "model.mod.every=2", "model.mod.router=learned"],
+    "mod_c50": ["model.mod.capacity=0.5", "model.mod.every=2", "model.mod.router=learned"],
     "mod_c50_random": [
         "model.mod.capacity=0.5",
         "model.mod.every=2",
-        "model.mod.routing=random",
+        "model.mod.router=random",
         "model.mod.aux_loss_weight=0",
     ],
 }
