@@ -1,0 +1,120 @@
+"""isoFLOP sweeps: the training steps each (size, variant) needs to spend one FLOP budget.
+
+    modxla-isoflop --budget 2e15 --sizes 2x64 4x128 6x192 --out sweeps/iso2e15 \\
+        [--base configs/tiny.yaml] [--variants baseline mod_c12 mod_c50 mod_c50_random]
+
+Sizes are LAYERSxD_MODEL (head size 32). Steps come from the analytic FLOPs per step
+(modxla.metrics); a run whose whole steps cannot land within 2% of the budget is refused.
+Writes one ready-to-run config per run and run_all.sh with the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from modxla.config import Config, ConfigError, load_config, save_config
+from modxla.errors import UserError, report
+from modxla.metrics import flops_per_step, param_count
+
+VARIANTS = {
+    "baseline": ["model.mod.capacity=1.0"],
+    "mod_c12": ["model.mod.capacity=0.125", "model.mod.every=2", "model.mod.router=learned"],
+    "mod_c50": ["model.mod.capacity=0.5", "model.mod.every=2", "model.mod.router=learned"],
+    "mod_c50_random": [
+        "model.mod.capacity=0.5",
+        "model.mod.every=2",
+        "model.mod.router=random",
+        "model.mod.aux_loss_weight=0",
+    ],
+}
+TOLERANCE = 0.02
+
+
+def size_overrides(size: str) -> list[str]:
+    try:
+        layers, d = (int(x) for x in size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"size {size!r}: expected LAYERSxD_MODEL, e.g. 4x128") from None
+    return [
+        f"model.num_layers={layers}",
+        f"model.d_model={d}",
+        f"model.num_heads={max(1, d // 32)}",
+    ]
+
+
+def plan(base: str, budget: float, sizes: list[str], variants: list[str]) -> list[dict]:
+    """One entry per run: name, overrides, config, steps and the FLOPs it will spend."""
+    runs = []
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise ConfigError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
+        for size in sizes:
+            over = [*size_overrides(size), *VARIANTS[variant]]
+            cfg: Config = load_config(base, over)
+            per_step = flops_per_step(cfg)
+            steps = round(budget / per_step)
+            spent = steps * per_step
+            if steps < 1 or abs(spent - budget) > TOLERANCE * budget:
+                raise ConfigError(
+                    f"{variant} {size}: {per_step:.3g} FLOPs/step cannot spend {budget:.3g} "
+                    f"within {TOLERANCE:.0%} (nearest: {steps} steps); raise the budget"
+                )
+            over.append(f"train.steps={steps}")
+            runs.append(
+                {
+                    "name": f"{variant}_{size}",
+                    "overrides": over,
+                    "config": load_config(base, over),
+                    "steps": steps,
+                    "flops": spent,
+                    "params": param_count(cfg.model),
+                }
+            )
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="modxla-isoflop", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    ap.add_argument("--budget", type=float, required=True, help="training FLOPs per run")
+    ap.add_argument("--sizes", nargs="+", required=True, help="LAYERSxD_MODEL, e.g. 4x128")
+    ap.add_argument("--variants", nargs="+", default=["baseline", "mod_c12"])
+    ap.add_argument("--base", default="configs/tiny.yaml", help="config the sizes modify")
+    ap.add_argument("--out", required=True, help="folder for the configs and run_all.sh")
+    ap.add_argument("--runs-dir", default="runs/isoflop", help="where run_all.sh trains")
+    args = ap.parse_args(argv)
+    try:
+        runs = plan(args.base, args.budget, args.sizes, args.variants)
+    except UserError as e:
+        return report(e)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["#!/usr/bin/env bash", "set -euo pipefail"]
+    for r in runs:
+        path = out / f"{r['name']}.yaml"
+        save_config(r["config"], path)
+        cmd = [
+            "python",
+            "-m",
+            "modxla.train",
+            "--config",
+            str(path),
+            "--run-dir",
+            f"{args.runs_dir}/{r['name']}",
+        ]
+        lines.append(shlex.join(cmd))
+        print(
+            f"{r['name']:<24} params {r['params']:>10,}  steps {r['steps']:>6}  "
+            f"FLOPs {r['flops']:.4g} ({r['flops'] / args.budget - 1:+.2%})"
+        )
+    (out / "run_all.sh").write_text("\n".join(lines) + "\n")
+    print(f"wrote {len(runs)} configs and {out / 'run_all.sh'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
