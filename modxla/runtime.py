@@ -114,6 +114,10 @@ def setup_runtime(cfg: Config) -> Runtime:
         os.makedirs(cache, exist_ok=True)
         xr.initialize_cache(cache, readonly=False)  # must precede the first compile
         _CACHE_READY = True
+    # bad mesh or batch input is refused before SPMD mode changes this process's devices
+    n = xr.global_runtime_device_count()
+    shape = resolve_mesh_shape(cfg.mesh, n)
+    check_batch(cfg.train.batch_size, shape, xr.process_count())
     xr.use_spmd()
     if xr.process_count() > 1:
         import torch.distributed as dist
@@ -121,9 +125,6 @@ def setup_runtime(cfg: Config) -> Runtime:
 
         if not dist.is_initialized():  # checkpoint coordination between hosts
             dist.init_process_group("gloo", init_method="xla://")
-    n = xr.global_runtime_device_count()
-    shape = resolve_mesh_shape(cfg.mesh, n)
-    check_batch(cfg.train.batch_size, shape, xr.process_count())
     return Runtime(
         device=torch_xla.device(),
         xla=True,

@@ -36,6 +36,13 @@ def tiny_overrides(**kw) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def pytest_collection_modifyitems(items):
+    """A test that trains (it uses the shared data cache) is slow: `make test-fast` skips it."""
+    for item in items:
+        if "data_cache" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def tiny_cfg():
     """Factory: a tiny MoD config, with dotted overrides as keyword arguments."""

@@ -175,6 +175,7 @@ ROUND_TRIP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_round_trip_on_a_2d_mesh_restores_every_tensor(tmp_path, data_cache):
     out = tmp_path / "run"
     args = [*TINY, f"data.cache_dir={data_cache}", "train.steps=2", "train.log_every=1"]
@@ -226,6 +227,7 @@ def _wait_for(cond, proc, timeout=300):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, data_cache):
     steps = ["train.steps=16", "checkpoint.every=4", "optimizer.warmup_steps=4"]
     straight = tmp_path / "straight"
@@ -247,6 +249,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, data_cache)
         assert got[step] == pytest.approx(expected[step], rel=0, abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_loadable_checkpoint_at_the_step_reached(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     proc = _popen(_cmd(run_dir, data_cache, "train.steps=100000"))
@@ -271,6 +274,7 @@ def test_sigterm_saves_a_loadable_checkpoint_at_the_step_reached(tmp_path, data_
     assert sorted(_losses(run_dir))[-1] == step + 1
 
 
+@pytest.mark.slow
 def test_resume_flag_needs_a_checkpoint_and_a_matching_model(tmp_path, data_cache):
     proc = run(_cmd(tmp_path / "new", data_cache, "train.steps=1", "--resume"), 1, check=False)
     assert proc.returncode == 2 and "resume: no complete checkpoint in" in proc.stderr

@@ -47,6 +47,7 @@ def test_skip_mode_puts_parameters_and_moments_back(tiny_cfg):
     assert not torch.equal(model.embed.weight, params["embed.weight"])
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_before_writing_and_keeps_its_checkpoints(tmp_path, data_cache):
     over = ("train.steps=4", "checkpoint.every=2", "checkpoint.keep=2")
     t, _ = cpu_trainer(tmp_path, data_cache, "run", *over)
@@ -81,6 +82,7 @@ def test_a_diverged_run_stops_before_writing_and_keeps_its_checkpoints(tmp_path,
         assert (Path(p) / "COMPLETE").read_bytes() == m
 
 
+@pytest.mark.slow
 def test_skip_mode_counts_skipped_steps_and_keeps_training(tmp_path, data_cache):
     # factor 0.5: once 5 losses are logged, every later step is "far above" the median
     over = [

@@ -183,6 +183,7 @@ def _pred_weight(path):
     return load(path, {"model": {key: torch.zeros(32, 64)}})["model"][key]
 
 
+@pytest.mark.slow
 def test_predictor_tool_adds_fresh_predictors_to_a_model_trained_without(
     tmp_path, data_cache, capsys
 ):
@@ -214,6 +215,7 @@ def test_predictor_tool_adds_fresh_predictors_to_a_model_trained_without(
     assert "model.mod.predictor: false" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_predictor_tool_offers_fresh_or_continue_on_a_joint_run(tmp_path, data_cache, capsys):
     cpu_trainer(tmp_path, data_cache, "run", "train.steps=4")
     run_dir = tmp_path / "run"
