@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 # 8 virtual XLA CPU devices for SPMD (XLA_FLAGS device counts do not work with torch_xla).
 XLA_CPU := PJRT_DEVICE=CPU CPU_NUM_DEVICES=8
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	@$(XLA_CPU) $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# Everything that neither trains nor compiles XLA graphs (tests marked slow): under a minute.
+test-fast: $(STAMP)
+	@$(XLA_CPU) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -38,6 +38,7 @@ def _decode_all(model, tokens, routing, device=None):
     return torch.stack([o.cpu() for o in out], 1), cache, compiles
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ["predictor", "router"])
 def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing):
     model = _model(tiny_cfg)
@@ -63,6 +64,7 @@ def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing):
     assert cache.valid[0].all()  # a dense block caches every token
 
 
+@pytest.mark.slow
 def test_xla_decoding_matches_and_compiles_one_step_graph(tiny_cfg):
     model = _model(tiny_cfg)
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,7 @@ class PreemptedOnce(tpu.Runner):
             marker = Path(self.train_args[5]) / "checkpoints" / f"step_{self.preempt_at:08d}"
             while not (marker / "COMPLETE").exists():
                 assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)  # poll, do not spin: the training needs the CPU
             proc.kill()  # the slice went away
         proc.wait()
         self.stderr = proc.stderr.read()  # the last attempt's

@@ -7,6 +7,8 @@ import torch_xla.debug.metrics as met
 
 from modxla.model import build_model, lm_loss
 
+pytestmark = pytest.mark.slow  # every test here compiles XLA graphs
+
 
 def _compiles() -> int:
     data = met.metric_data("CompileTime")
