@@ -37,8 +37,9 @@ def load_run(
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     path = latest_checkpoint(predictor_ckpt_dir(run_dir), warn) if prefer_predictor else None
-    if path:  # its model has predictors even when the run was trained without them
-        cfg = load_config(run_dir / PREDICTOR_DIR / "config.yaml")
+    pred_cfg = run_dir / PREDICTOR_DIR / "config.yaml"  # absent in runs of older versions
+    if path and pred_cfg.is_file():  # predictors even when the run was trained without them
+        cfg = load_config(pred_cfg)
     path = path or latest_checkpoint(cfg.checkpoint.dir or str(run_dir / "checkpoints"), warn)
     if path is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
