@@ -95,10 +95,14 @@ class DivergenceGuard:
     def _judge(self, h: list[float]) -> None:
         if self.mode != "stop" or h[0] == 0 or self.problem:
             return
-        why = "non-finite" if not math.isfinite(h[1]) else f"above {self._limit_value:.4g}"
+        why = (
+            "non-finite"
+            if not math.isfinite(h[1])
+            else f"above {self._limit_value:.4g} = train.divergence_factor {self.factor} x the "
+            "median of the recent logged losses"
+        )
         self.problem = (
-            f"training diverged at step {int(h[2])}: loss {h[1]:.4g} ({why}; "
-            f"train.divergence_factor={self.factor} x the median of recent losses); stopped "
-            "before writing any checkpoint, the saved ones are untouched. Resume from the "
-            "newest with a lower optimizer.lr, or set train.on_divergence=skip"
+            f"training diverged at step {int(h[2])}: loss {h[1]:.4g} ({why}); stopped before "
+            "writing any checkpoint, the saved ones are untouched. Resume from the newest with "
+            "a lower optimizer.lr, or set train.on_divergence=skip"
         )
