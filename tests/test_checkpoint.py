@@ -285,3 +285,20 @@ def test_resume_flag_needs_a_checkpoint_and_a_matching_model(tmp_path, data_cach
     assert proc.returncode == 2
     assert "embed.weight has shape (384, 64) but the model config gives (384, 32)" in proc.stderr
     assert load_config(tmp_path / "r" / "config.yaml").model.d_model == 64  # left untouched
+
+
+def test_a_run_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(
+    tmp_path, data_cache, capsys
+):
+    from modxla.train import Trainer
+    from tests.conftest import cpu_trainer
+
+    over = ("train.steps=4", "checkpoint.every=2")
+    t, _ = cpu_trainer(tmp_path, data_cache, "run", *over)
+    newest = Path(t.ckpt_dir) / "step_00000004"
+    _flip(next(p for p in newest.iterdir() if p.suffix == ".distcp"), n=4096)
+    again = Trainer(t.cfg, tmp_path / "run")
+    assert again.step == 2
+    err = capsys.readouterr().err
+    assert "step_00000004 is incomplete" in err and "fails its checksum" in err
+    assert "resuming from" in err and "step_00000002 (step 2)" in err
