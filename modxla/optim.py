@@ -32,14 +32,18 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def state_template(model: nn.Module, cfg: OptimizerConfig) -> dict:
+def state_template(
+    model: nn.Module, cfg: OptimizerConfig, params: list[torch.Tensor] | None = None
+) -> dict:
     """An AdamW state_dict with every slot present (CPU zeros), to load a checkpoint into.
 
     AdamW creates its state lazily at the first step; a checkpoint needs the full layout.
+    `params`: the tensors in the checkpoint's index order (default: this model's own).
     """
     opt = build_optimizer(model, cfg)
     template = opt.state_dict()
-    params = [p for g in opt.param_groups for p in g["params"]]  # state_dict's index order
+    if params is None:
+        params = [p for g in opt.param_groups for p in g["params"]]  # state_dict's order
     template["state"] = {
         i: {
             "step": torch.zeros(()),
