@@ -1,14 +1,8 @@
 """Sharding rules: weights FSDP-sharded over `fsdp`, heads and MLP hidden over `tensor`.
 
-Linear weights are (out, in). Column-parallel layers (q, k, v, MLP up/gate, untied head)
-shard out over tensor and in over fsdp; row-parallel layers (attention out, MLP down) the
-reverse. Norms, biases and other 1-D parameters are replicated. The sequence axis is never
-sharded.
-
-The embedding table (V, D) is sharded by vocabulary over fsdp instead: with D over fsdp, its
-gradient (a scatter-add of the batch-sharded (B*T, D) activations' gradient) made XLA reshard
-those activations from batch to D sharding by replicating them whole every step ("Involuntary
-full rematerialization", tested in test_train).
+Linear weights are (out, in). Column-parallel layers (q, k, v, MLP up/gate, embeddings) shard
+out over tensor and in over fsdp; row-parallel layers (attention out, MLP down) the reverse.
+Norms, biases and other 1-D parameters are replicated. The sequence axis is never sharded.
 """
 
 from __future__ import annotations
@@ -20,7 +14,7 @@ from modxla.model.layers import BlockDelta
 COLUMN = ("tensor", "fsdp")
 ROW = ("fsdp", "tensor")
 RULES = {
-    "embed.weight": ("fsdp", "tensor"),  # vocab over fsdp: see the module docstring
+    "embed.weight": COLUMN,
     "head.weight": COLUMN,
     "attn.wq.weight": COLUMN,
     "attn.wk.weight": COLUMN,
