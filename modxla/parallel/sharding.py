@@ -3,6 +3,13 @@
 Linear weights are (out, in). Column-parallel layers (q, k, v, MLP up/gate, embeddings) shard
 out over tensor and in over fsdp; row-parallel layers (attention out, MLP down) the reverse.
 Norms, biases and other 1-D parameters are replicated. The sequence axis is never sharded.
+
+The embedding lookup reads a replicated view of its table (an all-gather, as FSDP does for
+every weight) whose gradient is pinned replicated as well. The lookup's gradient is a
+scatter-add of the batch-sharded (B*T, D) activation gradient; into the D-over-fsdp table XLA
+could only reshard those activations from batch to D sharding by replicating them whole, every
+step ("Involuntary full rematerialization", asserted absent in test_train). Into a replicated
+buffer each device adds its own rows, then the sum is reduced and sliced to the table's shards.
 """
 
 from __future__ import annotations
@@ -63,4 +70,20 @@ def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
     for module in model.modules():
         if isinstance(module, BlockDelta):
             module.register_forward_pre_hook(batch_sharded)
+    _lookup_replicated(model.embed, mesh)
     return specs
+
+
+def _lookup_replicated(embed: nn.Embedding, mesh) -> None:
+    """Embedding lookups on a replicated view of the table, gradient included (see above)."""
+    import torch.nn.functional as F
+    import torch_xla.distributed.spmd as xs
+
+    def forward(tokens):
+        w = embed.weight
+        if w.device.type == "xla":  # not once the model was moved off the device
+            # `* 1.0`: a new value to annotate (the parameter keeps its own sharding)
+            w = xs.mark_sharding_with_gradients(w * 1.0, mesh, (None, None))
+        return F.embedding(tokens, w)
+
+    embed.forward = forward
