@@ -129,7 +129,9 @@ def _writer(path: str):
     if "://" in path:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-        return FsspecWriter(path)
+        # per_thread_copy_ahead=0 as FileSystemWriter does: otherwise DCP picks its GPU-stream
+        # loader once torch_xla's mark_sharding has imported torchax (privateuse1 "available")
+        return FsspecWriter(path, per_thread_copy_ahead=0)
     return dcp.FileSystemWriter(path)
 
 

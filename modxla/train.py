@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from modxla import rundir
 from modxla.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -19,7 +17,7 @@ from modxla.checkpoint import (
     latest_checkpoint,
 )
 from modxla.checkpoint import load as load_checkpoint
-from modxla.config import Config, ConfigError, load_config, save_config
+from modxla.config import Config, ConfigError, load_config
 from modxla.data import BatchLoader, DataError, build_streams
 from modxla.metrics import flops_per_step, mfu
 from modxla.model import build_model
@@ -43,15 +41,15 @@ def _grouped(loader: BatchLoader, accum: int):
 class Trainer:
     """Holds the state one run shares between steps, evaluation and checkpoints."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path) -> None:
+    def __init__(self, cfg: Config, run_dir: str) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = str(run_dir)  # a path or URL (gs://...): never a pathlib.Path
+        rundir.makedirs(self.run_dir)
         self.rt = setup_runtime(cfg)
         torch.manual_seed(cfg.train.seed)
         streams = build_streams(cfg.data, cfg.model.vocab_size, progress=self.rt.is_main)
         if self.rt.is_main:  # tools (generate, predictor) read the run's own tokenizer
-            shutil.copyfile(streams.tokenizer, self.run_dir / "tokenizer.model")
+            rundir.put_file(str(streams.tokenizer), rundir.join(self.run_dir, rundir.TOKENIZER))
         self.train_seqs = streams.sequences("train", cfg.data.seq_len)
         self.val_seqs = streams.sequences("val", cfg.data.seq_len) if cfg.train.eval_every else None
         self.loader = BatchLoader(
@@ -62,7 +60,8 @@ class Trainer:
             self.rt.process_count,
         )
         self.stop_requested = False  # set by SIGTERM: checkpoint, then leave the loop
-        self.ckpt_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
+        self.ckpt_dir = rundir.checkpoints(self.run_dir, cfg)
+        self.on_checkpoint: list = []  # called before each save (the logger uploads its files)
         self.ckpt = Checkpointer(
             self.ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, self.rt.is_main
         )
@@ -80,7 +79,7 @@ class Trainer:
         if restored:
             self._restore(restored, specs)
         if self.rt.is_main:  # only now: a refused resume leaves the run's config untouched
-            save_config(cfg, self.run_dir / "config.yaml")
+            rundir.save_config(cfg, self.run_dir)
         self.flops = flops_per_step(cfg)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
         self.peak = peak_flops_per_device(cfg, self.rt)
@@ -155,6 +154,8 @@ class Trainer:
         torch.set_rng_state(meta["torch_rng"])
 
     def save(self) -> str:
+        for hook in self.on_checkpoint:  # first: metrics never run ahead of a checkpoint
+            hook()
         loader = {**self.loader.state_dict(), "batch": self.step * self.cfg.train.grad_accum}
         xla_rng = 0
         if self.rt.xla:
@@ -248,14 +249,14 @@ class Trainer:
         return history
 
 
-def train(cfg: Config, run_dir: str | Path) -> list[dict]:
+def train(cfg: Config, run_dir: str) -> list[dict]:
     """Train `cfg` into `run_dir`; returns the logged records (also in metrics.jsonl)."""
     from modxla.logger import MetricsLogger
 
     trainer = Trainer(cfg, run_dir)
-    if trainer.step and trainer.rt.is_main:
-        _truncate_metrics(trainer.run_dir / "metrics.jsonl", trainer.step)
+    # records logged after the checkpoint we resume from are dropped (they are logged again)
     logger = MetricsLogger(trainer.run_dir, cfg.train.steps, trainer.step, trainer.rt.is_main)
+    trainer.on_checkpoint.append(logger.sync)
 
     def on_term(signum, frame):  # preemption: finish the step, save, exit cleanly
         if not trainer.stop_requested:
@@ -270,18 +271,6 @@ def train(cfg: Config, run_dir: str | Path) -> list[dict]:
         logger.close()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="modxla-train",
@@ -289,7 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         "config.yaml, metrics.jsonl, tb/, checkpoints/.",
     )
     ap.add_argument("--config", help="YAML experiment config (see configs/)")
-    ap.add_argument("--run-dir", required=True, help="output directory (local path)")
+    ap.add_argument(
+        "--run-dir",
+        required=True,
+        help="the run directory: a local path or a URL such as gs://bucket/runs/x (every host "
+        "of a pod must see the same one)",
+    )
     ap.add_argument(
         "--resume",
         action="store_true",

