@@ -126,13 +126,14 @@ def _to_host(obj):
 
 
 def _writer(path: str):
+    # per_thread_copy_ahead=0: the tensors are on the host already. With the default, DCP
+    # picks its GPU-stream loader as soon as jax/torchax is installed (torch_xla's
+    # mark_sharding imports torchax, whose privateuse1 device says "available") and fails.
     if "://" in path:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-        # per_thread_copy_ahead=0 as FileSystemWriter does: otherwise DCP picks its GPU-stream
-        # loader once torch_xla's mark_sharding has imported torchax (privateuse1 "available")
         return FsspecWriter(path, per_thread_copy_ahead=0)
-    return dcp.FileSystemWriter(path)
+    return dcp.FileSystemWriter(path, per_thread_copy_ahead=0)
 
 
 def _reader(path: str):

@@ -47,4 +47,7 @@ def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data_cache"))
 
 
-from tests.gcs_emulator import gcs_emulator, gcs_run  # noqa: E402, F401 (the session's GCS)
+from tests.gcs_emulator import (  # noqa: E402, F401 (the session's GCS emulator)
+    gcs_emulator,
+    uninterrupted_losses,
+)

@@ -15,6 +15,13 @@ import threading
 import pytest
 
 BUCKET = "modxla-test"
+# a tiny run with checkpoints every 4 steps: killed, preempted and resumed in several tests
+RESUME_STEPS = [
+    "train.steps=12",
+    "checkpoint.every=4",
+    "optimizer.warmup_steps=4",
+    "train.log_every=1",
+]
 
 
 class _Sink:
@@ -52,14 +59,18 @@ def gcs_emulator():
                 os.environ[k] = v
 
 
-@pytest.fixture
-def gcs_run(gcs_emulator, request):
-    """A fresh gs:// prefix in the emulator's bucket for one test."""
-    return f"gs://{BUCKET}/{request.node.name.replace('[', '_').replace(']', '')}"
-
-
 def gcs():
     """A gcsfs filesystem on the emulator (fresh: fsspec caches instances per process)."""
     import fsspec
 
     return fsspec.filesystem("gs", skip_instance_cache=True)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_losses(tmp_path_factory, data_cache):
+    """{step: loss} of the RESUME_STEPS run trained without interruption (1 CPU device)."""
+    from tests.test_train import read_metrics, run, train_args
+
+    straight = tmp_path_factory.mktemp("uninterrupted")
+    run(train_args(straight, data_cache, *RESUME_STEPS), 1)
+    return {r["step"]: r["loss"] for r in read_metrics(straight) if "loss" in r}

@@ -11,12 +11,12 @@ import time
 import pytest
 
 from modxla.checkpoint import list_checkpoints, load, read_metadata
-from tests.gcs_emulator import gcs
+from tests.gcs_emulator import RESUME_STEPS, gcs
 from tests.test_checkpoint import _popen, _wait_for
-from tests.test_train import ROOT, read_metrics, run, train_args
+from tests.test_train import ROOT, run, train_args
 
 pytestmark = pytest.mark.slow
-STEPS = ["train.steps=12", "checkpoint.every=4", "optimizer.warmup_steps=4", "train.log_every=1"]
+STEPS = RESUME_STEPS
 
 
 def bucket_losses(url):
@@ -34,11 +34,8 @@ def no_local_url_folder():
 
 
 @pytest.fixture(scope="module")
-def resumed_gcs_run(gcs_emulator, tmp_path_factory, data_cache):
-    """A tiny run trained into gs://, killed by SIGKILL after its first checkpoint, resumed;
-    and the same run trained uninterrupted into a local folder."""
-    straight = tmp_path_factory.mktemp("straight")
-    run(train_args(straight, data_cache, *STEPS), 1)
+def resumed_gcs_run(gcs_emulator, data_cache):
+    """A tiny run trained into gs://, killed by SIGKILL after its first checkpoint, resumed."""
     url = "gs://modxla-test/runs/killed"
     proc = _popen(train_args(url, data_cache, *STEPS), devices=1)
     _wait_for(lambda: complete(url, 4), proc)
@@ -47,15 +44,17 @@ def resumed_gcs_run(gcs_emulator, tmp_path_factory, data_cache):
     proc.stderr.close()
     assert not complete(url, 12)
     resumed = run(train_args(url, data_cache, *STEPS, "--resume"), 1)
-    return url, straight, resumed.stderr
+    return url, resumed.stderr
 
 
-def test_kill_9_in_a_bucket_then_resume_gives_the_uninterrupted_losses(resumed_gcs_run):
-    url, straight, stderr = resumed_gcs_run
+def test_kill_9_in_a_bucket_then_resume_gives_the_uninterrupted_losses(
+    resumed_gcs_run, uninterrupted_losses
+):
+    url, stderr = resumed_gcs_run
     assert re.search(
         r"resuming from gs://modxla-test/runs/killed/checkpoints/step_0000000[48]", stderr
     )
-    expected = {r["step"]: r["loss"] for r in read_metrics(straight) if "loss" in r}
+    expected = uninterrupted_losses
     got = bucket_losses(url)
     assert sorted(got) == list(range(1, 13))  # each step once: nothing lost, nothing twice
     for step in range(1, 13):
@@ -69,7 +68,7 @@ def test_kill_9_in_a_bucket_then_resume_gives_the_uninterrupted_losses(resumed_g
 
 
 def test_predictor_sampling_and_plots_on_a_gcs_run(resumed_gcs_run, tmp_path):
-    url, _, _ = resumed_gcs_run
+    url, _ = resumed_gcs_run
     fs, root = gcs(), url.removeprefix("gs://")
     run(
         [

@@ -1,0 +1,35 @@
+"""`python3` on a fake TPU VM (see fake_gcloud.py): this interpreter on one CPU device."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+args = sys.argv[1:]
+if args[:2] == ["-m", "pip"]:
+    print("fake python3: pip skipped (the test venv has the dependencies)")
+    sys.exit(0)
+if args[:2] == ["-m", "modxla.train"]:
+    home, host = Path(os.environ["HOME"]), os.environ["FAKE_WORKER"]
+    leftover = int((home / "leftover.pid").read_text())
+    stat = Path(f"/proc/{leftover}/stat")  # a killed, unreaped process is a zombie: dead
+    alive = stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    start = {
+        "host": host,
+        "pid": os.getpid(),
+        "leftover_alive": alive,
+        "lockfile": (home / "tmp" / "libtpu_lockfile").exists(),
+    }
+    with open(home / "starts.jsonl", "a") as f:
+        f.write(json.dumps(start) + "\n")
+    state = json.loads((Path(os.environ["FAKE_GCLOUD_STATE"]) / "state.json").read_text())
+    behaviour = state.get("script", {}).get("workers", {}).get(host)
+    if behaviour == "crash":
+        time.sleep(2)
+        print(f"RuntimeError: simulated crash on {host}", file=sys.stderr)
+        sys.exit(3)
+    if behaviour == "hang":  # blocked in a collective, as the others are when one host dies
+        os.execvp("sleep", ["sleep", "600"])
+env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"}
+os.execve(sys.executable, [sys.executable, *args], env)
