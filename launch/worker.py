@@ -19,6 +19,7 @@ XLA_ENV = {
     "LIBTPU_INIT_ARGS": "--xla_enable_async_collective_permute=true",
 }
 LOG_UPLOAD_EVERY_S = 300
+UPLOAD_TIMEOUT_S = 120  # a stuck upload must not hide the exit code
 STATUS = "modxla-status"
 
 
@@ -59,7 +60,7 @@ def start_command(a, host: str) -> str:
 
     dest = shlex.quote(join(a.run_dir, LOGS, f"{host}.log"))
     upload = (
-        "python3 -c 'import sys; from modxla import rundir; "
+        f"timeout {UPLOAD_TIMEOUT_S} python3 -c 'import sys; from modxla import rundir; "
         f"rundir.put_file(sys.argv[1], sys.argv[2])' {LOG} {dest} >/dev/null 2>&1"
     )
     script = (
@@ -71,7 +72,7 @@ def start_command(a, host: str) -> str:
     )
     return (
         f"cd {REPO_DIR} && rm -f {EXIT} && "
-        f"nohup setsid bash -c {shlex.quote(script)} > /dev/null 2>&1 < /dev/null &"
+        f"(nohup setsid bash -c {shlex.quote(script)} > /dev/null 2>&1 < /dev/null &)"
     )
 
 

@@ -7,8 +7,8 @@ this checkout as ~/modxla. Its PATH starts with shims: `python3` (this interpret
 device, `-m pip` skipped, test behaviours per host: crash/hang) and a no-op `git`.
 
 Behaviours (state["script"]): waiting_polls (describes before ACTIVE), fail_while_waiting,
-preempt_on_log (text in a worker log that triggers one preemption: processes killed, state
-SUSPENDED), workers ({host: "crash" | "hang"}).
+preempt_on_log (once a worker's training prints this, the slice is preempted once: state
+SUSPENDED, the VM's processes killed; see fake_python3.py), workers ({host: "crash" | "hang"}).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def kill_vm_processes(qr: dict) -> None:
 
 def make_vms(state: dict, name: str, qr: dict) -> None:
     """Fresh VM folders, each with a leftover 'training' process and a libtpu lockfile."""
-    qr["gen"] = qr.get("gen", 0) + 1
+    state["vm_gen"] = qr["gen"] = state.get("vm_gen", 0) + 1  # a recreated VM is a new one
     for node in qr["node_names"]:
         qr["nodes"][node] = []
         for w in range(qr["hosts"]):
@@ -70,7 +70,13 @@ def make_vms(state: dict, name: str, qr: dict) -> None:
             (home / "tmp").mkdir(parents=True)
             (home / "modxla").symlink_to(ROOT)
             (home / "tmp" / "libtpu_lockfile").write_text("")
-            p = subprocess.Popen(["sleep", "300"], start_new_session=True)
+            p = subprocess.Popen(
+                ["sleep", "300"],
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             (home / "leftover.pid").write_text(str(p.pid))
             (home / "modxla-train.pid").write_text(str(p.pid))  # as a lost launcher left it
             qr["nodes"][node].append(str(home))
@@ -117,14 +123,6 @@ def queued(args: list[str]) -> int:
                 make_vms(state, name, qr)
             else:
                 qr["state"] = "WAITING_FOR_RESOURCES"
-        elif qr["state"] == "ACTIVE" and script.get("preempt_on_log"):
-            logs = [h / "modxla-train.log" for h in homes(qr)]
-            if state.get("preemptions", 0) < 1 and any(
-                f.exists() and script["preempt_on_log"] in f.read_text() for f in logs
-            ):
-                kill_vm_processes(qr)
-                qr["state"] = "SUSPENDED"
-                state["preemptions"] = state.get("preemptions", 0) + 1
         print(qr["state"])
         return 0
 
@@ -148,6 +146,7 @@ def ssh(args: list[str]) -> int:
             "PATH": f"{shims}:/usr/bin:/bin",
             "PYTHONPATH": str(ROOT),
             "FAKE_WORKER": f"{node}-w{w}",
+            "FAKE_QR": next(n for n, q in state["qr"].items() if node in q["nodes"]),
         }
         cmd = command.replace("/tmp/libtpu_lockfile", f"{home}/tmp/libtpu_lockfile")
         procs.append(

@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,4 +34,23 @@ if args[:2] == ["-m", "modxla.train"]:
     if behaviour == "hang":  # blocked in a collective, as the others are when one host dies
         os.execvp("sleep", ["sleep", "600"])
 env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"}
-os.execve(sys.executable, [sys.executable, *args], env)
+is_training = args[:2] == ["-m", "modxla.train"]
+trigger = state.get("script", {}).get("preempt_on_log") if is_training else None
+if not trigger or state.get("preemptions", 0):
+    os.execve(sys.executable, [sys.executable, *args], env)
+
+# Preempt the slice the moment training prints `trigger` (no polling race with the launcher):
+# the queued resource goes SUSPENDED and the VM's processes die, the training's wrapper too.
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_gcloud import locked  # noqa: E402
+
+child = subprocess.Popen([sys.executable, *args], env=env)
+log = home / "modxla-train.log"
+while child.poll() is None:
+    if log.exists() and trigger in log.read_text(errors="replace"):
+        with locked() as st:
+            st["qr"][os.environ["FAKE_QR"]]["state"] = "SUSPENDED"
+            st["preemptions"] = st.get("preemptions", 0) + 1
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    time.sleep(0.01)
+sys.exit(child.returncode)

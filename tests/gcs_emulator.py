@@ -9,7 +9,10 @@ hierarchical namespaces over gRPC and each new bucket stalls for 60 s.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -21,6 +24,7 @@ RESUME_STEPS = [
     "checkpoint.every=4",
     "optimizer.warmup_steps=4",
     "train.log_every=1",
+    "train.device=cpu",  # the run directory is under test here, not XLA: quicker
 ]
 
 
@@ -74,3 +78,34 @@ def uninterrupted_losses(tmp_path_factory, data_cache):
     straight = tmp_path_factory.mktemp("uninterrupted")
     run(train_args(straight, data_cache, *RESUME_STEPS), 1)
     return {r["step"]: r["loss"] for r in read_metrics(straight) if "loss" in r}
+
+
+def signal_on(args: list[str], pattern: str, sig: int, timeout: float = 300):
+    """Run `python args` on one CPU device and send it `sig` the moment its stderr matches
+    `pattern` (from a reader thread: no polling delay). (exit code, stderr, signalled)."""
+    from tests.test_train import ROOT
+
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    chunks: list[str] = []
+    hit = threading.Event()
+
+    def read():
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            chunks.append(chunk.decode(errors="replace"))
+            if not hit.is_set() and re.search(pattern, "".join(chunks[-3:])):
+                proc.send_signal(sig)
+                hit.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        proc.wait(timeout)
+    finally:
+        proc.kill()
+        reader.join()
+        proc.stderr.close()
+    return proc.returncode, "".join(chunks), hit.is_set()

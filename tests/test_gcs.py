@@ -1,18 +1,13 @@
 """gs:// run directories against a local GCS emulator: resume, SIGTERM, tools, no ./gs: folder."""
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from modxla.checkpoint import list_checkpoints, load, read_metadata
-from tests.gcs_emulator import RESUME_STEPS, gcs
-from tests.test_checkpoint import _popen, _wait_for
+from tests.gcs_emulator import RESUME_STEPS, gcs, signal_on
 from tests.test_train import ROOT, run, train_args
 
 pytestmark = pytest.mark.slow
@@ -37,11 +32,9 @@ def no_local_url_folder():
 def resumed_gcs_run(gcs_emulator, data_cache):
     """A tiny run trained into gs://, killed by SIGKILL after its first checkpoint, resumed."""
     url = "gs://modxla-test/runs/killed"
-    proc = _popen(train_args(url, data_cache, *STEPS), devices=1)
-    _wait_for(lambda: complete(url, 4), proc)
-    proc.kill()  # SIGKILL: nothing staged after the checkpoint reaches the bucket
-    proc.wait()
-    proc.stderr.close()
+    args = train_args(url, data_cache, *STEPS)
+    code, err, killed = signal_on(args, r"checkpoint step 4 ->", signal.SIGKILL)
+    assert killed and code == -signal.SIGKILL, err[-3000:]
     assert not complete(url, 12)
     resumed = run(train_args(url, data_cache, *STEPS, "--resume"), 1)
     return url, resumed.stderr
@@ -118,25 +111,13 @@ def test_predictor_sampling_and_plots_on_a_gcs_run(resumed_gcs_run, tmp_path):
     assert no_local_url_folder() and not (tmp_path / "gs:").exists()
 
 
-def test_sigterm_leaves_a_loadable_checkpoint_in_the_bucket(gcs_emulator, data_cache, tmp_path):
+def test_sigterm_leaves_a_loadable_checkpoint_in_the_bucket(gcs_emulator, data_cache):
     url = "gs://modxla-test/runs/sigterm"
-    log = tmp_path / "stderr.txt"
-    env_args = train_args(url, data_cache, "train.steps=100000", "train.log_every=1")
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, *env_args],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env={**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"},
-        )
-        t0 = time.time()
-        while not re.search(r"\| ([3-9]|\d\d+)/100000", log.read_text()):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() - t0 < 300, "timed out"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    every_step = ["train.log_every=1", "train.device=cpu"]
+    args = train_args(url, data_cache, "train.steps=100000", *every_step)
+    code, err, sent = signal_on(args, r"\| ([3-9]|\d\d+)/100000", signal.SIGTERM)
+    assert sent and code == 0, err[-3000:]
+    assert "saving a checkpoint" in err
     found = list_checkpoints(f"{url}/checkpoints")
     assert len(found) == 1
     step, path = found[0]

@@ -215,7 +215,7 @@ def fake_args(name, accelerator, run_dir, *extra):
     return [
         "up", "--name", name, "--zone", "fake-zone", "--accelerator", accelerator,
         "--config", "configs/tiny.yaml", "--run-dir", run_dir, "--repo", str(ROOT),
-        "--commit", "0123abcd", "--poll", "0.5", "--retry-wait", "0", "--wait-timeout", "120",
+        "--commit", "0123abcd", "--poll", "1", "--retry-wait", "0", "--wait-timeout", "120",
         "--host-timeout", "60", *TINY, *extra,
     ]  # fmt: skip
 
