@@ -31,6 +31,10 @@ if args[:2] == ["-m", "modxla.train"]:
         time.sleep(2)
         print(f"RuntimeError: simulated crash on {host}", file=sys.stderr)
         sys.exit(3)
+    if behaviour == "succeed":  # a short 'training' that ends well
+        time.sleep(10)
+        print(f"finished on {host}", file=sys.stderr)
+        sys.exit(0)
     if behaviour == "hang":  # blocked in a collective, as the others are when one host dies
         os.execvp("sleep", ["sleep", "600"])
 env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"}

@@ -201,6 +201,15 @@ def fake_gcloud(tmp_path, gcs_emulator):
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
+    def popen(script: dict, *args):
+        st = json.loads((state / "state.json").read_text())
+        (state / "state.json").write_text(json.dumps({**st, "script": script}))
+        return subprocess.Popen(
+            [sys.executable, "launch/tpu.py", *args], cwd=ROOT, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    launch.popen = popen
     launch.state = lambda: json.loads((state / "state.json").read_text())
     launch.homes = lambda: sorted((state / "vms").glob("*/w*"))
     yield launch
@@ -270,6 +279,28 @@ def test_a_crashed_host_stops_the_others_without_a_recreate(fake_gcloud, data_ca
     stat = Path(f"/proc/{hung['pid']}/stat")
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     assert time.time() - t0 < 120
+
+
+@pytest.mark.slow
+def test_training_outlives_the_launcher_and_up_reattaches(fake_gcloud):
+    script = {"workers": {"dis-w0": "succeed"}}
+    args = fake_args("dis", "v5e-8", "gs://modxla-test/runs/launch-disconnect")
+    first = fake_gcloud.popen(script, *args)
+    t0 = time.time()
+    while not list(fake_gcloud.homes()) or not (fake_gcloud.homes()[0] / "starts.jsonl").exists():
+        assert first.poll() is None and time.time() - t0 < 120
+        time.sleep(0.2)
+    first.kill()  # the launching machine goes away mid-run
+    first.wait()
+    (home,) = fake_gcloud.homes()
+    (start,) = [json.loads(x) for x in (home / "starts.jsonl").open()]
+    assert Path(f"/proc/{start['pid']}").exists()  # still training, detached
+    proc = fake_gcloud(script, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training is already running on the slice: watching it" in proc.stderr
+    assert len((home / "starts.jsonl").read_text().splitlines()) == 1  # not restarted
+    state = fake_gcloud.state()
+    assert len(calls(state, "create")) == 1 and state["qr"] == {}
 
 
 def test_failed_while_waiting_is_a_clear_error(fake_gcloud):
