@@ -1,16 +1,17 @@
 """gs:// run directories against a local GCS emulator: resume, SIGTERM, tools, no ./gs: folder."""
 
 import json
+import os
 import re
 import signal
 
 import pytest
 
+from modxla import rundir
 from modxla.checkpoint import list_checkpoints, load, read_metadata
 from tests.gcs_emulator import RESUME_STEPS, gcs, signal_on
 from tests.test_train import ROOT, run, train_args
 
-pytestmark = pytest.mark.slow
 STEPS = RESUME_STEPS
 
 
@@ -28,6 +29,35 @@ def no_local_url_folder():
     return not (ROOT / "gs:").exists()
 
 
+def test_rundir_joins_urls_without_pathlib():
+    assert (
+        rundir.join("gs://b/runs/x/", "checkpoints", "step_1") == "gs://b/runs/x/checkpoints/step_1"
+    )
+    assert rundir.join("runs/x", rundir.PREDICTOR, rundir.EVAL) == "runs/x/predictor/eval.json"
+    assert rundir.basename("gs://b/runs/x/") == "x"
+    assert rundir.is_url("gs://b/x") and rundir.is_url("memory://x")
+    assert not rundir.is_url("runs/x") and not rundir.is_url("file:///tmp/x")
+
+
+def test_staged_metrics_reach_a_url_only_at_sync_and_a_local_dir_at_once(tmp_path):
+    url = "memory://modxla-rundir/run"
+    rundir.write_text(rundir.join(url, rundir.METRICS), '{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    stage = rundir.Staging(url, keep_until=2)  # resumed from step 2: step 3 is logged again
+    with open(stage.metrics, "a") as f:
+        f.write('{"step": 3, "new": 1}\n')
+    remote = rundir.join(url, rundir.METRICS)
+    assert [r["step"] for r in rundir.read_jsonl(remote)] == [1, 2, 3]  # the old file, whole
+    stage.sync()
+    assert rundir.read_jsonl(remote) == [{"step": 1}, {"step": 2}, {"step": 3, "new": 1}]
+    stage.close()
+    assert not os.path.exists(stage.root)  # the staging folder is gone
+
+    local = str(tmp_path / "run")
+    stage = rundir.Staging(local, keep_until=0)  # a fresh run: nothing kept
+    assert stage.metrics == os.path.join(local, rundir.METRICS)  # written in place
+    assert rundir.read_jsonl(stage.metrics) == []
+
+
 @pytest.fixture(scope="module")
 def resumed_gcs_run(gcs_emulator, data_cache):
     """A tiny run trained into gs://, killed by SIGKILL after its first checkpoint, resumed."""
@@ -40,6 +70,7 @@ def resumed_gcs_run(gcs_emulator, data_cache):
     return url, resumed.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_in_a_bucket_then_resume_gives_the_uninterrupted_losses(
     resumed_gcs_run, uninterrupted_losses
 ):
@@ -60,6 +91,7 @@ def test_kill_9_in_a_bucket_then_resume_gives_the_uninterrupted_losses(
     assert no_local_url_folder()
 
 
+@pytest.mark.slow
 def test_predictor_sampling_and_plots_on_a_gcs_run(resumed_gcs_run, tmp_path):
     url, _ = resumed_gcs_run
     fs, root = gcs(), url.removeprefix("gs://")
@@ -111,6 +143,7 @@ def test_predictor_sampling_and_plots_on_a_gcs_run(resumed_gcs_run, tmp_path):
     assert no_local_url_folder() and not (tmp_path / "gs:").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_a_loadable_checkpoint_in_the_bucket(gcs_emulator, data_cache):
     url = "gs://modxla-test/runs/sigterm"
     every_step = ["train.log_every=1", "train.device=cpu"]
