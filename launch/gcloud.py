@@ -12,7 +12,12 @@ from launch.slices import RUNTIME, LaunchError, Slice
 @dataclass
 class Result:
     code: int  # 124: timed out
-    out: str
+    out: str  # stdout
+    err: str = ""
+
+    @property
+    def text(self) -> str:
+        return (self.out + "\n" + self.err).strip()
 
 
 class Gcloud:
@@ -20,6 +25,7 @@ class Gcloud:
 
     def __init__(self, a, dry_run: bool = False, out=print, timeout: float = 300.0) -> None:
         self.a, self.dry_run, self.out, self.timeout = a, dry_run, out, timeout
+        self.last_error = ""
 
     def base(self, *args: str) -> list[str]:
         a = self.a
@@ -39,8 +45,8 @@ class Gcloud:
                 stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired:
-            return Result(124, f"timed out after {timeout or self.timeout:.0f} s: {cmd[:6]}")
-        return Result(p.returncode, p.stdout + p.stderr)
+            return Result(124, "", f"timed out after {timeout or self.timeout:.0f} s: {cmd[:6]}")
+        return Result(p.returncode, p.stdout, p.stderr)
 
     # --- queued resources ---------------------------------------------------------------
 
@@ -66,8 +72,9 @@ class Gcloud:
         )
         if r.code == 0:
             return r.out.strip().splitlines()[-1] if r.out.strip() else "UNKNOWN"
-        if "NOT_FOUND" in r.out or "not found" in r.out.lower():
+        if "NOT_FOUND" in r.err or "not found" in r.err.lower():
             return "GONE"
+        self.last_error = r.text[-2000:]
         return "UNREACHABLE"  # gcloud itself failed (network, auth): ask again later
 
     def delete(self) -> Result:
@@ -83,7 +90,9 @@ class Gcloud:
         return [a.name] if a.slices == 1 else [f"{a.name}-{i}" for i in range(a.slices)]
 
     def ssh_cmd(self, node: str, worker: str, command: str) -> list[str]:
-        return self.base("tpu-vm", "ssh", node, f"--worker={worker}", f"--command={command}")
+        # --quiet: no prompt (e.g. for a new ssh key) may block an unattended launcher
+        cmd = ["tpu-vm", "ssh", node, f"--worker={worker}", f"--command={command}", "--quiet"]
+        return self.base(*cmd)
 
     def ssh(self, node: str, worker: str, command: str, quiet: bool = False) -> Result:
         return self.run(self.ssh_cmd(node, worker, command), quiet=quiet)

@@ -36,7 +36,7 @@ class Pod:
 
     def wait_active(self) -> str:
         """Poll the queued resource until ACTIVE; FAILED or the timeout raise, lost returns."""
-        t0, last = self.clock(), None
+        t0, last, unreachable = self.clock(), None, None
         while True:
             state = self.g.state()
             if state != last:
@@ -52,6 +52,9 @@ class Pod:
                 )
             if state in LOST - {"FAILED"}:
                 return state
+            unreachable = unreachable or self.clock() if state == "UNREACHABLE" else None
+            if unreachable and self.clock() - unreachable > self.a.host_timeout:
+                raise PodError(f"gcloud keeps failing: {self.g.last_error}")
             if self.clock() - t0 > self.a.wait_timeout:
                 raise PodError(
                     f"queued resource {self.a.name} not ACTIVE after {self.a.wait_timeout:.0f} s "
@@ -64,7 +67,7 @@ class Pod:
         for node in self.g.nodes():
             r = self.g.ssh(node, "all", command)
             if r.code:
-                raise PodError(f"{what} failed on {node} (exit {r.code}):\n{r.out[-3000:]}")
+                raise PodError(f"{what} failed on {node} (exit {r.code}):\n{r.text[-3000:]}")
 
     def start(self) -> None:
         """Cleanup on every worker, then training detached on every worker."""
@@ -76,7 +79,7 @@ class Pod:
             )
             for (node, w, _), r in results:
                 if r.code:
-                    raise PodError(f"could not start worker {w} of {node}: {r.out[-2000:]}")
+                    raise PodError(f"could not start worker {w} of {node}: {r.text[-2000:]}")
 
     # --- hosts ---------------------------------------------------------------------------
 
@@ -122,7 +125,7 @@ class Pod:
         node, w = next((n, w) for n, w, h in self.hosts if h == host)
         for n in self.g.nodes():
             self.g.ssh(n, "all", worker.stop_command(grace_s=10))
-        return self.g.ssh(node, str(w), worker.tail_command(), quiet=True).out
+        return self.g.ssh(node, str(w), worker.tail_command(), quiet=True).text
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -141,7 +144,9 @@ class Pod:
                 if state in LOST:
                     if state != "GONE":
                         self.g.delete()
-                    self.g.create(self.sl)
+                    r = self.g.create(self.sl)
+                    if r.code and "ALREADY_EXISTS" not in r.text:
+                        raise PodError(f"could not create {self.a.name}:\n{r.text[-3000:]}")
                 elif state in WAITING | {"UNREACHABLE"}:
                     pass  # created earlier, still coming up
                 state = self.wait_active()

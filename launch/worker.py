@@ -8,6 +8,7 @@ few minutes and at exit.
 
 from __future__ import annotations
 
+import re
 import shlex
 
 REPO_DIR = "modxla"
@@ -88,12 +89,8 @@ def status_command() -> str:
 
 def parse_status(text: str) -> dict[str, str]:
     """{host: 'running' | 'exit N' | 'none'} from status_command's output."""
-    out = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0] == STATUS:
-            out[parts[1]] = " ".join(parts[2:])
-    return out
+    found = re.findall(rf"{STATUS} (\S+) (running|none|exit -?\d+)", text)  # gcloud may prefix
+    return dict(found)
 
 
 def tail_command(lines: int = 40) -> str:
