@@ -6,8 +6,8 @@ is a folder (its $HOME, with its own tmp/ standing in for the VM's /tmp) holding
 this checkout as ~/modxla. Its PATH starts with shims: `python3` (this interpreter on 1 CPU
 device, `-m pip` skipped, test behaviours per host: crash/hang) and a no-op `git`.
 
-Behaviours (state["script"]): waiting_polls (describes before ACTIVE), fail_while_waiting,
-preempt_on_log (once a worker's training prints this, the slice is preempted once: state
+Behaviours (state["script"]): create_error, waiting_polls (describes before ACTIVE),
+fail_while_waiting, preempt_on_log (once a worker's training prints this, the slice is preempted once: state
 SUSPENDED, the VM's processes killed; see fake_python3.py), workers ({host: "crash" | "hang" |
 "succeed"}).
 """
@@ -88,6 +88,9 @@ def queued(args: list[str]) -> int:
     with locked() as state:
         qrs = state.setdefault("qr", {})
         if verb == "create":
+            if state.get("script", {}).get("create_error"):
+                print(f"ERROR: (gcloud) {state['script']['create_error']}", file=sys.stderr)
+                return 1
             if name in qrs:
                 print(f"ERROR: ALREADY_EXISTS: {name}", file=sys.stderr)
                 return 1

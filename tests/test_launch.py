@@ -316,6 +316,14 @@ def test_failed_while_waiting_is_a_clear_error(fake_gcloud):
     assert all("--project=fake-proj" in c for c in state["calls"] if c[0] == "compute")
 
 
+def test_a_refused_create_is_a_clear_error(fake_gcloud):
+    script = {"create_error": "RESOURCE_EXHAUSTED: Quota 'TPUV5P' exceeded"}
+    proc = fake_gcloud(script, *fake_args("quota", "v5e-8", "gs://b/r"))
+    assert proc.returncode == 1
+    assert "error: could not create quota" in proc.stderr and "exceeded" in proc.stderr
+    assert len(calls(fake_gcloud.state(), "create")) == 1  # no retry loop on a refusal
+
+
 def test_local_simulation_trains_with_a_scaled_pod_mesh(tmp_path, data_cache):
     run_dir = tmp_path / "sim"
     proc = subprocess.run(
