@@ -7,9 +7,9 @@ this checkout as ~/modxla. Its PATH starts with shims: `python3` (this interpret
 device, `-m pip` skipped, test behaviours per host: crash/hang) and a no-op `git`.
 
 Behaviours (state["script"]): create_error, waiting_polls (describes before ACTIVE),
-fail_while_waiting, preempt_on_log (once a worker's training prints this, the slice is preempted once: state
-SUSPENDED, the VM's processes killed; see fake_python3.py), workers ({host: "crash" | "hang" |
-"succeed"}).
+fail_while_waiting, preempt_on_log (once a worker's training prints this, the slice is
+preempted once: state SUSPENDED, the VM's processes killed; see fake_python3.py), workers
+({host: "crash" | "hang" | "succeed"}).
 """
 
 from __future__ import annotations
