@@ -2,45 +2,46 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from modxla import rundir
 from modxla.checkpoint import CheckpointError, latest_checkpoint
 from modxla.checkpoint import load as load_checkpoint
-from modxla.config import Config, load_config
+from modxla.config import Config, ConfigError
 from modxla.errors import UserError
 from modxla.model import Transformer, build_model, lm_loss
 from modxla.model.decode import KVCache, decode_step
 
-PREDICTOR_DIR = "predictor"
+PREDICTOR_DIR = rundir.PREDICTOR
 
 
 class InferenceError(UserError, ValueError):
     """A request the model cannot serve: an empty prompt, too many tokens, no routed blocks."""
 
 
-def predictor_ckpt_dir(run_dir: str | Path) -> str:
-    return str(Path(run_dir) / PREDICTOR_DIR / "checkpoints")
+def predictor_ckpt_dir(run_dir: str) -> str:
+    return rundir.join(run_dir, rundir.PREDICTOR, rundir.CHECKPOINTS)
 
 
 def load_run(
-    run_dir: str | Path, prefer_predictor: bool = True, warn=print
+    run_dir: str, prefer_predictor: bool = True, warn=print
 ) -> tuple[Config, Transformer, str]:
     """The run's config and model (CPU, eval mode) with the newest weights.
 
     With `prefer_predictor`, a checkpoint written by tools/train_predictor.py wins over the
     training one (it holds the same frozen model plus the trained predictors).
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    run_dir = str(run_dir)  # a path or URL
+    try:
+        cfg = rundir.load_config(run_dir)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     path = latest_checkpoint(predictor_ckpt_dir(run_dir), warn) if prefer_predictor else None
-    pred_cfg = run_dir / PREDICTOR_DIR / "config.yaml"  # absent in runs of older versions
-    if path and pred_cfg.is_file():  # predictors even when the run was trained without them
-        cfg = load_config(pred_cfg)
-    path = path or latest_checkpoint(cfg.checkpoint.dir or str(run_dir / "checkpoints"), warn)
+    pred_dir = rundir.join(run_dir, rundir.PREDICTOR)
+    # predictors even when the run was trained without them (absent in older runs)
+    if path and rundir.exists(rundir.join(pred_dir, rundir.CONFIG)):
+        cfg = rundir.load_config(pred_dir)
+    path = path or latest_checkpoint(rundir.checkpoints(run_dir, cfg), warn)
     if path is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
     model = build_model(cfg.model)
@@ -49,11 +50,12 @@ def load_run(
     return cfg, model.eval(), path
 
 
-def tokenizer_path(run_dir: str | Path) -> str:
-    path = Path(run_dir) / "tokenizer.model"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} has no tokenizer.model")
-    return str(path)
+def tokenizer_path(run_dir: str) -> str:
+    """A local file with the run's tokenizer (downloaded when the run is on a URL)."""
+    path = rundir.join(str(run_dir), rundir.TOKENIZER)
+    if not rundir.isfile(path):
+        raise CheckpointError(f"{run_dir} has no {rundir.TOKENIZER}")
+    return rundir.local_copy(path, suffix=".model")
 
 
 @torch.no_grad()

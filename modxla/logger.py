@@ -1,28 +1,38 @@
-"""Metrics sink: metrics.jsonl, TensorBoard and a progress bar, written from step closures."""
+"""Metrics sink: metrics.jsonl, TensorBoard and a progress bar, written from step closures.
+
+The files are staged through `modxla.rundir.Staging`: written in place for a local run
+directory, kept locally and uploaded whole by `sync()` (at every checkpoint) and `close()` for
+a URL such as gs://.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 from tqdm import tqdm
+
+from modxla.rundir import Staging
 
 
 class MetricsLogger:
     def __init__(
-        self, run_dir: Path, total_steps: int, initial: int, enabled: bool = True, desc="train"
+        self, run_dir: str, total_steps: int, initial: int, enabled: bool = True, desc="train"
     ):
+        """Logs into `run_dir` (a path or URL); records past step `initial` (left by a run
+        that died after its last checkpoint) are dropped, since they will be logged again."""
         self.enabled = enabled
         self.file = None
         self.tb = None
         self.bar = None
+        self.stage = None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close)
-        self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+        self.stage = Staging(str(run_dir), keep_until=initial)
+        self.file = open(self.stage.metrics, "a")  # noqa: SIM115 (closed in close)
+        self.tb = SummaryWriter(self.stage.tb)
         self.bar = tqdm(
             total=total_steps,
             initial=initial,
@@ -50,8 +60,17 @@ class MetricsLogger:
         self.bar.n = step
         self.bar.refresh()
 
+    def sync(self) -> None:
+        """Make the run directory hold everything logged so far (uploads for a URL)."""
+        if not self.enabled:
+            return
+        self.file.flush()
+        self.tb.flush()
+        self.stage.sync()
+
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
             self.tb.close()
             self.file.close()
+            self.stage.close()

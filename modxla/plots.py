@@ -1,18 +1,23 @@
-"""The paper's figures from run directories (config.yaml + metrics.jsonl [+ predictor/])."""
+"""The paper's figures from run directories (config.yaml + metrics.jsonl [+ predictor/]).
+
+Run directories and the output folder are paths or URLs (gs://...), read and written through
+modxla.rundir.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from modxla.config import Config, load_config  # noqa: E402
+from modxla import rundir  # noqa: E402
+from modxla.config import Config  # noqa: E402
 from modxla.errors import UserError  # noqa: E402
 from modxla.metrics import forward_flops, param_count  # noqa: E402
 
@@ -23,7 +28,7 @@ class MissingData(UserError):
 
 @dataclass
 class Run:
-    path: Path
+    path: str  # a path or URL
     cfg: Config
     train: list[dict] = field(default_factory=list)  # records with a loss
     val: list[dict] = field(default_factory=list)  # records with a val_loss
@@ -74,37 +79,33 @@ class Run:
         return 1.0 / statistics.median(times)
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def load_runs(paths) -> list[Run]:
     runs = []
-    for p in map(Path, paths):
-        if not (p / "config.yaml").exists():
-            raise FileNotFoundError(f"{p}: not a run directory (no config.yaml)")
-        recs = _jsonl(p / "metrics.jsonl")
-        ev = p / "predictor" / "eval.json"
+    for p in map(str, paths):
+        if not rundir.exists(rundir.join(p, rundir.CONFIG)):
+            raise FileNotFoundError(f"{p}: not a run directory (no {rundir.CONFIG})")
+        recs = rundir.read_jsonl(rundir.join(p, rundir.METRICS))
+        ev = rundir.join(p, rundir.PREDICTOR, rundir.EVAL)
         runs.append(
             Run(
                 path=p,
-                cfg=load_config(p / "config.yaml"),
+                cfg=rundir.load_config(p),
                 train=[r for r in recs if "loss" in r],
                 val=[r for r in recs if "val_loss" in r],
-                predictor=_jsonl(p / "predictor" / "metrics.jsonl"),
-                routing_eval=json.loads(ev.read_text()) if ev.exists() else None,
+                predictor=rundir.read_jsonl(rundir.join(p, rundir.PREDICTOR, rundir.METRICS)),
+                routing_eval=json.loads(rundir.read_text(ev)) if rundir.exists(ev) else None,
             )
         )
     return runs
 
 
-def _save(fig, out: Path, name: str) -> Path:
-    path = out / f"{name}.png"
+def _save(fig, out: str, name: str) -> str:
+    path = rundir.join(out, f"{name}.png")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    rundir.write_bytes(path, buf.getvalue())
     return path
 
 
@@ -186,11 +187,11 @@ def predictor_accuracy(runs: list[Run]):
     for r in runs:
         if r.predictor:
             pts = [(x["step"], x["predictor_acc/mean"]) for x in r.predictor]
-            ax.plot(*zip(*pts, strict=True), label=f"{r.path.name} (post hoc)")
+            ax.plot(*zip(*pts, strict=True), label=f"{rundir.basename(r.path)} (post hoc)")
         keys = [k for k in (r.train[-1] if r.train else {}) if k.startswith("predictor_acc/")]
         if keys:
             acc = [sum(x[k] for k in keys) / len(keys) for x in r.train]
-            ax.plot([x["step"] for x in r.train], acc, label=f"{r.path.name} (joint)")
+            ax.plot([x["step"] for x in r.train], acc, label=f"{rundir.basename(r.path)} (joint)")
         if r.cfg.model.routed_layers:
             ax.axhline(1 - r.cfg.model.mod.capacity, ls=":", color="gray")
     ax.set_xlabel("Training step")
@@ -208,12 +209,12 @@ FIGURES = {
 }
 
 
-def render_all(run_dirs, out: str | Path, warn=print) -> dict[str, Path]:
+def render_all(run_dirs, out: str, warn=print) -> dict[str, str]:
     """Every figure the runs have data for, as PNG files in `out`."""
     runs = load_runs(run_dirs)
     runs = [r for r in runs if r.train] or runs
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out)
+    rundir.makedirs(out)
     written = {}
     for name, fn in FIGURES.items():
         try:

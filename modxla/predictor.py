@@ -26,10 +26,10 @@ import json
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from modxla import rundir
 from modxla.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -37,7 +37,7 @@ from modxla.checkpoint import (
     load,
     read_metadata,
 )
-from modxla.config import Config, OptimizerConfig, load_config, save_config
+from modxla.config import Config, OptimizerConfig
 from modxla.data import BatchLoader, build_streams
 from modxla.errors import UserError, report
 from modxla.inference import evaluate_routing, merge_routing_results, predictor_ckpt_dir
@@ -88,15 +88,13 @@ def _is_predictor(name: str) -> bool:
 class PredictorTrainer:
     """The frozen model with trainable predictors, its optimizer, data and checkpoints."""
 
-    def __init__(self, run_dir: str | Path, opts: PredictorOptions) -> None:
+    def __init__(self, run_dir: str, opts: PredictorOptions) -> None:
         if opts.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}, got {opts.init!r}")
         # run-dir file access: config.yaml in, predictor/ out (kept to these lines)
-        self.run_dir = Path(run_dir)
-        self.out_dir = self.run_dir / "predictor"
-        if not (self.run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-        run_cfg = load_config(self.run_dir / "config.yaml")
+        self.run_dir = str(run_dir)  # a path or URL (gs://...)
+        self.out_dir = rundir.join(self.run_dir, rundir.PREDICTOR)
+        run_cfg = rundir.load_config(self.run_dir)
         if not run_cfg.model.routed_layers:
             raise UserError(f"{run_dir} trains a model without routed blocks: no predictor")
         self.opts = opts
@@ -110,8 +108,7 @@ class PredictorTrainer:
             )
         self.cfg: Config = copy.deepcopy(run_cfg)
         self.cfg.model.mod.predictor = True  # fresh predictors are added to such a model
-        base_dir = run_cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
-        self.base = latest_checkpoint(base_dir, warn=_say)
+        self.base = latest_checkpoint(rundir.checkpoints(self.run_dir, run_cfg), warn=_say)
         if self.base is None:
             raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
 
@@ -146,9 +143,10 @@ class PredictorTrainer:
             )
         self._step = rt.compile(predictor_step, "predictor_step")
         self.stop_requested = False
+        self.on_checkpoint: list = []  # called before each save (the logger uploads its files)
         if rt.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.out_dir / "config.yaml")  # what loads the checkpoints
+            rundir.makedirs(self.out_dir)
+            rundir.save_config(self.cfg, self.out_dir)  # what loads the checkpoints
 
     def _load_base(self, model: Transformer) -> None:
         """The training checkpoint's weights; its predictors too when continuing."""
@@ -194,6 +192,8 @@ class PredictorTrainer:
         # one batch per step; the device feed reads ahead of the loader's own counter
         loader = {**self.loader.state_dict(), "batch": self.step}
         meta = {"step": self.step, "loader": loader, "init": self.init}
+        for hook in self.on_checkpoint:
+            hook()
         state = {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "meta": meta}
         if self.ckpt.save(self.step, state) is not None:
             _say(f"predictor checkpoint step {self.step}")
@@ -248,12 +248,13 @@ class PredictorTrainer:
         }
 
 
-def train_predictors(run_dir: str | Path, opts: PredictorOptions) -> dict:
+def train_predictors(run_dir: str, opts: PredictorOptions) -> dict:
     """Train (or resume) the predictors of a run, then evaluate routing; returns eval.json."""
     trainer = PredictorTrainer(run_dir, opts)
     logger = MetricsLogger(
         trainer.out_dir, opts.steps, trainer.step, trainer.rt.is_main, desc="predictor"
     )
+    trainer.on_checkpoint.append(logger.sync)
 
     def on_term(signum, frame):  # preemption: finish the step, save, exit cleanly
         trainer.stop_requested = True
@@ -268,7 +269,7 @@ def train_predictors(run_dir: str | Path, opts: PredictorOptions) -> dict:
         return {}
     result = trainer.evaluate()
     if trainer.rt.is_main:
-        (trainer.out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        rundir.write_text(rundir.join(trainer.out_dir, rundir.EVAL), json.dumps(result, indent=2))
     return result
 
 

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from modxla import rundir
 from modxla.checkpoint import Checkpointer, CheckpointError, check_model_shapes
 from modxla.checkpoint import latest_checkpoint as find_latest
 from modxla.checkpoint import load as load_checkpoint
-from modxla.config import Config, load_config, save_config
+from modxla.config import Config, load_config
 from modxla.data import BatchLoader, build_streams
 from modxla.errors import UserError, report
 from modxla.guard import DivergenceGuard, guarded_step
@@ -40,22 +38,23 @@ def _grouped(loader: BatchLoader, accum: int):
 class Trainer:
     """Holds the state one run shares between steps, evaluation and checkpoints."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path) -> None:
+    def __init__(self, cfg: Config, run_dir: str) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = str(run_dir)  # a path or URL (gs://...): never a pathlib.Path
+        rundir.makedirs(self.run_dir)
         self.rt = rt = setup_runtime(cfg)
         torch.manual_seed(cfg.train.seed)
         streams = build_streams(cfg.data, cfg.model.vocab_size, progress=rt.is_main)
         if rt.is_main:  # tools (generate, predictor) read the run's own tokenizer
-            shutil.copyfile(streams.tokenizer, self.run_dir / "tokenizer.model")
+            rundir.put_file(str(streams.tokenizer), rundir.join(self.run_dir, rundir.TOKENIZER))
         self.train_seqs = streams.sequences("train", cfg.data.seq_len)
         self.val_seqs = streams.sequences("val", cfg.data.seq_len) if cfg.train.eval_every else None
         self.loader = BatchLoader(
             self.train_seqs, cfg.train.batch_size, cfg.data.seed, rt.process_index, rt.process_count
         )
         self.stop_requested = False  # set by SIGTERM: checkpoint, then leave the loop
-        self.ckpt_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
+        self.ckpt_dir = rundir.checkpoints(self.run_dir, cfg)
+        self.on_checkpoint: list = []  # called before each save (the logger uploads its files)
         self.ckpt = Checkpointer(
             self.ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, rt.is_main
         )
@@ -69,7 +68,7 @@ class Trainer:
         if restored:
             self._restore(restored)
         if rt.is_main:  # only now: a refused resume leaves the run's config untouched
-            save_config(cfg, self.run_dir / "config.yaml")
+            rundir.save_config(cfg, self.run_dir)
         self.flops = flops_per_step(cfg)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
         self.peak = peak_flops_per_device(cfg, rt)
@@ -131,6 +130,8 @@ class Trainer:
     def save(self) -> str | None:
         """Checkpoint the current step, unless a step since the last check diverged."""
         self.guard.check()  # raises before anything is written
+        for hook in self.on_checkpoint:  # then: metrics never run ahead of a checkpoint
+            hook()
         state = {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
         path = self.ckpt.save(self.step, {**state, "meta": self._meta()})
         if path is None:
@@ -223,14 +224,14 @@ class Trainer:
                 self.save()
 
 
-def train(cfg: Config, run_dir: str | Path) -> list[dict]:
+def train(cfg: Config, run_dir: str) -> list[dict]:
     """Train `cfg` into `run_dir`; returns the logged records (also in metrics.jsonl)."""
     from modxla.logger import MetricsLogger
 
     trainer = Trainer(cfg, run_dir)
-    if trainer.step and trainer.rt.is_main:
-        _truncate_metrics(trainer.run_dir / "metrics.jsonl", trainer.step)
+    # records logged after the checkpoint we resume from are dropped (they are logged again)
     logger = MetricsLogger(trainer.run_dir, cfg.train.steps, trainer.step, trainer.rt.is_main)
+    trainer.on_checkpoint.append(logger.sync)
 
     def on_term(signum, frame):  # preemption: finish the step, save, exit cleanly
         if not trainer.stop_requested:
@@ -245,18 +246,6 @@ def train(cfg: Config, run_dir: str | Path) -> list[dict]:
         logger.close()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="modxla-train",
@@ -264,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         "config.yaml, metrics.jsonl, tb/, checkpoints/.",
     )
     ap.add_argument("--config", help="YAML experiment config (see configs/)")
-    ap.add_argument("--run-dir", required=True, help="output directory (local path)")
+    ap.add_argument(
+        "--run-dir",
+        required=True,
+        help="the run directory: a local path or a URL such as gs://bucket/runs/x (every host "
+        "of a pod must see the same one)",
+    )
     ap.add_argument(
         "--resume",
         action="store_true",

@@ -119,3 +119,9 @@ def cpu_trainer(tmp_path, data_cache, name, *over):
     t = Trainer(cfg, tmp_path / name)
     t.history = t.fit(MetricsLogger(t.run_dir, cfg.train.steps, 0, enabled=False))
     return t, [h["loss"] for h in t.history if "loss" in h]
+
+
+from tests.gcs_emulator import (  # noqa: E402, F401 (the session's GCS emulator)
+    gcs_emulator,
+    uninterrupted_losses,
+)

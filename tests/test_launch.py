@@ -1,5 +1,9 @@
-"""TPU launcher: golden commands, validation, the preemption retry loop, local simulation."""
+"""TPU launcher: golden commands and validation; behaviour against a fake gcloud whose TPU VMs
+are folders on this machine (tests/fake_gcloud.py) training into the GCS emulator."""
 
+import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -7,21 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from launch import tpu
-from tests.test_train import ROOT, TINY, read_metrics, train_args
+from launch import slices, tpu
+from tests.conftest import ROOT, TINY, read_metrics
+from tests.gcs_emulator import RESUME_STEPS, gcs
 
 GOLDEN = Path(__file__).parent / "golden"
 COMMON = [
     "--commit",
     "0123abcd",
+    "--repo",
+    "https://github.com/modxla/modxla.git",
     "--name",
     "mod",
     "--zone",
     "us-east5-a",
     "--project",
     "proj",
-    "--logs",
-    "logs",
     "--dry-run",
     "--config",
     "configs/mod_c12_every2.yaml",
@@ -58,13 +63,18 @@ CASES = {
         "train.batch_size=32",
     ],
     "multislice_2x_v5e_16_up.txt": ["up", *MULTISLICE],
-    "multislice_2x_v5e_16_jobset.yaml": ["jobset", *MULTISLICE],
+    "multislice_2x_v5e_16_jobset.yaml": [
+        "jobset",
+        "--image",
+        "us-docker.pkg.dev/p/r/modxla:deps",
+        *MULTISLICE,
+    ],
 }
 
 
 def dry(args):
     lines = []
-    code = tpu.main([*args[:1], *COMMON, *args[1:]], runner=tpu.Runner(True, lines.append))
+    code = tpu.main([*args[:1], *COMMON, *args[1:]], out=lines.append)
     return code, "\n".join(lines) + "\n"
 
 
@@ -81,12 +91,29 @@ def test_golden_shapes():
     assert (v5p64.chips, v5p64.hosts, v5p64.topology) == (32, 8, "2x4x4")
     assert tpu.parse_accelerator("v6e-16").hosts == 4
     _, text = dry(CASES["v5p_64_up.txt"])
-    assert text.count("--worker=") == 1 + 8  # setup on all workers, then one ssh per host
+    assert text.count("--worker=all") == 2  # setup, cleanup
+    assert len(re.findall(r"--worker=\d", text)) == 8  # one detached start per host
+    assert "python3 -m modxla.train" in text and "nohup setsid" in text
+    assert "rm -f $HOME/modxla-train.pid $HOME/modxla-train.exit /tmp/libtpu_lockfile" in text
     _, text = dry(CASES["multislice_2x_v5e_16_up.txt"])
     assert "--node-count=2 --node-prefix=mod" in text
-    for s in (0, 1):
-        assert text.count(f"MEGASCALE_SLICE_ID={s} ") == 4  # 4 hosts per v5e-16 slice
-    assert len({line.split(" > ")[1] for line in text.splitlines() if " > logs/" in line}) == 8
+    assert "MEGASCALE" not in text  # queued resources set multislice up on every worker
+    assert "gs://bucket/runs/ms/logs/mod-1-w3.log" in text
+
+
+def test_gke_topologies_match_the_table():
+    for name, topology in slices.GKE_TOPOLOGY.items():
+        assert tpu.parse_accelerator(name).gke_topology() == topology, name
+        assert tpu.parse_accelerator(name).topology == topology, name
+    assert tpu.parse_accelerator("v5p-8").gke_topology() == "2x2x1"
+    assert tpu.parse_accelerator("v4-8").gke_topology() == "2x2x1"
+
+
+def test_jobset_uses_the_host_network_and_the_commit():
+    _, text = dry(CASES["multislice_2x_v5e_16_jobset.yaml"])
+    assert "hostNetwork: true" in text and "dnsPolicy: ClusterFirstWithHostNet" in text
+    assert "git checkout -q 0123abcd" in text and "image: us-docker.pkg.dev/p/r/modxla:deps" in text
+    assert "cloud.google.com/gke-tpu-topology: 4x4" in text
 
 
 @pytest.mark.parametrize(
@@ -109,80 +136,192 @@ def test_golden_shapes():
             "mesh.dcn_data is 1 but the job has 2 slices",
         ),
         (["run", "--accelerator", "v5e-6", "--run-dir", "r"], "expected v4-N, v5e-N"),
+        (["jobset", *MULTISLICE], "jobset: --image is required"),
+        (
+            ["jobset", "--image", "i", "--accelerator", "v5p-8", "--slices", "2",
+             "--run-dir", "gs://b/r", "mesh.dcn_data=2", "train.batch_size=8"],
+            "GKE supports multislice on multi-host TPU slice node pools only",
+        ),
     ],
-)
+)  # fmt: skip
 def test_bad_launches_fail_fast(args, message, capsys):
     lines = []
-    code = tpu.main([*args[:1], *COMMON, *args[1:]], runner=tpu.Runner(True, lines.append))
+    code = tpu.main([*args[:1], *COMMON, *args[1:]], out=lines.append)
     assert code == 2 and lines == []  # nothing was run or printed as a command
     assert message in capsys.readouterr().err
 
 
-class PreemptedOnce(tpu.Runner):
-    """Runs the training of each host locally; the first attempt is killed mid-run."""
-
-    def __init__(self, train_args, preempt_after_step):
-        super().__init__(dry_run=True, out=lambda _: None)
-        self.train_args, self.preempt_at, self.attempts, self.log = (
-            train_args,
-            preempt_after_step,
-            0,
-            [],
-        )
-
-    def __call__(self, cmd, log=None):
-        self.log.append(cmd[:5])
-        return 0
-
-    def parallel(self, cmds):
-        self.attempts += 1
-        env = {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "2", "PATH": "/usr/bin:/bin"}
-        proc = subprocess.Popen(
-            [sys.executable, *self.train_args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        if self.attempts == 1:
-            marker = Path(self.train_args[5]) / "checkpoints" / f"step_{self.preempt_at:08d}"
-            while not (marker / "COMPLETE").exists():
-                assert proc.poll() is None, proc.stderr.read()
-                time.sleep(0.2)  # poll, do not spin: the training needs the CPU
-            proc.kill()  # the slice went away
-        proc.wait()
-        self.stderr = proc.stderr.read()  # the last attempt's
-        proc.stderr.close()
-        return proc.returncode
+def test_checkout_must_be_clean_and_pushed(monkeypatch, capsys):
+    base = ["up", "--accelerator", "v5e-8", "--run-dir", "gs://b/r", "--zone", "z",
+            "--project", "p", "--dry-run", "--config", "configs/tiny.yaml"]  # fmt: skip
+    answers = {"remote": (0, "git@example:x.git"), "rev-parse": (0, "abc123"),
+               "status": (0, " M modxla/train.py"), "branch": (0, "")}  # fmt: skip
+    monkeypatch.setattr(tpu, "_git", lambda *a: answers[a[0]])
+    assert tpu.main(base, out=lambda _: None) == 2
+    assert "uncommitted changes" in capsys.readouterr().err
+    answers["status"] = (0, "")
+    assert tpu.main(base, out=lambda _: None) == 2
+    assert "commit abc123 is on no remote branch" in capsys.readouterr().err
+    lines = []
+    assert tpu.main([*base, "--allow-dirty"], out=lines.append) == 0
+    assert "git clone -q git@example:x.git modxla" in lines[2] and "checkout -q abc123" in lines[2]
+    answers["remote"] = (2, "")
+    assert tpu.main(base, out=lambda _: None) == 2
+    assert "--repo is required" in capsys.readouterr().err
 
 
-def test_retry_loop_resumes_after_a_preemption(tmp_path, data_cache):
-    run_dir = tmp_path / "run"
-    train = train_args(
-        run_dir, data_cache, "train.steps=8", "checkpoint.every=4", "train.log_every=1"
-    )
-    runner = PreemptedOnce(train, preempt_after_step=4)
-    args = tpu.parse(
-        [
-            "up",
-            *COMMON[:-3],
-            "--accelerator",
-            "v5e-8",
-            "--retry-wait",
-            "0",
-            "--run-dir",
-            str(run_dir),
-        ]
-    )
-    code = tpu.up(args, tpu.parse_accelerator("v5e-8"), runner, sleep=lambda s: None)
-    assert code == 0, runner.stderr[-3000:]
-    assert runner.attempts == 2
-    assert "resuming from" in runner.stderr and "step_00000004" in runner.stderr
-    deletes = [c for c in runner.log if c[3:5] == ["queued-resources", "delete"]]
-    assert len(deletes) == 1  # the broken slice was deleted and recreated once
-    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
-    assert steps == list(range(1, 9))
+# --- behaviour, against the fake gcloud -----------------------------------------------------
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, gcs_emulator):
+    """`gcloud` first on PATH: tests/fake_gcloud.py with its state under tmp_path."""
+    state = tmp_path / "gcloud"
+    (state / "shims").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for path, script in (
+        (bin_dir / "gcloud", ROOT / "tests" / "fake_gcloud.py"),
+        (state / "shims" / "python3", ROOT / "tests" / "fake_python3.py"),
+    ):
+        path.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
+        path.chmod(0o755)
+    (state / "shims" / "git").write_text("#!/bin/sh\nexit 0\n")
+    (state / "shims" / "git").chmod(0o755)
+    (state / "state.json").write_text(json.dumps({"config": {"project": "fake-proj"}}))
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_GCLOUD_STATE": str(state)}
+    probe = subprocess.run(["bash", "-c", "command -v gcloud"], env=env, capture_output=True)
+    assert probe.stdout.decode().strip() == str(bin_dir / "gcloud")  # never the real SDK
+
+    def launch(script: dict, *args, timeout=300):
+        st = json.loads((state / "state.json").read_text())
+        (state / "state.json").write_text(json.dumps({**st, "script": script}))
+        return subprocess.run(
+            [sys.executable, "launch/tpu.py", *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def popen(script: dict, *args):
+        st = json.loads((state / "state.json").read_text())
+        (state / "state.json").write_text(json.dumps({**st, "script": script}))
+        return subprocess.Popen(
+            [sys.executable, "launch/tpu.py", *args], cwd=ROOT, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    launch.popen = popen
+    launch.state = lambda: json.loads((state / "state.json").read_text())
+    launch.homes = lambda: sorted((state / "vms").glob("*/w*"))
+    yield launch
+    for pid_file in (state / "vms").glob("*/w*/*.pid"):  # nothing left running
+        try:
+            os.killpg(int(pid_file.read_text()), 9)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def fake_args(name, accelerator, run_dir, *extra):
+    return [
+        "up", "--name", name, "--zone", "fake-zone", "--accelerator", accelerator,
+        "--config", "configs/tiny.yaml", "--run-dir", run_dir, "--repo", str(ROOT),
+        "--commit", "0123abcd", "--poll", "1", "--retry-wait", "0", "--wait-timeout", "120",
+        "--host-timeout", "60", *TINY, *extra,
+    ]  # fmt: skip
+
+
+def calls(state, verb):
+    return [c for c in state["calls"] if c[:4] == ["compute", "tpus", "queued-resources", verb]]
+
+
+@pytest.mark.slow
+def test_preemption_recreates_and_resumes_to_the_uninterrupted_losses(
+    fake_gcloud, uninterrupted_losses, data_cache
+):
+    url = "gs://modxla-test/runs/launch-preempted"
+    script = {"waiting_polls": 2, "preempt_on_log": "checkpoint step 4 ->"}
+    args = fake_args("pre", "v5e-8", url, f"data.cache_dir={data_cache}", *RESUME_STEPS)
+    proc = fake_gcloud(script, *args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "SUSPENDED (preempted)" in proc.stderr and "retry 1/3" in proc.stderr
+    state = fake_gcloud.state()
+    assert state["preemptions"] == 1
+    assert len(calls(state, "create")) == 2  # recreated once
+    assert len(calls(state, "delete")) == 2  # the preempted slice, then the finished one
+    assert state["qr"] == {}  # nothing left billing
+    text = gcs().cat_file(url.removeprefix("gs://") + "/metrics.jsonl").decode()
+    got = {r["step"]: r["loss"] for r in map(json.loads, text.splitlines()) if "loss" in r}
+    assert sorted(got) == sorted(uninterrupted_losses)
+    for step, loss in uninterrupted_losses.items():
+        assert got[step] == pytest.approx(loss, rel=0, abs=1e-6), step
+    log = gcs().cat_file(url.removeprefix("gs://") + "/logs/pre-w0.log").decode()
+    assert "resuming from gs://modxla-test/runs/launch-preempted/checkpoints/step_0000000" in log
+    # every VM came with a leftover process and a libtpu lockfile: both gone at each start
+    starts = [json.loads(x) for h in fake_gcloud.homes() for x in (h / "starts.jsonl").open()]
+    assert len(starts) == 2
+    assert all(not s["leftover_alive"] and not s["lockfile"] for s in starts)
+
+
+@pytest.mark.slow
+def test_a_crashed_host_stops_the_others_without_a_recreate(fake_gcloud, data_cache):
+    script = {"workers": {"crash-w0": "hang", "crash-w1": "crash"}}
+    args = fake_args("crash", "v5p-16", "gs://modxla-test/runs/launch-crash")
+    t0 = time.time()
+    proc = fake_gcloud(script, *args)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "host crash-w1 crashed; stopped every host (no recreate)" in proc.stderr
+    assert "RuntimeError: simulated crash on crash-w1" in proc.stderr  # its log tail
+    state = fake_gcloud.state()
+    assert len(calls(state, "create")) == 1 and len(calls(state, "delete")) == 1
+    hung = next(
+        json.loads(x) for h in fake_gcloud.homes() for x in (h / "starts.jsonl").open()
+        if json.loads(x)["host"] == "crash-w0"
+    )  # fmt: skip
+    stat = Path(f"/proc/{hung['pid']}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert time.time() - t0 < 120
+
+
+@pytest.mark.slow
+def test_training_outlives_the_launcher_and_up_reattaches(fake_gcloud):
+    script = {"workers": {"dis-w0": "succeed"}}
+    args = fake_args("dis", "v5e-8", "gs://modxla-test/runs/launch-disconnect")
+    first = fake_gcloud.popen(script, *args)
+    t0 = time.time()
+    while not list(fake_gcloud.homes()) or not (fake_gcloud.homes()[0] / "starts.jsonl").exists():
+        assert first.poll() is None and time.time() - t0 < 120
+        time.sleep(0.2)
+    first.kill()  # the launching machine goes away mid-run
+    first.wait()
+    (home,) = fake_gcloud.homes()
+    (start,) = [json.loads(x) for x in (home / "starts.jsonl").open()]
+    assert Path(f"/proc/{start['pid']}").exists()  # still training, detached
+    proc = fake_gcloud(script, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training is already running on the slice: watching it" in proc.stderr
+    assert len((home / "starts.jsonl").read_text().splitlines()) == 1  # not restarted
+    state = fake_gcloud.state()
+    assert len(calls(state, "create")) == 1 and state["qr"] == {}
+
+
+def test_failed_while_waiting_is_a_clear_error(fake_gcloud):
+    t0 = time.time()
+    proc = fake_gcloud({"fail_while_waiting": True}, *fake_args("fail", "v5e-8", "gs://b/r"))
+    assert proc.returncode == 1
+    assert "error: queued resource fail FAILED while waiting for capacity" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.time() - t0 < 30  # not the 120 s --wait-timeout
+    state = fake_gcloud.state()
+    assert not [c for c in state["calls"] if "ssh" in c]  # nothing ran on a failed slice
+    assert ["config", "get-value", "project"] in state["calls"]  # --project from gcloud config
+    assert all("--project=fake-proj" in c for c in state["calls"] if c[0] == "compute")
+
+
+def test_a_refused_create_is_a_clear_error(fake_gcloud):
+    script = {"create_error": "RESOURCE_EXHAUSTED: Quota 'TPUV5P' exceeded"}
+    proc = fake_gcloud(script, *fake_args("quota", "v5e-8", "gs://b/r"))
+    assert proc.returncode == 1
+    assert "error: could not create quota" in proc.stderr and "exceeded" in proc.stderr
+    assert len(calls(fake_gcloud.state(), "create")) == 1  # no retry loop on a refusal
 
 
 def test_local_simulation_trains_with_a_scaled_pod_mesh(tmp_path, data_cache):

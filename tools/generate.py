@@ -19,7 +19,7 @@ from modxla.inference import generate, load_run, tokenizer_path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--run-dir", required=True, help="a run directory: path or URL (gs://...)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--routing", choices=("predictor", "router"), default="predictor")

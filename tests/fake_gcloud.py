@@ -1,0 +1,189 @@
+"""A fake `gcloud` for the launcher tests: queued resources whose state advances over time,
+and TPU VMs that are folders on this machine, whose `ssh --command` really runs.
+
+State lives in $FAKE_GCLOUD_STATE/state.json (written whole, under a lock). Each TPU VM worker
+is a folder (its $HOME, with its own tmp/ standing in for the VM's /tmp) holding a link to
+this checkout as ~/modxla. Its PATH starts with shims: `python3` (this interpreter on 1 CPU
+device, `-m pip` skipped, test behaviours per host: crash/hang) and a no-op `git`.
+
+Behaviours (state["script"]): create_error, waiting_polls (describes before ACTIVE),
+fail_while_waiting, preempt_on_log (once a worker's training prints this, the slice is
+preempted once: state SUSPENDED, the VM's processes killed; see fake_python3.py), workers
+({host: "crash" | "hang" | "succeed"}).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+STATE = Path(os.environ["FAKE_GCLOUD_STATE"])
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def locked():
+    with open(STATE / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.loads((STATE / "state.json").read_text())
+        yield state
+        tmp = STATE / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, STATE / "state.json")
+
+
+def flag(args, name, default=None):
+    for a in args:
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def homes(qr: dict) -> list[Path]:
+    return [Path(h) for node in qr["nodes"].values() for h in node]
+
+
+def kill_vm_processes(qr: dict) -> None:
+    """A deleted or preempted VM takes its processes with it."""
+    for home in homes(qr):
+        for name in ("modxla-train.pid", "leftover.pid"):
+            f = home / name
+            if f.exists() and f.read_text().strip():
+                try:
+                    os.killpg(int(f.read_text().strip()), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError, ValueError):
+                    pass
+
+
+def make_vms(state: dict, name: str, qr: dict) -> None:
+    """Fresh VM folders, each with a leftover 'training' process and a libtpu lockfile."""
+    state["vm_gen"] = qr["gen"] = state.get("vm_gen", 0) + 1  # a recreated VM is a new one
+    for node in qr["node_names"]:
+        qr["nodes"][node] = []
+        for w in range(qr["hosts"]):
+            home = STATE / "vms" / f"{node}-gen{qr['gen']}" / f"w{w}"
+            (home / "tmp").mkdir(parents=True)
+            (home / "modxla").symlink_to(ROOT)
+            (home / "tmp" / "libtpu_lockfile").write_text("")
+            p = subprocess.Popen(
+                ["sleep", "300"],
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            (home / "leftover.pid").write_text(str(p.pid))
+            (home / "modxla-train.pid").write_text(str(p.pid))  # as a lost launcher left it
+            qr["nodes"][node].append(str(home))
+
+
+def queued(args: list[str]) -> int:
+    verb, name = args[0], args[1]
+    with locked() as state:
+        qrs = state.setdefault("qr", {})
+        if verb == "create":
+            if state.get("script", {}).get("create_error"):
+                print(f"ERROR: (gcloud) {state['script']['create_error']}", file=sys.stderr)
+                return 1
+            if name in qrs:
+                print(f"ERROR: ALREADY_EXISTS: {name}", file=sys.stderr)
+                return 1
+            count = int(flag(args, "node-count", "1"))
+            prefix = flag(args, "node-prefix")
+            nodes = (
+                [flag(args, "node-id")] if count == 1 else [f"{prefix}-{i}" for i in range(count)]
+            )
+            hosts = {"v5litepod-8": 1, "v5p-16": 2, "v5p-8": 1}[flag(args, "accelerator-type")]
+            qrs[name] = {
+                "state": "ACCEPTED",
+                "describes": 0,
+                "node_names": nodes,
+                "nodes": {},
+                "hosts": hosts,
+            }
+            print(f"Create request issued for: [{name}]")
+            return 0
+        if name not in qrs:
+            print(f"ERROR: (gcloud) NOT_FOUND: queued resource {name}", file=sys.stderr)
+            return 1
+        qr = qrs[name]
+        if verb == "delete":
+            kill_vm_processes(qr)
+            del qrs[name]
+            return 0
+        script = state.get("script", {})
+        qr["describes"] += 1
+        if qr["state"] in ("ACCEPTED", "WAITING_FOR_RESOURCES"):
+            if script.get("fail_while_waiting") and qr["describes"] >= 2:
+                qr["state"] = "FAILED"
+            elif qr["describes"] > script.get("waiting_polls", 1):
+                qr["state"] = "ACTIVE"
+                make_vms(state, name, qr)
+            else:
+                qr["state"] = "WAITING_FOR_RESOURCES"
+        print(qr["state"])
+        return 0
+
+
+def ssh(args: list[str]) -> int:
+    node, which, command = args[0], flag(args, "worker"), flag(args, "command")
+    with locked() as state:
+        qr = next((q for q in state.get("qr", {}).values() if node in q["nodes"]), None)
+        if qr is None or qr["state"] != "ACTIVE":
+            print(f"ERROR: (gcloud.compute.tpus.tpu-vm.ssh) NOT_FOUND: {node}", file=sys.stderr)
+            return 255
+        targets = list(enumerate(qr["nodes"][node]))
+    if which != "all":
+        targets = [targets[int(which)]]
+    shims = STATE / "shims"
+    procs = []
+    for w, home in targets:
+        env = {
+            **os.environ,
+            "HOME": home,
+            "PATH": f"{shims}:/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),
+            "FAKE_WORKER": f"{node}-w{w}",
+            "FAKE_QR": next(n for n, q in state["qr"].items() if node in q["nodes"]),
+        }
+        cmd = command.replace("/tmp/libtpu_lockfile", f"{home}/tmp/libtpu_lockfile")
+        procs.append(
+            subprocess.Popen(
+                ["bash", "-c", cmd],
+                cwd=home,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    code = 0
+    for p in procs:
+        out, _ = p.communicate()
+        sys.stdout.write(out)
+        code = max(code, p.returncode)
+    return code
+
+
+def main(argv: list[str]) -> int:
+    with locked() as state:
+        state.setdefault("calls", []).append(argv)
+    if argv[:2] == ["config", "get-value"]:
+        print(json.loads((STATE / "state.json").read_text()).get("config", {}).get(argv[2], ""))
+        return 0
+    if argv[:3] == ["compute", "tpus", "queued-resources"]:
+        return queued(argv[3:])
+    if argv[:4] == ["compute", "tpus", "tpu-vm", "ssh"]:
+        return ssh(argv[4:])
+    print(f"fake gcloud: unsupported {argv}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
