@@ -15,9 +15,9 @@ from tests.test_train import read_metrics, run, train_args
 PROMPT, NEW = 32, 32
 
 
-def _model(tiny_cfg, seed=3):
+def _model(tiny_cfg, seed=3, **kw):
     cfg = tiny_cfg(
-        **{"model.num_layers": 4, "model.mod.capacity": 0.25, "data.seq_len": PROMPT + NEW}
+        **{"model.num_layers": 4, "model.mod.capacity": 0.25, "data.seq_len": PROMPT + NEW, **kw}
     )
     return build_model(cfg.model, seed=seed).eval()
 
@@ -38,9 +38,27 @@ def _decode_all(model, tokens, routing, device=None):
     return torch.stack([o.cpu() for o in out], 1), cache, compiles
 
 
-@pytest.mark.parametrize("routing", ["predictor", "router"])
-def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing):
-    model = _model(tiny_cfg)
+def _check_cache(model, full, cache, row=0):
+    """A routed block caches exactly the tokens the full forward routed, in k slots."""
+    s = full.logits.shape[1]
+    for info, layer in zip(full.routing, model.cfg.routed_layers, strict=True):
+        k = info.idx.shape[1]
+        routed = torch.nonzero(info.routed_mask[row] > 0)[:, 0]
+        assert cache.k[layer].shape[2] == k < s  # capacity slots, not S
+        n = int(cache.count[layer][row])
+        assert n == len(routed) and 0 < n <= k
+        assert cache.pos[layer][row, :n].tolist() == routed.tolist()  # original positions
+        assert (cache.pos[layer][row, n:] == -1).all()
+        assert cache.k[layer][row][:, n:].abs().sum() == 0  # empty slots never written
+        assert cache.k[layer][row][:, :n].abs().sum() > 0
+    assert cache.k[0].shape[2] == s  # a dense block caches every token
+
+
+@pytest.mark.parametrize(
+    "routing,mode", [("predictor", "learned"), ("router", "learned"), ("predictor", "random")]
+)
+def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing, mode):
+    model = _model(tiny_cfg, **{"model.mod.routing": mode})
     torch.manual_seed(0)
     prompt = torch.randint(0, 128, (PROMPT,)).tolist()
     tokens, _ = generate(model, prompt, NEW, routing, temperature=1.0, seed=1)
@@ -51,16 +69,45 @@ def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing):
     assert any(bool((i.decided > k).any()) for i in full.routing)  # overflow is exercised
     inc, cache, _ = _decode_all(model, seq, routing)
     torch.testing.assert_close(inc, full.logits, rtol=1e-5, atol=1e-5)
-    # a skipped token is absent from that routed block's cache: never written, masked
-    routed_blocks = model.cfg.routed_layers
-    for info, layer in zip(full.routing, routed_blocks, strict=True):
-        routed = info.routed_mask[0] > 0
-        assert torch.equal(cache.valid[layer][0], routed)
-        assert 0 < routed.sum() <= k
-        assert cache.k[layer][0][:, ~routed].abs().sum() == 0
-        assert cache.v[layer][0][:, ~routed].abs().sum() == 0
-        assert cache.k[layer][0][:, routed].abs().sum() > 0
-    assert cache.valid[0].all()  # a dense block caches every token
+    _check_cache(model, full, cache)
+
+
+def test_batched_decoding_processes_only_routing_rows(tiny_cfg):
+    model = _model(tiny_cfg)
+    torch.manual_seed(1)
+    seq = torch.randint(0, 128, (3, PROMPT + NEW))
+    full = model(seq, routing="predictor")
+    inc, cache, _ = _decode_all(model, seq, "predictor")
+    torch.testing.assert_close(inc, full.logits, rtol=1e-5, atol=1e-5)
+    for row in range(3):
+        _check_cache(model, full, cache, row)
+    # rows route differently, so each step works on a changing subset of the batch
+    masks = full.routing[0].routed_mask
+    assert not torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_skipped_token_does_no_block_work(tiny_cfg, monkeypatch, batch):
+    model = _model(tiny_cfg)
+    layer = model.cfg.routed_layers[0]
+    block = model.blocks[layer]
+    qkv, rows = block.f.attn.qkv, []
+
+    def counted_qkv(x, positions):
+        rows.append(x.shape[0])  # how many rows did attention work
+        return qkv(x, positions)
+
+    monkeypatch.setattr(block.f.attn, "qkv", counted_qkv)
+    logit = torch.tensor([-1.0, 1.0][:batch])  # row 0 always skips, row 1 always routes
+    monkeypatch.setattr(block.predictor, "forward", lambda x: logit[:, None].expand(x.shape[:2]))
+    s = 16
+    cache = KVCache.empty(model, batch, s)
+    for t in range(s):
+        decode_step(model, cache, torch.full((batch,), 5), torch.full((batch,), t), "predictor")
+    k = cache.k[layer].shape[2]
+    # row 1 routes its first k tokens (then the buffer is full); row 0 is never processed
+    assert rows == [1] * (k if batch == 2 else 0)
+    assert cache.count[layer].tolist() == [0, k][:batch]
 
 
 def test_xla_decoding_matches_and_compiles_one_step_graph(tiny_cfg):
