@@ -89,35 +89,43 @@ def _weight(block: MoDBlock, x) -> torch.Tensor:
 
 
 def _routed_rows(block: MoDBlock, cache: KVCache, i: int, x, pos, rows):
-    """Process the routing rows only: x (n, 1, D) at pos (n,); rows None = all of the batch."""
+    """Process the routing rows only: x (n, 1, D) at pos (n,) are the batch rows `rows`."""
     f = block.f
-
-    def sel(t):
-        return t if rows is None else t[rows]
-
     q, k_new, v_new = f.attn.qkv(f.attn_norm(x), pos[:, None])  # (n, H, 1, hd)
-    slot = sel(cache.count[i])  # (n,), < k: the caller checked the capacity
-    if rows is None:
-        ar = torch.arange(x.shape[0], device=x.device)
-    else:
-        ar = rows
-    cache.k[i][ar, :, slot] = k_new[:, :, 0]
-    cache.v[i][ar, :, slot] = v_new[:, :, 0]
-    cache.pos[i][ar, slot] = pos
-    cache.count[i][ar] += 1
-    mask = sel(cache.pos[i]) >= 0  # (n, k): written slots, all at or before pos
-    a = f.attn.attend(q, sel(cache.k[i]), sel(cache.v[i]), mask[:, None, None, :])
+    slot = cache.count[i][rows]  # (n,), < k: the caller checked the capacity
+    cache.k[i][rows, :, slot] = k_new[:, :, 0]
+    cache.v[i][rows, :, slot] = v_new[:, :, 0]
+    cache.pos[i][rows, slot] = pos
+    cache.count[i][rows] += 1
+    mask = cache.pos[i][rows] >= 0  # (n, k): written slots, all at or before pos
+    a = f.attn.attend(q, cache.k[i][rows], cache.v[i][rows], mask[:, None, None, :])
+    return x + _weight(block, x) * f.mlp_delta(x, a)
+
+
+def _routed_one(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str):
+    """Batch of one: a Python branch, and only the filled slots are attended."""
+    if not bool(_decide(block, x, routing)[0]):
+        return x
+    slot = int(cache.count[i][0])
+    if slot == cache.k[i].shape[2]:
+        return x  # the buffer is full: overflow is dropped, as in the full forward
+    f = block.f
+    q, k_new, v_new = f.attn.qkv(f.attn_norm(x), pos[:, None])  # (1, H, 1, hd)
+    cache.k[i][:, :, slot] = k_new[:, :, 0]
+    cache.v[i][:, :, slot] = v_new[:, :, 0]
+    cache.pos[i][0, slot] = pos[0]
+    cache.count[i] += 1
+    n = slot + 1  # slots 0..slot hold this block's routed tokens so far, all at or before pos
+    a = f.attn.attend(q, cache.k[i][:, :, :n], cache.v[i][:, :, :n], None)
     return x + _weight(block, x) * f.mlp_delta(x, a)
 
 
 def _routed_step_eager(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str):
     """A real branch: rows that skip the block do no attention or MLP work."""
+    if x.shape[0] == 1:
+        return _routed_one(block, cache, i, x, pos, routing)
     k = cache.k[i].shape[2]
     take = _decide(block, x, routing) & (cache.count[i] < k)  # (B,)
-    if x.shape[0] == 1:
-        if not bool(take):
-            return x
-        return _routed_rows(block, cache, i, x, pos, None)
     rows = take.nonzero()[:, 0]
     if rows.numel() == 0:
         return x
