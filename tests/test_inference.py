@@ -11,6 +11,7 @@ from modxla.inference import evaluate_routing, generate, sample_next
 from modxla.model import build_model
 from modxla.model.decode import KVCache, decode_step
 from tests.test_train import read_metrics, run, train_args
+from tools.generate import clip_to_context
 
 PROMPT, NEW = 32, 32
 
@@ -122,6 +123,17 @@ def test_xla_decoding_matches_and_compiles_one_step_graph(tiny_cfg):
     assert compiles[2] == compiles[-1]  # 64 tokens, no graph after the first steps
 
 
+def test_generate_clips_to_the_context(capsys):
+    assert clip_to_context([1, 2, 3], 10, 64) == ([1, 2, 3], 10)
+    assert clip_to_context([1, 2, 3], 64, 64) == ([1, 2, 3], 61)
+    assert "generating 61 tokens, not 64" in capsys.readouterr().err
+    prompt, n = clip_to_context(list(range(70)), 5, 64)
+    assert prompt == list(range(7, 70)) and n == 1
+    assert "keeping its last 63" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max-tokens"):
+        clip_to_context([1], 0, 64)
+
+
 def test_sampling_filters():
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
     g = torch.Generator().manual_seed(0)
@@ -192,14 +204,14 @@ def test_predictor_tool_learns_top_k_membership(tmp_path, data_cache):
             str(run_dir),
             "--prompt",
             "import os",
-            "--max-tokens",
-            "8",
             "--seed",
             "0",
         ],
         1,
     )
     assert out.stdout.startswith("import os") and "step_00000150" in out.stderr
+    # the default 64 new tokens do not fit max_seq_len 64 after the prompt: clipped, said so
+    assert "note: generating" in out.stderr and "tokens/s" in out.stderr
 
 
 def test_predictor_tool_refusals(tmp_path, data_cache):
