@@ -225,3 +225,30 @@ def test_predictor_tool_refusals(tmp_path, data_cache):
         (p / "COMPLETE").unlink()
     proc = run(["tools/generate.py", "--run-dir", str(base), "--prompt", "x"], 1, check=False)
     assert proc.returncode == 2 and "has no complete checkpoint" in proc.stderr
+
+
+def test_bench_decode_reports_both_variants(capsys):
+    from tools.bench_decode import main
+
+    tiny = [f"model.{k}={v}" for k, v in (("d_model", 64), ("num_heads", 4), ("vocab_size", 128))]
+    args = [
+        "--backends",
+        "eager",
+        "--batches",
+        "1,2",
+        "--reps",
+        "1",
+        "model.max_seq_len=32",
+        "data.seq_len=32",
+    ]
+    assert main(args + tiny) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["flop_ratio"] > 1
+    for batch in ("B1", "B2"):
+        r = res["results"][f"eager/{batch}"]
+        assert r["decode_ms_baseline"] > 0 and r["decode_ms_mod"] > 0 and r["speedup"] > 0
+        assert r["kv_bytes_mod"] < r["kv_bytes_baseline"]
+        # k = round(0.125 * 32) = 4 slots of 32, plus 8-byte positions and a count
+        assert r["routed_block_kv_over_dense"] == pytest.approx(4 / 32, rel=0.02)
+        assert all(0 < f <= 4 / 32 for f in r["routed_frac"])  # calibration routes tokens
+    assert main(["--batches", "0"]) == 2

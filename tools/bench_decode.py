@@ -90,7 +90,8 @@ def bench(models, batch: int, seq_len: int, reps: int, device, desc: str) -> dic
     per_rep = {name: [] for name in models}
     caches = {}
     for rep in tqdm(range(reps + 1), desc=desc, file=sys.stderr):  # rep 0 warms up/compiles
-        tokens = torch.randint(0, 1000, (batch, seq_len), generator=gen)
+        vocab = models["baseline"].cfg.vocab_size
+        tokens = torch.randint(0, vocab, (batch, seq_len), generator=gen)
         caches = {n: KVCache.empty(m, batch, seq_len, device) for n, m in models.items()}
         total = dict.fromkeys(models, 0.0)
         for t in range(seq_len if rep else 3):
