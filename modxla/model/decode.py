@@ -13,7 +13,11 @@ Two execution strategies for a routed block, chosen by the device:
   B > 1: only the routing rows are gathered, processed and written back).
 - XLA (one compiled graph per step): shapes must be static and the graph must not depend on
   data, so every row is computed and the result selected with `torch.where`; the cache still
-  holds only k slots. See tools/bench_decode.py for what each strategy costs.
+  holds only k slots. Measured on XLA:CPU (8 x d256, S256, B=1): a step costs ~67 ms, of
+  which the graph's execution is 13 ms dense / 18 ms MoD and the rest is tracing the step on
+  the host; a conditional (torch_xla 2.9 lowers no torch.cond) could save only part of the
+  routed blocks' share of those 18 ms, so this path does not branch. tools/bench_decode.py
+  measures both strategies.
 """
 
 from __future__ import annotations
