@@ -37,7 +37,7 @@ def forward_flops(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
         for name, v in block_flops(cfg, k if i in routed else t).items():
             out[name] += v
     n_routed = len(routed)
-    if cfg.mod.routing == "learned":
+    if cfg.mod.router == "learned":
         out["router"] = n_routed * 2 * t * d
     if cfg.mod.predictor:
         h = cfg.mod.predictor_hidden
@@ -59,7 +59,7 @@ def param_count(cfg: ModelConfig, exclude_embeddings: bool = False) -> int:
     block = 4 * d * d + d * f * (3 if cfg.mlp == "swiglu" else 2) + 2 * d
     n_routed = len(cfg.routed_layers)
     extra = 0
-    if cfg.mod.routing == "learned":
+    if cfg.mod.router == "learned":
         extra += d
     if cfg.mod.predictor:
         h = cfg.mod.predictor_hidden

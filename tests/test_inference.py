@@ -11,13 +11,14 @@ from modxla.inference import evaluate_routing, generate, sample_next
 from modxla.model import build_model
 from modxla.model.decode import KVCache, decode_step
 from tests.conftest import read_metrics, run, train_args
+from tools.generate import clip_to_context
 
 PROMPT, NEW = 32, 32
 
 
-def _model(tiny_cfg, seed=3):
+def _model(tiny_cfg, seed=3, **kw):
     cfg = tiny_cfg(
-        **{"model.num_layers": 4, "model.mod.capacity": 0.25, "data.seq_len": PROMPT + NEW}
+        **{"model.num_layers": 4, "model.mod.capacity": 0.25, "data.seq_len": PROMPT + NEW, **kw}
     )
     return build_model(cfg.model, seed=seed).eval()
 
@@ -38,10 +39,27 @@ def _decode_all(model, tokens, routing, device=None):
     return torch.stack([o.cpu() for o in out], 1), cache, compiles
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("routing", ["predictor", "router"])
-def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing):
-    model = _model(tiny_cfg)
+def _check_cache(model, full, cache, row=0):
+    """A routed block caches exactly the tokens the full forward routed, in k slots."""
+    s = full.logits.shape[1]
+    for info, layer in zip(full.routing, model.cfg.routed_layers, strict=True):
+        k = info.idx.shape[1]
+        routed = torch.nonzero(info.routed_mask[row] > 0)[:, 0]
+        assert cache.k[layer].shape[2] == k < s  # capacity slots, not S
+        n = int(cache.count[layer][row])
+        assert n == len(routed) and 0 < n <= k
+        assert cache.pos[layer][row, :n].tolist() == routed.tolist()  # original positions
+        assert (cache.pos[layer][row, n:] == -1).all()
+        assert cache.k[layer][row][:, n:].abs().sum() == 0  # empty slots never written
+        assert cache.k[layer][row][:, :n].abs().sum() > 0
+    assert cache.k[0].shape[2] == s  # a dense block caches every token
+
+
+@pytest.mark.parametrize(
+    "routing,mode", [("predictor", "learned"), ("router", "learned"), ("predictor", "random")]
+)
+def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing, mode):
+    model = _model(tiny_cfg, **{"model.mod.router": mode})
     torch.manual_seed(0)
     prompt = torch.randint(0, 128, (PROMPT,)).tolist()
     tokens, _ = generate(model, prompt, NEW, routing, temperature=1.0, seed=1)
@@ -52,16 +70,45 @@ def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing):
     assert any(bool((i.decided > k).any()) for i in full.routing)  # overflow is exercised
     inc, cache, _ = _decode_all(model, seq, routing)
     torch.testing.assert_close(inc, full.logits, rtol=1e-5, atol=1e-5)
-    # a skipped token is absent from that routed block's cache: never written, masked
-    routed_blocks = model.cfg.routed_layers
-    for info, layer in zip(full.routing, routed_blocks, strict=True):
-        routed = info.routed_mask[0] > 0
-        assert torch.equal(cache.valid[layer][0], routed)
-        assert 0 < routed.sum() <= k
-        assert cache.k[layer][0][:, ~routed].abs().sum() == 0
-        assert cache.v[layer][0][:, ~routed].abs().sum() == 0
-        assert cache.k[layer][0][:, routed].abs().sum() > 0
-    assert cache.valid[0].all()  # a dense block caches every token
+    _check_cache(model, full, cache)
+
+
+def test_batched_decoding_processes_only_routing_rows(tiny_cfg):
+    model = _model(tiny_cfg)
+    torch.manual_seed(1)
+    seq = torch.randint(0, 128, (3, PROMPT + NEW))
+    full = model(seq, routing="predictor")
+    inc, cache, _ = _decode_all(model, seq, "predictor")
+    torch.testing.assert_close(inc, full.logits, rtol=1e-5, atol=1e-5)
+    for row in range(3):
+        _check_cache(model, full, cache, row)
+    # rows route differently, so each step works on a changing subset of the batch
+    masks = full.routing[0].routed_mask
+    assert not torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_skipped_token_does_no_block_work(tiny_cfg, monkeypatch, batch):
+    model = _model(tiny_cfg)
+    layer = model.cfg.routed_layers[0]
+    block = model.blocks[layer]
+    qkv, rows = block.f.attn.qkv, []
+
+    def counted_qkv(x, positions):
+        rows.append(x.shape[0])  # how many rows did attention work
+        return qkv(x, positions)
+
+    monkeypatch.setattr(block.f.attn, "qkv", counted_qkv)
+    logit = torch.tensor([-1.0, 1.0][:batch])  # row 0 always skips, row 1 always routes
+    monkeypatch.setattr(block.predictor, "forward", lambda x: logit[:, None].expand(x.shape[:2]))
+    s = 16
+    cache = KVCache.empty(model, batch, s)
+    for t in range(s):
+        decode_step(model, cache, torch.full((batch,), 5), torch.full((batch,), t), "predictor")
+    k = cache.k[layer].shape[2]
+    # row 1 routes its first k tokens (then the buffer is full); row 0 is never processed
+    assert rows == [1] * (k if batch == 2 else 0)
+    assert cache.count[layer].tolist() == [0, k][:batch]
 
 
 @pytest.mark.slow
@@ -75,6 +122,17 @@ def test_xla_decoding_matches_and_compiles_one_step_graph(tiny_cfg):
     inc, _, compiles = _decode_all(xla_model, seq, "predictor", dev)
     torch.testing.assert_close(inc, expected, rtol=1e-5, atol=1e-5)
     assert compiles[2] == compiles[-1]  # 64 tokens, no graph after the first steps
+
+
+def test_generate_clips_to_the_context(capsys):
+    assert clip_to_context([1, 2, 3], 10, 64) == ([1, 2, 3], 10)
+    assert clip_to_context([1, 2, 3], 64, 64) == ([1, 2, 3], 61)
+    assert "generating 61 tokens, not 64" in capsys.readouterr().err
+    prompt, n = clip_to_context(list(range(70)), 5, 64)
+    assert prompt == list(range(7, 70)) and n == 1
+    assert "keeping its last 63" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max-tokens"):
+        clip_to_context([1], 0, 64)
 
 
 def test_sampling_filters():
@@ -147,14 +205,14 @@ def test_predictor_tool_learns_top_k_membership(tmp_path, data_cache):
             str(run_dir),
             "--prompt",
             "import os",
-            "--max-tokens",
-            "8",
             "--seed",
             "0",
         ],
         1,
     )
     assert out.stdout.startswith("import os") and "step_00000150" in out.stderr
+    # the default 64 new tokens do not fit max_seq_len 64 after the prompt: clipped, said so
+    assert "note: generating" in out.stderr and "tokens/s" in out.stderr
 
 
 def test_predictor_tool_refusals(tmp_path, data_cache):
@@ -168,3 +226,30 @@ def test_predictor_tool_refusals(tmp_path, data_cache):
         (p / "COMPLETE").unlink()
     proc = run(["tools/generate.py", "--run-dir", str(base), "--prompt", "x"], 1, check=False)
     assert proc.returncode == 2 and "has no complete checkpoint" in proc.stderr
+
+
+def test_bench_decode_reports_both_variants(capsys):
+    from tools.bench_decode import main
+
+    tiny = [f"model.{k}={v}" for k, v in (("d_model", 64), ("num_heads", 4), ("vocab_size", 128))]
+    args = [
+        "--backends",
+        "eager",
+        "--batches",
+        "1,2",
+        "--reps",
+        "1",
+        "model.max_seq_len=32",
+        "data.seq_len=32",
+    ]
+    assert main(args + tiny) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["flop_ratio"] > 1
+    for batch in ("B1", "B2"):
+        r = res["results"][f"eager/{batch}"]
+        assert r["decode_ms_baseline"] > 0 and r["decode_ms_mod"] > 0 and r["speedup"] > 0
+        assert r["kv_bytes_mod"] < r["kv_bytes_baseline"]
+        # k = round(0.125 * 32) = 4 slots of 32, plus 8-byte positions and a count
+        assert r["routed_block_kv_over_dense"] == pytest.approx(4 / 32, rel=0.02)
+        assert all(0 < f <= 4 / 32 for f in r["routed_frac"])  # calibration routes tokens
+    assert main(["--batches", "0"]) == 2

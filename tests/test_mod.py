@@ -173,3 +173,19 @@ def test_predictor_is_trained_on_stop_gradient_input(tiny_cfg):
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is None for n, g in grads.items() if "predictor" not in n)
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "predictor" in n)
+
+
+def test_bench_step_reports_quartiles_on_the_eager_path(capsys):
+    import json
+
+    from tools.bench_step import main
+
+    tiny = ["model.d_model=64", "model.num_heads=4", "model.vocab_size=128", "model.num_layers=2"]
+    seq = ["model.max_seq_len=32", "data.seq_len=32", "train.batch_size=2", "train.device=cpu"]
+    assert main(["--steps", "3", *tiny, *seq]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["backend"] == "eager" and res["flop_ratio"] > 1 and res["speedup"] > 0
+    for name in ("baseline", "mod"):
+        q1, med, q3 = res["quartiles_s"][name]
+        assert 0 < q1 <= med <= q3
+    assert main(["--steps", "0"]) == 2

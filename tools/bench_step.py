@@ -1,10 +1,13 @@
 """Step time of the dense baseline vs MoD at the same size, interleaved; prints JSON.
 
-    PJRT_DEVICE=CPU CPU_NUM_DEVICES=1 python tools/bench_step.py [--steps 12] [key=value ...]
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=1 python tools/bench_step.py [--steps 24] [key=value ...]
+    python tools/bench_step.py train.device=cpu      # the eager PyTorch path, same models
 
 Both models live in one process on the same devices; steps alternate baseline, MoD, ...
 and the medians are compared with the analytic FLOP ratio. Batches are random tokens, so
 the figure is the model's compute alone (tools/bench_data.py measures the input pipeline).
+Each variant's quartiles are reported beside its median, and its process CPU time per step
+too: on a machine shared with other work, CPU time is disturbed less than wall time.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from modxla.config import load_config
 from modxla.errors import UserError, report
@@ -26,11 +30,16 @@ from modxla.runtime import compile_count, setup_runtime
 from modxla.step import train_step
 
 
+def _quartiles(xs: list[float]) -> list[float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return [round(q[0], 4), round(statistics.median(xs), 4), round(q[2], 4)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--baseline", default="configs/baseline.yaml")
     ap.add_argument("--mod", default="configs/mod_c12_every2.yaml")
-    ap.add_argument("--steps", type=int, default=12, help="timed steps per variant")
+    ap.add_argument("--steps", type=int, default=24, help="timed steps per variant")
     ap.add_argument("overrides", nargs="*", help="applied to both configs")
     args = ap.parse_args(argv)
     if args.steps < 1:
@@ -42,71 +51,82 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(args) -> int:
-    import torch_xla
-    import torch_xla.core.xla_model as xm
-
-    from modxla.parallel import shard_model
-
     cfgs = {
         "baseline": load_config(args.baseline, ["train.compile_cache=", *args.overrides]),
         "mod": load_config(args.mod, ["train.compile_cache=", *args.overrides]),
     }
     rt = setup_runtime(cfgs["baseline"])
+    if rt.xla:
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+
+        from modxla.parallel import shard_model
+
+    def sync() -> None:
+        if rt.xla:
+            torch_xla.sync()
+            xm.wait_device_ops()
+
     variants = {}
     for name, cfg in cfgs.items():
         model = build_model(cfg.model, seed=0).to(rt.device)
-        shard_model(model, rt.mesh)
-        variants[name] = {
-            "cfg": cfg,
-            "model": model,
-            "opt": build_optimizer(model, cfg.optimizer),
-            "step": torch_xla.compile(train_step, full_graph=True, name=f"step_{name}"),
-            "times": [],
-        }
+        step = train_step
+        if rt.xla:
+            shard_model(model, rt.mesh)
+            step = torch_xla.compile(train_step, full_graph=True, name=f"step_{name}")
+        opt = build_optimizer(model, cfg.optimizer)
+        variants[name] = {"cfg": cfg, "model": model, "opt": opt, "step": step}
+        variants[name] |= {"times": [], "cpu": []}
 
-    def one_step(v) -> float:
+    def one_step(v) -> tuple[float, float]:
         cfg = v["cfg"]
         shape = (1, cfg.train.batch_size, cfg.data.seq_len + 1)
         batch = torch.randint(0, cfg.model.vocab_size, shape).to(rt.device)
-        xm.wait_device_ops()
-        t0 = time.perf_counter()
-        v["step"](v["model"], v["opt"], batch, cfg.optimizer.grad_clip, cfg.train.dtype)
-        torch_xla.sync()
-        xm.wait_device_ops()
-        return time.perf_counter() - t0
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = v["step"](v["model"], v["opt"], batch, cfg.optimizer.grad_clip, cfg.train.dtype)
+        sync()
+        if not rt.xla:
+            out["loss"].item()  # eager: the step's work is done by now
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for v in variants.values():  # compile: the first step builds AdamW state, the second reuses it
-        before = compile_count()
-        v["compile_s"] = one_step(v) + one_step(v)
-        v["compiles"] = compile_count() - before
-    for _ in range(args.steps):
+        before = compile_count() if rt.xla else 0
+        v["compile_s"] = one_step(v)[0] + one_step(v)[0]
+        v["compiles"] = (compile_count() - before) if rt.xla else 0
+    for _ in tqdm(range(args.steps), desc="steps", file=sys.stderr):
         for v in variants.values():
-            v["times"].append(one_step(v))
+            wall, cpu = one_step(v)
+            v["times"].append(wall)
+            v["cpu"].append(cpu)
 
     med = {n: statistics.median(v["times"]) for n, v in variants.items()}
+    cpu = {n: statistics.median(v["cpu"]) for n, v in variants.items()}
     flops = {n: flops_per_step(v["cfg"]) for n, v in variants.items()}
     speedup = med["baseline"] / med["mod"]
     flop_ratio = flops["baseline"] / flops["mod"]
     m = cfgs["baseline"].model
-    print(
-        json.dumps(
-            {
-                "device": f"{xm.xla_device_hw(rt.device)} x{rt.num_devices}",
-                "size": f"{m.num_layers} layers x d{m.d_model}, T{cfgs['baseline'].data.seq_len}, "
-                f"B{cfgs['baseline'].train.batch_size}",
-                "steps": args.steps,
-                "baseline_step_s": round(med["baseline"], 4),
-                "mod_step_s": round(med["mod"], 4),
-                "speedup": round(speedup, 3),
-                "flops_per_step": flops,
-                "flop_ratio": round(flop_ratio, 3),
-                "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
-                "compile_s": {n: round(v["compile_s"], 1) for n, v in variants.items()},
-                "compiles": {n: v["compiles"] for n, v in variants.items()},
-            },
-            indent=2,
-        )
-    )
+    device = f"{xm.xla_device_hw(rt.device)} x{rt.num_devices}" if rt.xla else str(rt.device)
+    result = {
+        "device": device,
+        "backend": "xla" if rt.xla else "eager",
+        "threads": torch.get_num_threads(),
+        "size": f"{m.num_layers} layers x d{m.d_model}, T{cfgs['baseline'].data.seq_len}, "
+        f"B{cfgs['baseline'].train.batch_size}, V{m.vocab_size}",
+        "steps": args.steps,
+        "baseline_step_s": round(med["baseline"], 4),
+        "mod_step_s": round(med["mod"], 4),
+        "quartiles_s": {n: _quartiles(v["times"]) for n, v in variants.items()},
+        "speedup": round(speedup, 3),
+        "flops_per_step": flops,
+        "flop_ratio": round(flop_ratio, 3),
+        "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
+        "cpu_step_s": {n: round(c, 4) for n, c in cpu.items()},
+        "cpu_speedup_over_flop_ratio": round(cpu["baseline"] / cpu["mod"] / flop_ratio, 3),
+        "compile_s": {n: round(v["compile_s"], 1) for n, v in variants.items()},
+        "compiles": {n: v["compiles"] for n, v in variants.items()},
+    }
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -1,11 +1,23 @@
-"""Incremental decoding with causal routing and a static-shape KV cache.
+"""Incremental decoding with causal routing: a routed block skips the work of tokens it skips.
 
-The cache has one slot per position (B, H, S, hd) in every block and a validity mask (B, S).
-A dense block writes every token. A routed block writes a token only if it routes it, so a
-skipped token never enters that block's cache; unwritten slots stay masked. A routed block
-also keeps the count of tokens it processed, so that the capacity k = round(C * S) drops the
-same overflow as a full-sequence forward of length S in the same mode. The position is a
-tensor: every step runs the same compiled graph.
+Cache layout, for a sequence of at most S tokens:
+- a dense block keeps one slot per position, (B, H, S, hd); slot t holds token t.
+- a routed block keeps only its capacity, k = round(C * S) slots (B, H, k, hd), filled in
+  order, with each slot's original position in `pos` (-1 = empty) and the fill count. Since a
+  full forward of length S drops the routed tokens past the k-th (overflow), so does decoding:
+  the two agree exactly.
+
+Two execution strategies for a routed block, chosen by the device:
+- eager (CPU/GPU): a real branch. The causal decision (predictor or router logit) is computed
+  first; rows that do not route do no attention or MLP work at all (B = 1: a Python `if`;
+  B > 1: only the routing rows are gathered, processed and written back).
+- XLA (one compiled graph per step): shapes must be static and the graph must not depend on
+  data, so every row is computed and the result selected with `torch.where`; the cache still
+  holds only k slots. Measured on XLA:CPU (8 x d256, S256, B=1): a step costs ~67 ms, of
+  which the graph's execution is 13 ms dense / 18 ms MoD and the rest is tracing the step on
+  the host; a conditional (torch_xla 2.9 lowers no torch.cond) could save only part of the
+  routed blocks' share of those 18 ms, so this path does not branch. tools/bench_decode.py
+  measures both strategies.
 """
 
 from __future__ import annotations
@@ -20,61 +32,129 @@ from modxla.model.transformer import Transformer
 
 @dataclass
 class KVCache:
-    k: list[torch.Tensor]  # per block (B, H, S, hd)
+    k: list[torch.Tensor]  # per block (B, H, S, hd) dense, (B, H, k, hd) routed
     v: list[torch.Tensor]
-    valid: list[torch.Tensor]  # per block (B, S) bool: slot written
-    count: list[torch.Tensor]  # per block (B,) tokens processed (routed blocks)
+    pos: list[torch.Tensor | None]  # routed blocks: (B, k) slot positions, -1 = empty
+    count: list[torch.Tensor | None]  # routed blocks: (B,) slots filled
+    length: int  # S, the longest sequence the cache serves
 
     @classmethod
     def empty(cls, model: Transformer, batch: int, length: int, device=None) -> KVCache:
         cfg = model.cfg
-        shape = (batch, cfg.num_heads, length, cfg.head_dim)
         dtype = model.embed.weight.dtype
-        n = cfg.num_layers
-        return cls(
-            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-            valid=[torch.zeros(batch, length, dtype=torch.bool, device=device) for _ in range(n)],
-            count=[torch.zeros(batch, dtype=torch.long, device=device) for _ in range(n)],
-        )
+        k, v, pos, count = [], [], [], []
+        for block in model.blocks:
+            routed = isinstance(block, MoDBlock)
+            slots = capacity_k(block.capacity, length) if routed else length
+            shape = (batch, cfg.num_heads, slots, cfg.head_dim)
+            k.append(torch.zeros(shape, device=device, dtype=dtype))
+            v.append(torch.zeros(shape, device=device, dtype=dtype))
+            pos.append(torch.full((batch, slots), -1, device=device) if routed else None)
+            count.append(torch.zeros(batch, dtype=torch.long, device=device) if routed else None)
+        return cls(k, v, pos, count, length)
 
-    @property
-    def length(self) -> int:
-        return self.k[0].shape[2]
+    def nbytes(self, layer: int | None = None) -> int:
+        """Bytes held for keys, values and slot positions (all blocks, or one)."""
+        layers = range(len(self.k)) if layer is None else [layer]
+        total = 0
+        for i in layers:
+            for t in (self.k[i], self.v[i], self.pos[i], self.count[i]):
+                total += 0 if t is None else t.numel() * t.element_size()
+        return total
 
 
-def _block_step(block, cache: KVCache, i: int, x, pos, routing: str):
-    """One token (B, 1, D) at positions pos (B,) through block i; updates the cache."""
-    b = x.shape[0]
-    s = cache.length
-    onehot = torch.arange(s, device=x.device)[None, :] == pos[:, None]  # (B, S)
-    if isinstance(block, MoDBlock):
-        r = block.router_logits(x)  # (B, 1)
-        if routing == "predictor":
-            decide = block.predictor(x)[:, 0] > 0
-        else:
-            decide = r[:, 0] > 0
-        k = capacity_k(block.capacity, s)
-        take = decide & (cache.count[i] < k)  # (B,)
-        weight = r[:, 0]
-    else:
-        take = torch.ones(b, dtype=torch.bool, device=x.device)
-        weight = None
+def _dense_step(block, cache: KVCache, i: int, x, pos, seen):
+    """Every token through a dense block; writes slot pos of the full-length cache."""
     f = block.f
-    h = f.attn_norm(x)
-    q, k_new, v_new = f.attn.qkv(h, pos[:, None])  # (B, H, 1, hd), RoPE at the true position
-    write = (onehot & take[:, None])[:, None, :, None]  # (B, 1, S, 1)
-    cache.k[i] = torch.where(write, k_new, cache.k[i])
-    cache.v[i] = torch.where(write, v_new, cache.v[i])
-    cache.valid[i] = cache.valid[i] | (onehot & take[:, None])
-    cache.count[i] = cache.count[i] + take.long()
-    seen = torch.arange(s, device=x.device)[None, :] <= pos[:, None]
-    mask = (cache.valid[i] & seen) | onehot  # own slot keeps a skipped query's softmax finite
+    q, k_new, v_new = f.attn.qkv(f.attn_norm(x), pos[:, None])  # (B, H, 1, hd), RoPE at pos
+    at = pos[:, None, None, None].expand_as(k_new)  # (B, H, 1, hd)
+    cache.k[i].scatter_(2, at, k_new)
+    cache.v[i].scatter_(2, at, v_new)
+    a = f.attn.attend(q, cache.k[i], cache.v[i], seen[:, None, None, :])
+    return x + f.mlp_delta(x, a)
+
+
+def _decide(block: MoDBlock, x, routing: str) -> torch.Tensor:
+    """The causal routing decision (B,) for one token (B, 1, D)."""
+    if routing == "predictor":
+        if block.predictor is None:
+            raise ValueError("routing='predictor' needs model.mod.predictor: true")
+        return block.predictor(x)[:, 0] > 0
+    if block.random:
+        raise ValueError("routing='router' needs a learned router")
+    return block.router(x)[:, 0, 0] > 0
+
+
+def _weight(block: MoDBlock, x) -> torch.Tensor:
+    """r of x + r * f: the router logit, or 1 for random routing (as in MoDBlock.forward)."""
+    if block.random:
+        return torch.ones(x.shape[0], 1, 1, device=x.device, dtype=x.dtype)
+    return block.router(x)  # (B, 1, 1)
+
+
+def _routed_rows(block: MoDBlock, cache: KVCache, i: int, x, pos, rows):
+    """Process the routing rows only: x (n, 1, D) at pos (n,) are the batch rows `rows`."""
+    f = block.f
+    q, k_new, v_new = f.attn.qkv(f.attn_norm(x), pos[:, None])  # (n, H, 1, hd)
+    slot = cache.count[i][rows]  # (n,), < k: the caller checked the capacity
+    cache.k[i][rows, :, slot] = k_new[:, :, 0]
+    cache.v[i][rows, :, slot] = v_new[:, :, 0]
+    cache.pos[i][rows, slot] = pos
+    cache.count[i][rows] += 1
+    mask = cache.pos[i][rows] >= 0  # (n, k): written slots, all at or before pos
+    a = f.attn.attend(q, cache.k[i][rows], cache.v[i][rows], mask[:, None, None, :])
+    return x + _weight(block, x) * f.mlp_delta(x, a)
+
+
+def _routed_one(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str):
+    """Batch of one: a Python branch, and only the filled slots are attended."""
+    if not bool(_decide(block, x, routing)[0]):
+        return x
+    slot = int(cache.count[i][0])
+    if slot == cache.k[i].shape[2]:
+        return x  # the buffer is full: overflow is dropped, as in the full forward
+    f = block.f
+    q, k_new, v_new = f.attn.qkv(f.attn_norm(x), pos[:, None])  # (1, H, 1, hd)
+    cache.k[i][:, :, slot] = k_new[:, :, 0]
+    cache.v[i][:, :, slot] = v_new[:, :, 0]
+    cache.pos[i][0, slot] = pos[0]
+    cache.count[i] += 1
+    n = slot + 1  # slots 0..slot hold this block's routed tokens so far, all at or before pos
+    a = f.attn.attend(q, cache.k[i][:, :, :n], cache.v[i][:, :, :n], None)
+    return x + _weight(block, x) * f.mlp_delta(x, a)
+
+
+def _routed_step_eager(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str):
+    """A real branch: rows that skip the block do no attention or MLP work."""
+    if x.shape[0] == 1:
+        return _routed_one(block, cache, i, x, pos, routing)
+    k = cache.k[i].shape[2]
+    take = _decide(block, x, routing) & (cache.count[i] < k)  # (B,)
+    rows = take.nonzero()[:, 0]
+    if rows.numel() == 0:
+        return x
+    out = x.clone()
+    out[rows] = _routed_rows(block, cache, i, x[rows], pos[rows], rows)
+    return out
+
+
+def _routed_step_static(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str):
+    """Static shapes for one XLA graph: every row computed, results selected by `take`."""
+    f = block.f
+    k = cache.k[i].shape[2]
+    count = cache.count[i]
+    take = _decide(block, x, routing) & (count < k)  # (B,)
+    q, k_new, v_new = f.attn.qkv(f.attn_norm(x), pos[:, None])  # (B, H, 1, hd)
+    write = (torch.arange(k, device=x.device)[None, :] == count[:, None]) & take[:, None]
+    cache.k[i] = torch.where(write[:, None, :, None], k_new, cache.k[i])
+    cache.v[i] = torch.where(write[:, None, :, None], v_new, cache.v[i])
+    cache.pos[i] = torch.where(write, pos[:, None], cache.pos[i])
+    cache.count[i] = count + take.long()
+    mask = cache.pos[i] >= 0  # (B, k)
+    mask = mask | ~mask.any(-1, keepdim=True)  # a skipped row with an empty cache stays finite
     a = f.attn.attend(q, cache.k[i], cache.v[i], mask[:, None, None, :])
-    delta = f.mlp_delta(x, a)  # (B, 1, D)
-    if weight is None:
-        return x + delta
-    return torch.where(take[:, None, None], x + weight[:, None, None] * delta, x)
+    y = x + _weight(block, x) * f.mlp_delta(x, a)
+    return torch.where(take[:, None, None], y, x)
 
 
 @torch.no_grad()
@@ -85,8 +165,14 @@ def decode_step(
     if routing not in ("predictor", "router") and model.cfg.routed_layers:
         raise ValueError(f"decoding needs a causal routing mode, got {routing!r}")
     x = model.embed(tokens[:, None])  # (B, 1, D)
+    seen = torch.arange(cache.length, device=x.device)[None, :] <= pos[:, None]  # (B, S)
+    static = x.device.type == "xla"
+    routed_step = _routed_step_static if static else _routed_step_eager
     for i, block in enumerate(model.blocks):
-        x = _block_step(block, cache, i, x, pos, routing)
+        if isinstance(block, MoDBlock):
+            x = routed_step(block, cache, i, x, pos, routing)
+        else:
+            x = _dense_step(block, cache, i, x, pos, seen)
     x = model.norm(x)
     w = model.embed.weight if model.head is None else model.head.weight
     return torch.nn.functional.linear(x[:, 0], w)

@@ -69,9 +69,10 @@ class Attention(nn.Module):
         return q, k, self._heads(self.wv(x))
 
     def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of q over (k, v); mask None = plain causal over equal lengths."""
+        """Attention of q over (k, v); mask None = causal over equal lengths, or, for a
+        single query (decoding), every key given."""
         if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         b, _, t, _ = o.shape

@@ -67,7 +67,7 @@ class MoDBlock(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.capacity = cfg.mod.capacity
-        self.random = cfg.mod.routing == "random"
+        self.random = cfg.mod.router == "random"
         self.f = BlockDelta(cfg)
         # One router per block, never shared; random routing has none to learn.
         self.router = None if self.random else nn.Linear(cfg.d_model, 1, bias=False)
@@ -106,13 +106,17 @@ class MoDBlock(nn.Module):
     def forward(self, x, positions, routing: str = "topk"):
         b, t, d = x.shape
         r, topk_mask, p, idx, valid, decided = self.select(x, routing)
-        idx_d = idx[..., None].expand(-1, -1, d)  # (B, k, D)
-        xs = torch.gather(x, 1, idx_d)  # (B, k, D)
+        # Whole rows of D, gathered and scatter-added by one flat index per token: the
+        # (B, k, D) expanded index of torch.gather/scatter_add lowers on XLA to one index
+        # vector per element (B*k*D of them), built and walked in the forward and backward.
+        rows = (idx + t * torch.arange(b, device=x.device)[:, None]).flatten()  # (B*k,)
+        xs = x.flatten(0, 1).index_select(0, rows).view(b, -1, d)  # (B, k, D)
         pos = torch.gather(positions, 1, idx)  # original positions, for RoPE
         mask = None if routing == "topk" else attention_mask(valid, valid, pos, pos)
         delta = self.f(xs, pos, mask)  # (B, k, D)
         w = torch.ones_like(pos, dtype=x.dtype) if self.random else torch.gather(r, 1, idx)
         w = w * valid.to(x.dtype)
-        out = x.scatter_add(1, idx_d, delta * w[..., None])
+        out = x.flatten(0, 1).index_add(0, rows, (delta * w[..., None]).flatten(0, 1))
+        out = out.view(b, t, d)  # x + scatter_add of r * f, row by row
         routed = torch.zeros_like(topk_mask).scatter(1, idx, valid.to(topk_mask.dtype))
         return out, RoutingInfo(r, topk_mask, p, routed, idx, valid, decided)

@@ -80,7 +80,7 @@ class Transformer(nn.Module):
         if not infos:
             return zero, zero
         bce = F.binary_cross_entropy_with_logits
-        learned = self.cfg.mod.routing == "learned"
+        learned = self.cfg.mod.router == "learned"
         router = sum(bce(i.router_logits, i.topk_mask) for i in infos) / len(infos)
         router = router if learned else zero
         preds = [

@@ -1,0 +1,195 @@
+"""Sampling speed and KV-cache memory of the dense baseline vs MoD, interleaved; prints JSON.
+
+    PJRT_DEVICE=CPU python tools/bench_decode.py [--batches 1,8] [--backends eager,xla]
+
+Both models decode the same random tokens, one position at a time over the whole context
+(S = model.max_seq_len), with `modxla.model.decode.decode_step` as tools/generate.py runs it.
+Steps alternate baseline, MoD, baseline, ... so both see the same machine load. Each
+repetition decodes S tokens with fresh caches; the figure per repetition is its mean time per
+token (a routed block's cost differs from token to token, so a per-token median would hide
+it), reported as the median over repetitions with quartiles.
+
+Routing. A freshly initialised predictor routes almost nothing or almost everything, which
+would make MoD look better or worse than it is. So before timing, each routed block's
+predictor bias is shifted so that it routes a fraction `capacity` of the tokens it sees
+(measured on a calibration batch of random tokens, block by block in predictor mode, since a
+block's input depends on the routing of the blocks before it). The routed fraction actually
+reached while decoding is reported per routed block (it cannot exceed k/S: overflow drops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from modxla.config import ConfigError, load_config
+from modxla.model import build_model, capacity_k
+from modxla.model.decode import KVCache, decode_step
+from modxla.model.mod import MoDBlock
+
+
+def decode_flops(cfg, seq_len: int) -> float:
+    """Mean forward FLOPs to decode one token of an S-token sequence (matmuls, 2*m*n*p)."""
+    d, f, s = cfg.d_model, cfg.ffn_dim, seq_len
+    proj = 2 * 4 * d * d + 2 * d * f * (3 if cfg.mlp == "swiglu" else 2)
+    routed = set(cfg.routed_layers)
+    k = capacity_k(cfg.mod.capacity, s)
+    total = 2 * d * cfg.vocab_size  # head
+    for i in range(cfg.num_layers):
+        if i not in routed:
+            total += proj + 4 * d * (s + 1) / 2  # scores and values over t+1 keys, t < S
+            continue
+        total += 2 * d if cfg.mod.router == "learned" else 0
+        if cfg.mod.predictor:
+            total += 2 * (d * cfg.mod.predictor_hidden + cfg.mod.predictor_hidden)
+        total += (k / s) * (proj + 4 * d * (k + 1) / 2)  # k of S tokens, over <= k keys
+    return total
+
+
+@torch.no_grad()
+def calibrate_predictors(model, seq_len: int, seed: int = 0) -> None:
+    """Shift each predictor's output bias so that it routes a `capacity` share of tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.cfg.vocab_size, (8, seq_len), generator=gen)
+    for block in model.blocks:
+        if not isinstance(block, MoDBlock):
+            continue
+        seen = {}
+
+        def keep_input(module, args, seen=seen):
+            seen["x"] = args[0]  # returns None: the block's inputs are left as they are
+
+        hook = block.register_forward_pre_hook(keep_input)
+        model(tokens, routing="predictor")
+        hook.remove()
+        logits = block.predictor(seen["x"]).flatten()
+        block.predictor.fc2.bias -= torch.quantile(logits, 1 - block.capacity)
+
+
+def _quartiles(xs: list[float]) -> list[float]:
+    if len(xs) < 2:
+        return [xs[0]] * 3
+    q = statistics.quantiles(xs, n=4)
+    return [q[0], statistics.median(xs), q[2]]
+
+
+def bench(models, batch: int, seq_len: int, reps: int, device, desc: str) -> dict:
+    """Interleaved decoding of `reps` sequences; per-variant ms/token and cache bytes."""
+    step = decode_step
+    if device is not None:
+        import torch_xla
+
+        step = torch_xla.compile(decode_step, full_graph=True, name="decode_step")
+    gen = torch.Generator().manual_seed(1)
+    per_rep = {name: [] for name in models}
+    caches = {}
+    for rep in tqdm(range(reps + 1), desc=desc, file=sys.stderr):  # rep 0 warms up/compiles
+        vocab = models["baseline"].cfg.vocab_size
+        tokens = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+        caches = {n: KVCache.empty(m, batch, seq_len, device) for n, m in models.items()}
+        total = dict.fromkeys(models, 0.0)
+        for t in range(seq_len if rep else 3):
+            tok = tokens[:, t].to(device)  # host-made: device data, not a traced op
+            pos = torch.full((batch,), t).to(device)
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                logits = step(model, caches[name], tok, pos, "predictor")
+                logits.cpu()  # sampling needs the logits on the host
+                total[name] += time.perf_counter() - t0
+        if rep:
+            for name in models:
+                per_rep[name].append(1e3 * total[name] / seq_len)
+    out = {}
+    for name, times in per_rep.items():
+        q1, med, q3 = _quartiles(times)
+        out[name] = {"ms": med, "quartiles": [round(q1, 3), round(med, 3), round(q3, 3)]}
+    mod, base = caches["mod"], caches["baseline"]
+    routed = [i for i, b in enumerate(models["mod"].blocks) if isinstance(b, MoDBlock)]
+    dense = [i for i in range(len(base.k)) if i not in routed]
+    out["kv_bytes_baseline"] = base.nbytes()
+    out["kv_bytes_mod"] = mod.nbytes()
+    out["routed_block_kv_over_dense"] = round(mod.nbytes(routed[0]) / base.nbytes(dense[0]), 4)
+    out["routed_frac"] = [round(float(mod.count[i].float().mean()) / seq_len, 4) for i in routed]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--baseline", default="configs/baseline.yaml")
+    ap.add_argument("--mod", default="configs/mod_c12_every2.yaml")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--backends", default="eager,xla", help="eager (CPU PyTorch) and/or xla")
+    ap.add_argument("--reps", type=int, default=3, help="timed sequences per (backend, batch)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; decode matmuls are too small to gain from more, and on a\n"
+        "shared machine extra threads only add spin-wait noise (0 = torch's default)",
+    )
+    ap.add_argument("overrides", nargs="*", help="applied to both configs")
+    args = ap.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+        backends = args.backends.split(",")
+        if any(b < 1 for b in batches) or not set(backends) <= {"eager", "xla"} or args.reps < 1:
+            raise ValueError("batches must be >= 1, backends eager|xla, reps >= 1")
+        cfgs = {
+            "baseline": load_config(args.baseline, args.overrides),
+            "mod": load_config(args.mod, args.overrides),
+        }
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not cfgs["mod"].model.routed_layers or not cfgs["mod"].model.mod.predictor:
+        print("error: --mod needs routed blocks with predictors", file=sys.stderr)
+        return 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    seq_len = cfgs["baseline"].model.max_seq_len
+    models = {n: build_model(c.model, seed=0).eval() for n, c in cfgs.items()}
+    calibrate_predictors(models["mod"], seq_len)
+    m = cfgs["baseline"].model
+    flops = {n: decode_flops(c.model, seq_len) for n, c in cfgs.items()}
+    result = {
+        "size": f"{m.num_layers} layers x d{m.d_model}, S{seq_len}, V{m.vocab_size}",
+        "mod": f"capacity {cfgs['mod'].model.mod.capacity}, every {cfgs['mod'].model.mod.every}",
+        "threads": torch.get_num_threads(),
+        "reps": args.reps,
+        "decode_flops_per_token": {n: round(v) for n, v in flops.items()},
+        "flop_ratio": round(flops["baseline"] / flops["mod"], 3),
+        "results": {},
+    }
+    for backend in backends:
+        device, run_models = None, models
+        if backend == "xla":
+            import torch_xla
+
+            device = torch_xla.device()
+            run_models = {n: build_model(c.model, seed=0).eval() for n, c in cfgs.items()}
+            for n in run_models:
+                run_models[n].load_state_dict(models[n].state_dict())
+                run_models[n].to(device)
+        for batch in batches:
+            r = bench(run_models, batch, seq_len, args.reps, device, f"{backend} B{batch}")
+            base, mod = r.pop("baseline"), r.pop("mod")
+            result["results"][f"{backend}/B{batch}"] = {
+                "decode_ms_baseline": round(base["ms"], 3),
+                "decode_ms_mod": round(mod["ms"], 3),
+                "speedup": round(base["ms"] / mod["ms"], 3),
+                "quartiles_ms_baseline": base["quartiles"],
+                "quartiles_ms_mod": mod["quartiles"],
+                **r,
+            }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
