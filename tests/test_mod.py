@@ -188,4 +188,6 @@ def test_bench_step_reports_quartiles_on_the_eager_path(capsys):
     for name in ("baseline", "mod"):
         q1, med, q3 = res["quartiles_s"][name]
         assert 0 < q1 <= med <= q3
-    assert main(["--steps", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse: usage and exit 2
+        main(["--steps", "0"])
+    assert e.value.code == 2
