@@ -82,8 +82,6 @@ class Run:
 def load_runs(paths) -> list[Run]:
     runs = []
     for p in map(str, paths):
-        if not rundir.exists(rundir.join(p, rundir.CONFIG)):
-            raise FileNotFoundError(f"{p}: not a run directory (no {rundir.CONFIG})")
         recs = rundir.read_jsonl(rundir.join(p, rundir.METRICS))
         ev = rundir.join(p, rundir.PREDICTOR, rundir.EVAL)
         runs.append(

@@ -1,37 +1,8 @@
-"""The paper's figures (PNG) from run directories.
+"""The paper's figures from run directories (the `modxla-plot` command; modxla/cli/plot.py)."""
 
-    python tools/plot.py --out plots runs/base_s runs/mod_s [...]
-    python tools/plot.py --out gs://bucket/plots gs://bucket/runs/base gs://bucket/runs/mod
-
-Loss vs parameters per variant; loss vs FLOPs and wall-clock; FLOPs/step and steps/s bars;
-normalized log-likelihood vs normalized FLOPs per forward pass (baseline, MoD top-k, MoD
-predictor, to the best baseline); predictor top-k accuracy vs step. A figure whose data the
-runs lack (e.g. no baseline for the isoFLOP plot) is skipped with a note.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-from modxla.config import ConfigError
-from modxla.plots import render_all
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", required=True, help="output folder (path or URL) for the PNG files")
-    ap.add_argument("runs", nargs="+", help="run directories (paths or URLs)")
-    args = ap.parse_args(argv)
-    try:
-        written = render_all(args.runs, args.out, warn=lambda m: print(m, file=sys.stderr))
-    except (FileNotFoundError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in written.values():
-        print(path)
-    return 0
-
+from modxla.cli.plot import main
 
 if __name__ == "__main__":
     sys.exit(main())

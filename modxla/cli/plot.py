@@ -1,0 +1,36 @@
+"""The paper's figures (PNG) from run directories.
+
+    modxla-plot --out plots runs/base_s runs/mod_s [...]
+    modxla-plot --out gs://bucket/plots gs://bucket/runs/base gs://bucket/runs/mod
+
+Loss vs parameters per variant; loss vs FLOPs and wall-clock; FLOPs/step and steps/s bars;
+normalized log-likelihood vs normalized FLOPs per forward pass (baseline, MoD top-k, MoD
+predictor, to the best baseline); predictor top-k accuracy vs step. A figure whose data the
+runs lack (e.g. no baseline for the isoFLOP plot) is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from modxla.errors import UserError, report
+from modxla.plots import render_all
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (path or URL) for the PNG files")
+    ap.add_argument("runs", nargs="+", help="run directories (paths or URLs)")
+    args = ap.parse_args(argv)
+    try:
+        written = render_all(args.runs, args.out, warn=lambda m: print(m, file=sys.stderr))
+    except UserError as e:  # not a run directory (rundir.load_config says so)
+        return report(e)
+    for path in written.values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
