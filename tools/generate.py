@@ -1,4 +1,4 @@
-"""Sample text from a run (the `modxla-generate` command; modxla/cli/generate.py, --help explains)."""
+"""Sample text from a run (the `modxla-generate` command; modxla/cli/generate.py)."""
 
 import sys
 
