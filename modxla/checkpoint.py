@@ -6,9 +6,11 @@ mid-write) and is never loaded; a file whose size or checksum differs from the m
 shard damaged in place) makes the folder incomplete too, and resuming falls back to the newest
 good checkpoint.
 
-A save never deletes a complete checkpoint: a step already complete is not written again, and
-a new one is written into `step_N.partial/` and moved into place file by file, the marker last
-(object stores have no atomic rename: the marker is what makes a folder real).
+A save never deletes a complete checkpoint: a step already complete is not written again. On
+a local disk a new one is written into `step_N.partial/`, marker included, and renamed into
+place (one atomic rename). Object stores have no rename (gcsfs `mv` is copy + delete, twice
+the bytes of every shard), so there the files go straight to `step_N/`, the marker last: the
+marker is what makes a folder real.
 
 Saving: each XLA tensor is copied to the host as its unique local shards (`_CpuShards`) and
 written with torch_xla's SPMDSavePlanner. torch_xla 2.9 silently drops a tensor that is sharded
@@ -22,6 +24,7 @@ so a checkpoint restores onto any mesh shape (resharding for free; one host copy
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 import zlib
@@ -170,6 +173,10 @@ def _to_host(obj):
     return obj
 
 
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 def _writer(path: str):
     # per_thread_copy_ahead=0: the tensors are on the host already. With the default, DCP
     # picks its GPU-stream loader as soon as jax/torchax is installed (torch_xla's
@@ -226,11 +233,15 @@ class Checkpointer:
     def _write(self, path: str, step: int, host: dict, extra: dict) -> None:
         from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
 
-        partial = path + PARTIAL
-        dcp.save(host, storage_writer=_writer(partial), planner=SPMDSavePlanner())
+        fs, root = _fs(path)
+        local = _is_local(fs)
+        if not local and self.is_main and fs.exists(root):
+            fs.rm(root, recursive=True)  # incomplete or damaged: a complete one is skipped
+        target = path + PARTIAL if local else path
+        dcp.save(host, storage_writer=_writer(target), planner=SPMDSavePlanner())
         if not self.is_main:
             return
-        fs, tmp_root = _fs(partial)
+        tmp_root = _fs(target)[1]
         files = _manifest(fs, tmp_root)
         info = {
             "step": step,
@@ -239,17 +250,15 @@ class Checkpointer:
             "crc32": _checksums(fs, tmp_root, files),
             **extra,
         }
-        root = _fs(path)[1]
-        if fs.exists(root):  # incomplete or damaged (a complete one is never rewritten)
-            fs.rm(root, recursive=True)
-        fs.makedirs(root, exist_ok=True)
-        for name in files:  # data first; a folder without its marker is never loaded
-            fs.mv(_join(tmp_root, name), _join(root, name))
-        marker_tmp = _join(root, f".{MARKER}.tmp")
-        with fs.open(marker_tmp, "w") as f:
-            json.dump(info, f)
-        fs.mv(marker_tmp, _join(root, MARKER))  # last, and whole: marks the folder loadable
-        fs.rm(tmp_root, recursive=True)
+        if local:  # marker inside the partial folder, then one atomic rename
+            with fs.open(_join(tmp_root, MARKER), "w") as f:
+                json.dump(info, f)
+            if fs.exists(root):  # incomplete or damaged: a complete one is skipped
+                fs.rm(root, recursive=True)
+            os.rename(tmp_root, root)
+        else:  # one object written whole, after every shard
+            with fs.open(_join(root, MARKER), "w") as f:
+                json.dump(info, f)
         self._prune()
 
     def wait(self) -> None:
