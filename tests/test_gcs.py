@@ -130,7 +130,7 @@ def test_predictor_sampling_and_plots_on_a_gcs_run(resumed_gcs_run, tmp_path):
         ],
         1,
     )
-    assert f"[{url}/predictor/checkpoints/step_00000004, routing=predictor]" in proc.stderr
+    assert f"[{url}/predictor/checkpoints/step_00000004, routing=predictor, 8 tokens" in proc.stderr
     assert proc.stdout.strip()
 
     from tools import plot
