@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+REMAT = ("none", "block")  # activation checkpointing policies (train.remat)
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown, mistyped or out of range."""
@@ -45,6 +47,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    scan: bool = False  # stack each period's blocks and run them with XLA scan (compiles once)
     mod: ModConfig = field(default_factory=ModConfig)
 
     @property
@@ -58,6 +61,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def scan_unit(self) -> int:
+        """Blocks in the repeating unit a scan iterates: one period of `every`, or one block."""
+        return self.mod.every if self.routed_layers else 1
 
     @property
     def routed_layers(self) -> list[int]:
@@ -103,6 +111,7 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    moment_dtype: str = "float32"  # float32 | bfloat16: AdamW moments (params stay float32)
 
 
 @dataclass
@@ -112,6 +121,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    remat: str = "none"  # none | block: recompute each block's activations in the backward
     device: str = "xla"  # xla | cpu | cuda
     log_every: int = 10
     eval_every: int = 100  # 0 = off
@@ -227,6 +237,17 @@ def validate(cfg: Config) -> Config:
     _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1", "betas must be in [0, 1)")
     _check(o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
+    _check(
+        not m.scan or m.num_layers % m.scan_unit == 0,
+        "model.scan",
+        f"needs num_layers ({m.num_layers}) divisible by the scanned unit of {m.scan_unit} blocks",
+    )
+    _check(
+        o.moment_dtype in ("float32", "bfloat16"),
+        "optimizer.moment_dtype",
+        f"must be float32 or bfloat16, got {o.moment_dtype!r}",
+    )
+    _check(t.remat in REMAT, "train.remat", f"must be one of {', '.join(REMAT)}, got {t.remat!r}")
     _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
     _check(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
     _check(t.grad_accum > 0, "train.grad_accum", f"must be > 0, got {t.grad_accum}")

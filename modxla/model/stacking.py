@@ -1,0 +1,164 @@
+"""Scan over layers: one period of blocks with its weights stacked (P, ...), run by XLA's scan.
+
+For `every: N` the repeating unit is N blocks (N-1 dense, then one routed block); without
+routed blocks it is one dense block. A scanned model stores each parameter of the unit once,
+stacked over the P = num_layers / N periods: `layers.{j}.<rest>[p]` is the unrolled model's
+`blocks.{p * N + j}.<rest>`. `to_stacked` / `to_unrolled` convert state dicts between the two
+layouts (checkpoints written by either load into the other).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modxla.model.mod import RoutingInfo
+
+STACKED = "layers."
+_UNROLLED = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_STACKED = re.compile(r"^layers\.(\d+)\.(.+)$")
+TERMS = ("router_bce", "predictor_bce", "routed_frac", "predictor_acc")
+
+
+def block_terms(info: RoutingInfo) -> dict[str, torch.Tensor]:
+    """Per routed block scalars for the aux losses and metrics (tensors, so scan can stack them)."""
+    bce = F.binary_cross_entropy_with_logits
+    out = {
+        "router_bce": bce(info.router_logits, info.topk_mask),
+        "routed_frac": info.routed_mask.mean(),
+    }
+    if info.predictor_logits is not None:
+        p = info.predictor_logits
+        out["predictor_bce"] = bce(p, info.topk_mask)
+        out["predictor_acc"] = ((p > 0).float() == info.topk_mask).float().mean()
+    return out
+
+
+def stack_terms(per_block: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """[{name: ()}] per routed block -> {name: (n_routed,)}."""
+    if not per_block:
+        return {}
+    return {k: torch.stack([t[k] for t in per_block]) for k in per_block[0]}
+
+
+def run_block(block: nn.Module, x, positions, routing: str, remat: str):
+    """One block, its activations recomputed in the backward when remat is 'block'."""
+    if remat == "none" or not torch.is_grad_enabled():
+        return block(x, positions, routing)
+    if x.device.type != "xla":
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, x, positions, routing, use_reentrant=False)
+    from torch_xla.utils.checkpoint import checkpoint as xla_checkpoint
+
+    # torch_xla's checkpoint is reentrant: only tensor outputs carry gradients, so the
+    # routing info travels as a flat tuple of tensors.
+    has_pred = getattr(block, "predictor", None) is not None
+
+    def flat(x, positions):
+        out, info = block(x, positions, routing)
+        if info is None:
+            return (out,)
+        fields = [info.router_logits, info.topk_mask, info.routed_mask]
+        fields += [info.idx, info.valid, info.decided]
+        return (out, *fields, *([info.predictor_logits] if has_pred else []))
+
+    res = xla_checkpoint(flat, x, positions)
+    if len(res) == 1:
+        return res[0], None
+    out, r, topk, routed, idx, valid, decided, *p = res
+    return out, RoutingInfo(r, topk, p[0] if p else None, routed, idx, valid, decided)
+
+
+class Period(nn.ModuleList):
+    """The repeating unit: its blocks in order; each routed block reports a RoutingInfo."""
+
+    def forward(self, x, positions, routing: str = "topk", remat: str = "none"):
+        infos = []
+        for block in self:
+            x, info = run_block(block, x, positions, routing, remat)
+            if info is not None:
+                infos.append(info)
+        return x, infos
+
+
+def stack_blocks(blocks: list[nn.Module], unit: int) -> Period:
+    """A Period whose parameters are the blocks' parameters stacked over periods (P, ...)."""
+    import copy
+
+    periods = len(blocks) // unit
+    period = Period(copy.deepcopy(blocks[j]) for j in range(unit))
+    for name, _ in list(period.named_parameters()):
+        j, rest = name.split(".", 1)
+        stacked = torch.stack(
+            [blocks[p * unit + int(j)].get_parameter(rest).detach() for p in range(periods)]
+        )
+        owner, leaf = name.rsplit(".", 1)
+        setattr(period.get_submodule(owner), leaf, nn.Parameter(stacked))
+    return period
+
+
+def is_stacked(keys) -> bool:
+    return any(k.startswith(STACKED) for k in keys)
+
+
+def to_stacked(state: dict, unit: int) -> dict:
+    """Unrolled state dict (`blocks.{i}.*`) -> stacked (`layers.{j}.*` of shape (P, ...))."""
+    out, groups = {}, {}
+    for key, value in state.items():
+        m = _UNROLLED.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        i = int(m.group(1))
+        groups.setdefault(f"{STACKED}{i % unit}.{m.group(2)}", {})[i // unit] = value
+    for key, by_period in groups.items():
+        out[key] = torch.stack([by_period[p] for p in range(len(by_period))])
+    return _ordered(out)
+
+
+def to_unrolled(state: dict, unit: int) -> dict:
+    """Stacked state dict (`layers.{j}.*`) -> unrolled (`blocks.{p * unit + j}.*`)."""
+    out = {}
+    for key, value in state.items():
+        m = _STACKED.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        j, rest = int(m.group(1)), m.group(2)
+        for p in range(value.shape[0]):
+            out[f"blocks.{p * unit + j}.{rest}"] = value[p].clone()
+    return _ordered(out)
+
+
+def _ordered(state: dict) -> dict:
+    """Model order: embed, then blocks/layers by index (stable within one), then the rest."""
+
+    def rank(key: str):
+        m = _UNROLLED.match(key) or _STACKED.match(key)
+        if key.startswith("embed."):
+            return (0, 0)
+        return (1, int(m.group(1))) if m else (2, 0)
+
+    return dict(sorted(state.items(), key=lambda kv: rank(kv[0])))
+
+
+def convert_state(state: dict, unit: int, scan: bool) -> dict:
+    """A model state dict in either layout -> the layout `scan` asks for."""
+    if is_stacked(state) == scan:
+        return state
+    return to_stacked(state, unit) if scan else to_unrolled(state, unit)
+
+
+def scan_remat_partition(remat: str):
+    """AOTAutograd partition for the scanned unit: what its forward saves for the backward.
+
+    'none' saves every activation the backward reads (default_partition); 'block' saves only
+    what min-cut rematerialization keeps, recomputing the rest in the backward loop.
+    """
+    from functorch.compile import default_partition, min_cut_rematerialization_partition
+
+    return default_partition if remat == "none" else min_cut_rematerialization_partition
