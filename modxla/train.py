@@ -23,7 +23,7 @@ from modxla.config import Config, ConfigError, load_config, save_config
 from modxla.data import BatchLoader, DataError, build_streams
 from modxla.metrics import flops_per_step, mfu
 from modxla.model import build_model
-from modxla.optim import build_optimizer, lr_at, set_lr
+from modxla.optim import MOMENT_DTYPES, build_optimizer, lr_at, set_lr
 from modxla.parallel.mesh import MeshError
 from modxla.runtime import compile_count, feed, peak_flops_per_device, setup_runtime
 from modxla.step import eval_step, train_step
@@ -68,6 +68,7 @@ class Trainer:
         )
         self.step = 0
         model = build_model(cfg.model, seed=cfg.train.seed)
+        model.remat = cfg.train.remat
         resume = self._find_resume()
         restored = self._load(resume, model) if resume else None
         self.model = model.to(self.rt.device)
@@ -117,11 +118,12 @@ class Trainer:
         opt = build_optimizer(model, self.cfg.optimizer)
         opt_template = opt.state_dict()
         params = [p for g in opt.param_groups for p in g["params"]]  # state_dict's index order
+        moments = MOMENT_DTYPES[self.cfg.optimizer.moment_dtype]
         opt_template["state"] = {
             i: {
                 "step": torch.zeros(()),
-                "exp_avg": torch.zeros_like(p),
-                "exp_avg_sq": torch.zeros_like(p),
+                "exp_avg": torch.zeros_like(p, dtype=moments),
+                "exp_avg_sq": torch.zeros_like(p, dtype=moments),
             }
             for i, p in enumerate(params)
         }

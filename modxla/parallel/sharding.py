@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from modxla.model.layers import BlockDelta
+from modxla.model.stacking import STACKED
 
 COLUMN = ("tensor", "fsdp")
 ROW = ("fsdp", "tensor")
@@ -29,7 +30,14 @@ RULES = {
 
 
 def param_spec(name: str, ndim: int) -> tuple | None:
-    """Partition spec of a parameter by its name; None = replicated."""
+    """Partition spec of a parameter by its name; None = replicated.
+
+    A scanned model's `layers.*` weights carry a leading period axis (P, ...): it is never
+    sharded (scan slices it), and the rest follows the per-block rule.
+    """
+    if name.startswith(STACKED):
+        spec = param_spec(name[len(STACKED) :], ndim - 1)
+        return None if spec is None else (None, *spec)
     if ndim < 2:
         return None
     for suffix, spec in RULES.items():
