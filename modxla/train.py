@@ -17,12 +17,19 @@ from modxla.checkpoint import (
     CheckpointError,
     check_model_shapes,
     latest_checkpoint,
+    read_metadata,
 )
 from modxla.checkpoint import load as load_checkpoint
 from modxla.config import Config, ConfigError, load_config, save_config
 from modxla.data import BatchLoader, DataError, build_streams
 from modxla.metrics import flops_per_step, mfu
 from modxla.model import build_model
+from modxla.model.stacking import (
+    convert_optimizer_state,
+    convert_state,
+    is_stacked,
+    optimizer_names,
+)
 from modxla.optim import MOMENT_DTYPES, build_optimizer, lr_at, set_lr
 from modxla.parallel.mesh import MeshError
 from modxla.runtime import compile_count, feed, peak_flops_per_device, setup_runtime
@@ -113,11 +120,16 @@ class Trainer:
 
     def _load(self, path: str, model: torch.nn.Module) -> dict:
         """Read a checkpoint into host tensors; the model (on the CPU) takes its weights."""
-        state = model.state_dict()
+        # Either layout (unrolled or scanned) loads into either: the template follows the
+        # checkpoint's layout, and the loaded tensors are converted to the model's.
+        unit, scan = self.cfg.model.scan_unit, self.cfg.model.scan
+        saved_scan = is_stacked(k[6:] for k in read_metadata(path) if k.startswith("model."))
+        state = convert_state(model.state_dict(), unit, saved_scan)
         check_model_shapes(path, state)
         opt = build_optimizer(model, self.cfg.optimizer)
         opt_template = opt.state_dict()
-        params = [p for g in opt.param_groups for p in g["params"]]  # state_dict's index order
+        names = optimizer_names(state)  # the checkpoint's optimizer order
+        params = [state[n] for n in names]
         moments = MOMENT_DTYPES[self.cfg.optimizer.moment_dtype]
         opt_template["state"] = {
             i: {
@@ -134,7 +146,9 @@ class Trainer:
             "xla_rng": 0,
         }
         loaded = load_checkpoint(path, {"model": state, "optim": opt_template, "meta": meta})
-        model.load_state_dict(loaded["model"])
+        own = optimizer_names(model.state_dict())
+        loaded["optim"] = convert_optimizer_state(loaded["optim"], names, own, unit)
+        model.load_state_dict(convert_state(loaded["model"], unit, scan))
         _say(f"resuming from {path} (step {loaded['meta']['step']})")
         return loaded
 

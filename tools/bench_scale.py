@@ -83,12 +83,19 @@ def worker(overrides: list[str], dump_dir: str) -> dict:
     mem = compiled_memory(dump_dir, before)
     n = sum(p.numel() for p in model.parameters())
     state = n * 4 * 2 + n * 2 * MOMENT_DTYPES[cfg.optimizer.moment_dtype].itemsize
-    return {"compile_s": t1 + t2, "peak_bytes": mem["total"], "activation_bytes": mem["total"] - state}
+    return {
+        "compile_s": t1 + t2,
+        "peak_bytes": mem["total"],
+        "activation_bytes": mem["total"] - state,
+    }
 
 
 def step_worker(overrides: list[str], steps: int) -> dict:
     """Unrolled and scan models in one process, their steps interleaved: seconds per step."""
-    runs = {name: _setup([*overrides, f"model.scan={name == 'scan'}"])[2] for name in ("unrolled", "scan")}
+    runs = {
+        name: _setup([*overrides, f"model.scan={name == 'scan'}"])[2]
+        for name in ("unrolled", "scan")
+    }
     for one in runs.values():
         one(), one()  # compile both graphs
     times = {name: [] for name in runs}

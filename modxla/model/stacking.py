@@ -162,3 +162,42 @@ def scan_remat_partition(remat: str):
     from functorch.compile import default_partition, min_cut_rematerialization_partition
 
     return default_partition if remat == "none" else min_cut_rematerialization_partition
+
+
+def optimizer_names(param_names) -> list[str]:
+    """Parameter names in build_optimizer's order (decayed first), given model order."""
+    from modxla.optim import decays
+
+    names = list(param_names)
+    return [n for n in names if decays(n)] + [n for n in names if not decays(n)]
+
+
+def convert_optimizer_state(
+    osd: dict, src_names: list[str], dst_names: list[str], unit: int
+) -> dict:
+    """An AdamW state dict over `src_names` -> one over `dst_names` (both in optimizer order).
+
+    Moments are stacked or split like their parameters; the step count is shared by all.
+    """
+    scan = is_stacked(dst_names)
+    if is_stacked(src_names) == scan:
+        return osd
+    by_key: dict[str, dict] = {}
+    for i, st in osd["state"].items():
+        for key, value in st.items():
+            by_key.setdefault(key, {})[src_names[int(i)]] = value
+    step = next(iter(by_key.pop("step").values())) if "step" in by_key else None
+    moved = {key: convert_state(vals, unit, scan) for key, vals in by_key.items()}
+    state = {}
+    for i, name in enumerate(dst_names):
+        if all(name in vals for vals in moved.values()) and moved:
+            state[i] = {key: vals[name] for key, vals in moved.items()}
+            if step is not None:
+                state[i]["step"] = step.clone()
+    from modxla.optim import decays
+
+    n_decay = sum(decays(n) for n in dst_names)
+    groups = [dict(g) for g in osd["param_groups"]]
+    groups[0]["params"] = list(range(n_decay))
+    groups[1]["params"] = list(range(n_decay, len(dst_names)))
+    return {"state": state, "param_groups": groups}

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from modxla.config import ModelConfig
 from modxla.model.layers import DenseBlock, RMSNorm
 from modxla.model.mod import ROUTING_MODES, MoDBlock, RoutingInfo
-from modxla.model.stacking import Period, block_terms, run_block, stack_blocks, stack_terms
+from modxla.model.stacking import block_terms, run_block, stack_blocks, stack_terms
 
 
 @dataclass
@@ -39,9 +40,12 @@ class Transformer(nn.Module):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
         self.remat = "none"  # train.remat: none | block (set by the trainer)
         self.reset_parameters()  # unrolled first: a scanned model starts from the same weights
-        if cfg.scan:
-            self.layers: Period = stack_blocks(list(self.blocks), cfg.scan_unit)
-            del self.blocks
+        if cfg.scan:  # `layers` takes the place of `blocks`, so parameter order is unchanged
+            layers = stack_blocks(list(self.blocks), cfg.scan_unit)
+            self._modules = {
+                ("layers" if k == "blocks" else k): (layers if k == "blocks" else v)
+                for k, v in self._modules.items()
+            }
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -102,9 +106,15 @@ class Transformer(nn.Module):
         infos: list[RoutingInfo] = []
         for p in range(self._periods()):
             w = {name: v[p] for name, v in params.items()}
-            x, got = functional_call(self.layers, w, (x, positions, routing, self.remat))
+            if self.remat == "none" or not torch.is_grad_enabled() or x.device.type == "xla":
+                x, got = self._period(x, w, positions, routing)
+            else:  # recompute inside functional_call, where the period's weights are bound
+                x, got = checkpoint(self._period, x, w, positions, routing, use_reentrant=False)
             infos += got
         return x, infos
+
+    def _period(self, x, w, positions, routing):
+        return functional_call(self.layers, w, (x, positions, routing, "none"))
 
     def _scan(self, x, positions):
         """All periods in one XLA While loop; routed blocks' terms come back stacked (P,)."""
