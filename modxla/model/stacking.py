@@ -153,15 +153,27 @@ def convert_state(state: dict, unit: int, scan: bool) -> dict:
     return to_stacked(state, unit) if scan else to_unrolled(state, unit)
 
 
+def save_inputs_partition(joint_module, _joint_inputs, *, num_fwd_outputs, **_):
+    """AOTAutograd partition that saves only the unit's inputs: the backward recomputes the
+    whole unit (its carry and weight slice are all a period keeps, P x (B, T, D) in all)."""
+    from torch._functorch.partitioners import _extract_fwd_bwd_modules
+
+    primals = [
+        n
+        for n in joint_module.graph.nodes
+        if n.op == "placeholder" and "tangents" not in str(n.target)
+    ]
+    return _extract_fwd_bwd_modules(
+        joint_module, primals, saved_sym_nodes=[], num_fwd_outputs=num_fwd_outputs
+    )
+
+
 def scan_remat_partition(remat: str):
-    """AOTAutograd partition for the scanned unit: what its forward saves for the backward.
+    """What the scanned unit's forward saves for its backward: every activation the backward
+    reads ('none'), or only the unit's inputs ('block': the unit is recomputed)."""
+    from functorch.compile import default_partition
 
-    'none' saves every activation the backward reads (default_partition); 'block' saves only
-    what min-cut rematerialization keeps, recomputing the rest in the backward loop.
-    """
-    from functorch.compile import default_partition, min_cut_rematerialization_partition
-
-    return default_partition if remat == "none" else min_cut_rematerialization_partition
+    return default_partition if remat == "none" else save_inputs_partition
 
 
 def optimizer_names(param_names) -> list[str]:

@@ -127,7 +127,7 @@ class Transformer(nn.Module):
         key = (self.remat, self.cfg.mod.routing)
         fn = self._scan_fns.get(key)
         if fn is None:
-            layers, remat = self.layers, self.remat
+            layers, _remat = self.layers, self.remat
 
             def fn(h, xs):
                 w, pos_p = xs
