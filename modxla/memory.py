@@ -78,6 +78,7 @@ class Plan:
     devices: int
     mesh: tuple[int, int, int]
     hbm: int = 0
+    params_total: int = 0
 
     @property
     def total(self) -> int:
@@ -156,10 +157,13 @@ def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
             per_block.append(block(k) + 8 * t + 2 * k * d)
         else:
             per_block.append(block(t))
+    unit = m.scan_unit if m.scan else 1  # a scanned model recomputes a whole unit at once
     if remat == "none":
         kept = sum(per_block)
     else:
-        kept = m.num_layers * t * d + max(per_block)
+        kept = m.num_layers // unit * t * d + max(
+            sum(per_block[i : i + unit]) for i in range(0, m.num_layers, unit)
+        )
     logits = 3 * t * m.vocab_size * 4  # logits, softmax, gradient (float32)
     return batch * (kept * width + logits + 4 * t * d * 4)
 
@@ -172,7 +176,7 @@ def plan(cfg: Config, devices: int, hbm: int = 0) -> Plan:
     shape = resolve_mesh_shape(cfg.mesh, devices)
     check_batch(cfg.train.batch_size, shape)
     mesh = dict(zip(AXES, shape, strict=True))
-    per_dev, _ = param_bytes_per_device(cfg, mesh)
+    per_dev, total = param_bytes_per_device(cfg, mesh)
     moment = MOMENT_DTYPES[cfg.optimizer.moment_dtype].itemsize
     batch = cfg.train.batch_size // (shape[0] * shape[1])
     return Plan(
@@ -183,4 +187,5 @@ def plan(cfg: Config, devices: int, hbm: int = 0) -> Plan:
         devices=devices,
         mesh=shape,
         hbm=hbm,
+        params_total=total,
     )
