@@ -135,9 +135,9 @@ def param_bytes_per_device(cfg: Config, mesh: dict[str, int]) -> tuple[int, int]
 def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
     """Activation bytes per device kept for the backward of one micro-batch of `batch` sequences.
 
-    Per token and block, without remat, the backward reads about 16 d_model-sized and 4
+    Per token and block, without remat, the backward reads about 20 d_model-sized and 4
     d_ff-sized tensors (norm inputs/outputs, q/k/v before and after RoPE, attention output,
-    MLP up/gate/activation) plus 2 H x n attention score matrices (scores and probabilities).
+    MLP up/gate/activation, residual sums) plus 2 H x n attention score matrices (scores and probabilities).
     A routed block keeps those for its k tokens and a few (B, T) router tensors. With 'block'
     remat a block keeps only its input; one block's full set is live again while it is
     recomputed. The logits and their gradient (float32) are added once.
@@ -149,7 +149,7 @@ def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
     k = capacity_k(m.mod.capacity, t)
 
     def block(n: int) -> int:  # elements per sequence kept by one block's f over n tokens
-        return n * (16 * d + 4 * f) + 2 * h * n * n
+        return n * (20 * d + 4 * f) + 2 * h * n * n
 
     per_block = []
     for i in range(m.num_layers):
@@ -164,7 +164,7 @@ def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
         kept = m.num_layers // unit * t * d + max(
             sum(per_block[i : i + unit]) for i in range(0, m.num_layers, unit)
         )
-    logits = 3 * t * m.vocab_size * 4  # logits, softmax, gradient (float32)
+    logits = 2 * t * m.vocab_size * 4  # logits and their gradient (float32)
     return batch * (kept * width + logits + 4 * t * d * 4)
 
 
