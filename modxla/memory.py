@@ -137,7 +137,8 @@ def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
 
     Per token and block, without remat, the backward reads about 20 d_model-sized and 4
     d_ff-sized tensors (norm inputs/outputs, q/k/v before and after RoPE, attention output,
-    MLP up/gate/activation, residual sums) plus 2 H x n attention score matrices (scores and probabilities).
+    MLP up/gate/activation, residual sums) plus 2 H x n attention score matrices (scores,
+    probabilities).
     A routed block keeps those for its k tokens and a few (B, T) router tensors. With 'block'
     remat a block keeps only its input; one block's full set is live again while it is
     recomputed. The logits and their gradient (float32) are added once.

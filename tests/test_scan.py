@@ -118,3 +118,30 @@ def test_xla_scan_and_remat_match_the_unrolled_model():
             grads = to_unrolled(grads, 2)
         for n, g in ref_grads.items():
             torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-5, msg=f"{remat} {n}")
+
+
+def _cpu_run(run_dir, data_cache, *over):
+    from modxla.logger import MetricsLogger
+    from modxla.train import Trainer
+
+    common = [
+        "model.vocab_size=384", "model.max_seq_len=64", "data.seq_len=32",
+        "data.max_chars=400000", "train.batch_size=4", "train.eval_every=0",
+        "model.num_layers=4", "train.device=cpu", "train.log_every=1",
+        f"data.cache_dir={data_cache}",
+    ]  # fmt: skip
+    cfg = load_config("configs/tiny.yaml", [*common, *over])
+    t = Trainer(cfg, run_dir)
+    hist = t.fit(MetricsLogger(t.run_dir, cfg.train.steps, t.step, enabled=False))
+    return t, [h["loss"] for h in hist if "loss" in h]
+
+
+@pytest.mark.parametrize("first,then", [("false", "true"), ("true", "false")])
+def test_checkpoint_written_by_one_layout_resumes_in_the_other(tmp_path, data_cache, first, then):
+    _, straight = _cpu_run(tmp_path / "straight", data_cache, "train.steps=3")
+    run = tmp_path / "run"
+    _cpu_run(run, data_cache, "train.steps=2", f"model.scan={first}")
+    resumed, losses = _cpu_run(run, data_cache, "train.steps=3", f"model.scan={then}")
+    assert resumed.model.cfg.scan == (then == "true") and len(losses) == 1
+    # step 3 after the layout change equals step 3 of the uninterrupted run
+    assert abs(losses[0] - straight[2]) <= 1e-5, (losses, straight)
