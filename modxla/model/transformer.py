@@ -98,6 +98,26 @@ class Transformer(nn.Module):
                 stats[f"predictor_acc/block{layer}"] = terms["predictor_acc"][n]
         return ModelOutput(logits, aux, router_loss, predictor_loss, infos, stats)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The blocks in order. A scanned model builds them as views of its stacked weights
+        (for decoding and tools that walk the blocks; they share storage on the host)."""
+        if "blocks" in self._modules:
+            return self._modules["blocks"]
+        unit, routed = self.cfg.scan_unit, set(self.cfg.routed_layers)
+        with torch.device("meta"):
+            blocks = nn.ModuleList(
+                MoDBlock(self.cfg) if i in routed else DenseBlock(self.cfg)
+                for i in range(self.cfg.num_layers)
+            )
+        for name, v in self.layers.named_parameters():
+            j, rest = name.split(".", 1)
+            for p in range(self._periods()):
+                owner, leaf = f"{p * unit + int(j)}.{rest}".rsplit(".", 1)
+                param = nn.Parameter(v[p], requires_grad=v.requires_grad)
+                setattr(blocks.get_submodule(owner), leaf, param)
+        return blocks
+
     def _periods(self) -> int:
         return self.cfg.num_layers // self.cfg.scan_unit
 
