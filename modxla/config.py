@@ -243,6 +243,12 @@ def validate(cfg: Config) -> Config:
         f"needs num_layers ({m.num_layers}) divisible by the scanned unit of {m.scan_unit} blocks",
     )
     _check(
+        not (m.scan and t.remat != "none" and mod.routing == "random"),
+        "train.remat",
+        "with model.scan, random routing cannot be recomputed (the draw would differ); "
+        "use train.remat=none or model.scan=false",
+    )
+    _check(
         o.moment_dtype in ("float32", "bfloat16"),
         "optimizer.moment_dtype",
         f"must be float32 or bfloat16, got {o.moment_dtype!r}",
