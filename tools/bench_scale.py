@@ -125,6 +125,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--remat", nargs="+", default=["none", "block"], choices=["none", "block"])
+    ap.add_argument(
+        "--layouts", nargs="+", default=["unrolled", "scan"], choices=["unrolled", "scan"]
+    )
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all configurations")
     ap.add_argument("--step-layers", type=int, default=8, help="depth of the step-time check")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per layout (0 = skip)")
@@ -143,7 +146,7 @@ def main() -> None:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"}
     env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
-    keys = [(n, lay, r) for n in args.layers for lay in ("unrolled", "scan") for r in args.remat]
+    keys = [(n, lay, r) for n in args.layers for lay in args.layouts for r in args.remat]
     results = {k: [] for k in keys}
     with tqdm(total=len(keys) * args.repeats, desc="configs", file=sys.stderr) as bar:
         for _ in range(args.repeats):
@@ -155,6 +158,7 @@ def main() -> None:
                     over.append(f"train.remat={r}")
                     cmd = ["--worker", "compile", "--dump-dir", dump, *over, *args.overrides]
                     results[(n, lay, r)].append(_spawn(cmd, run_env))
+                bar.write(f"{n}/{lay}/{r}: {json.dumps(results[(n, lay, r)][-1])}", sys.stderr)
                 bar.update()
     report = {"config": BASE + args.overrides, "note": "XLA:CPU, 1 device"}
     for metric in ("compile_s", "peak_bytes", "activation_bytes"):
@@ -178,7 +182,7 @@ def main() -> None:
         )
     act = report["activation_bytes"]
     for n in args.layers:
-        for lay in ("unrolled", "scan"):
+        for lay in args.layouts:
             a, b = act.get(f"{n}/{lay}/block"), act.get(f"{n}/{lay}/none")
             if a is not None and b is not None:
                 goals[f"remat_activation_{n}/{lay}"] = med(a) / med(b)
