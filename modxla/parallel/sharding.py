@@ -7,6 +7,7 @@ Norms, biases and other 1-D parameters are replicated. The sequence axis is neve
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from modxla.model.layers import BlockDelta
@@ -62,13 +63,15 @@ def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
         if spec is not None:
             xs.mark_sharding(p, mesh, spec)
 
-    def batch_sharded(module, args):
-        x = args[0]  # (B, T, D)
+    def pin(x):
         if x.device.type != "xla":  # the model was moved off the device (e.g. to evaluate)
             return
+        if type(x) is not torch.Tensor or torch._is_functional_tensor(x):
+            return  # traced inside scan: no annotation there; the carry is pinned at the embedding
         xs.mark_sharding(x, mesh, (("data", "fsdp"),) + (None,) * (x.ndim - 1))
 
     for module in model.modules():
         if isinstance(module, BlockDelta):
-            module.register_forward_pre_hook(batch_sharded)
+            module.register_forward_pre_hook(lambda module, args: pin(args[0]))  # (B, T, D)
+    model.embed.register_forward_hook(lambda module, args, out: pin(out))
     return specs
