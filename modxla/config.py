@@ -18,6 +18,9 @@ import yaml
 
 from modxla.errors import UserError
 
+REMAT = ("none", "block")  # activation checkpointing policies (train.remat)
+
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository (configs/ lives here)
 
 
@@ -37,11 +40,6 @@ class ModConfig:
     predictor_hidden: int = 64
     predictor_loss_weight: float = 1.0  # predictor BCE; cannot touch the model (stop-gradient)
 
-    @property
-    def routing(self) -> str:
-        """The old name of `router` (learned | random), for code not yet renamed."""
-        return self.router
-
 
 @dataclass
 class ModelConfig:
@@ -56,6 +54,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    scan: bool = False  # stack each period's blocks and run them with XLA scan (compiles once)
     mod: ModConfig = field(default_factory=ModConfig)
 
     @property
@@ -69,6 +68,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def scan_unit(self) -> int:
+        """Blocks in the repeating unit a scan iterates: one period of `every`, or one block."""
+        return self.mod.every if self.routed_layers else 1
 
     @property
     def routed_layers(self) -> list[int]:
@@ -114,6 +118,7 @@ class OptimizerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    moment_dtype: str = "float32"  # float32 | bfloat16: AdamW moments (params stay float32)
 
 
 @dataclass
@@ -123,6 +128,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    remat: str = "none"  # none | block: recompute each block's activations in the backward
     device: str = "xla"  # xla | cpu | cuda
     log_every: int = 10
     eval_every: int = 100  # 0 = off
@@ -260,6 +266,23 @@ def validate(cfg: Config) -> Config:
     _check(0 <= o.beta2 < 1, "optimizer.beta2", f"must be in [0, 1), got {o.beta2}")
     _check(o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps}")
     _check(o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
+    _check(
+        not m.scan or m.num_layers % m.scan_unit == 0,
+        "model.scan",
+        f"needs num_layers ({m.num_layers}) divisible by the scanned unit of {m.scan_unit} blocks",
+    )
+    _check(
+        not (m.scan and t.remat != "none" and mod.router == "random"),
+        "train.remat",
+        "with model.scan, random routing cannot be recomputed (the draw would differ); "
+        "use train.remat=none or model.scan=false",
+    )
+    _check(
+        o.moment_dtype in ("float32", "bfloat16"),
+        "optimizer.moment_dtype",
+        f"must be float32 or bfloat16, got {o.moment_dtype!r}",
+    )
+    _check(t.remat in REMAT, "train.remat", f"must be one of {', '.join(REMAT)}, got {t.remat!r}")
     _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
     _check(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
     _check(t.grad_accum > 0, "train.grad_accum", f"must be > 0, got {t.grad_accum}")

@@ -9,6 +9,8 @@ from torch import nn
 
 from modxla.config import OptimizerConfig
 
+MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 def lr_at(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine."""
@@ -20,16 +22,66 @@ def lr_at(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+def decays(name: str) -> bool:
+    """Weight decay for matrices, not for norms or biases (by name: stacked norms are 2-D)."""
+    return not name.endswith(("norm.weight", ".bias"))
+
+
+def param_groups(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) in the optimizer's order: decayed first, then the rest."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in named if decays(n)] + [(n, p) for n, p in named if not decays(n)]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for n, p in named if decays(n)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    kw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    if cfg.moment_dtype == "float32":
+        return torch.optim.AdamW(groups, **kw)
+    return LowPrecisionAdamW(groups, moment_dtype=MOMENT_DTYPES[cfg.moment_dtype], **kw)
+
+
+class LowPrecisionAdamW(torch.optim.Optimizer):
+    """AdamW whose moments are stored in `moment_dtype` (bfloat16 halves optimizer memory).
+
+    Parameters, gradients and the update itself stay float32: moments are widened, updated,
+    applied and rounded back. State keys match torch.optim.AdamW (step, exp_avg, exp_avg_sq),
+    so checkpoints and the trainer's restore code treat both alike.
+    """
+
+    def __init__(self, params, lr, betas, eps, weight_decay=0.0, moment_dtype=torch.bfloat16):
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.moment_dtype = moment_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:  # lazily, like torch's AdamW (step on the host: no recompiles)
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                st["step"] += 1
+                t = float(st["step"])
+                g = p.grad.float()
+                m = st["exp_avg"].float().mul_(b1).add_(g, alpha=1 - b1)
+                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+                st["exp_avg"].copy_(m)
+                st["exp_avg_sq"].copy_(v)
 
 
 def state_template(
@@ -44,11 +96,12 @@ def state_template(
     template = opt.state_dict()
     if params is None:
         params = [p for g in opt.param_groups for p in g["params"]]  # state_dict's order
+    moments = MOMENT_DTYPES[cfg.moment_dtype]
     template["state"] = {
         i: {
             "step": torch.zeros(()),
-            "exp_avg": torch.zeros_like(p),
-            "exp_avg_sq": torch.zeros_like(p),
+            "exp_avg": torch.zeros_like(p, dtype=moments),
+            "exp_avg_sq": torch.zeros_like(p, dtype=moments),
         }
         for i, p in enumerate(params)
     }

@@ -43,7 +43,7 @@ def train_step(
             "router_loss": out.router_loss,
             "predictor_loss": out.predictor_loss,
         }
-        stats.update(routing_stats(out.routing, model.cfg.routed_layers))
+        stats.update(out.block_stats)  # routed_frac/blockN, predictor_acc/blockN (scan too)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0) + v.detach().float() / accum
     params = [p for p in model.parameters() if p.grad is not None]

@@ -10,7 +10,7 @@ import time
 import torch
 
 from modxla import rundir
-from modxla.checkpoint import Checkpointer, CheckpointError, check_model_shapes
+from modxla.checkpoint import Checkpointer, CheckpointError, check_model_shapes, read_metadata
 from modxla.checkpoint import latest_checkpoint as find_latest
 from modxla.checkpoint import load as load_checkpoint
 from modxla.config import Config, load_config
@@ -19,6 +19,12 @@ from modxla.errors import UserError, report
 from modxla.guard import DivergenceGuard, guarded_step
 from modxla.metrics import flops_per_step, mfu
 from modxla.model import build_model
+from modxla.model.stacking import (
+    convert_optimizer_state,
+    convert_state,
+    is_stacked,
+    optimizer_names,
+)
 from modxla.optim import build_optimizer, lr_at, restore_state, set_lr, state_template
 from modxla.runtime import peak_flops_per_device, setup_runtime
 from modxla.step import eval_step
@@ -60,6 +66,7 @@ class Trainer:
         )
         self.step = 0
         model = build_model(cfg.model, seed=cfg.train.seed)
+        model.remat = cfg.train.remat
         resume = self._find_resume()
         restored = self._load(resume, model) if resume else None
         self.model = model.to(rt.device)
@@ -101,15 +108,22 @@ class Trainer:
 
     def _load(self, path: str, model: torch.nn.Module) -> dict:
         """Read a checkpoint into host tensors; the model (on the CPU) takes its weights."""
-        state = model.state_dict()
+        # Either layout (unrolled or scanned) loads into either: the template follows the
+        # checkpoint's layout, and the loaded tensors are converted to the model's.
+        unit, scan = self.cfg.model.scan_unit, self.cfg.model.scan
+        saved_scan = is_stacked(k[6:] for k in read_metadata(path) if k.startswith("model."))
+        state = convert_state(model.state_dict(), unit, saved_scan)
         check_model_shapes(path, state)
+        names = optimizer_names(state)  # the checkpoint's optimizer order
         template = {
             "model": state,
-            "optim": state_template(model, self.cfg.optimizer),
+            "optim": state_template(model, self.cfg.optimizer, [state[n] for n in names]),
             "meta": self._meta(),
         }
         loaded = load_checkpoint(path, template, verify=False)  # verified when found
-        model.load_state_dict(loaded["model"])
+        own = optimizer_names(model.state_dict())
+        loaded["optim"] = convert_optimizer_state(loaded["optim"], names, own, unit)
+        model.load_state_dict(convert_state(loaded["model"], unit, scan))
         _say(f"resuming from {path} (step {loaded['meta']['step']})")
         return loaded
 

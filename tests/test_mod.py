@@ -98,7 +98,7 @@ def test_each_routed_block_has_its_own_router(tiny_cfg):
 
 
 def test_random_routing_draws_new_routes_each_call(tiny_cfg):
-    mod = _block(tiny_cfg(**{"model.mod.routing": "random"}))
+    mod = _block(tiny_cfg(**{"model.mod.router": "random"}))
     assert mod.router is None
     x = torch.randn(2, T, 64)
     _, a = mod(x, _positions(2))

@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from modxla.config import ModelConfig
 from modxla.model.layers import DenseBlock, RMSNorm
 from modxla.model.mod import ROUTING_MODES, MoDBlock, RoutingInfo
+from modxla.model.stacking import block_terms, run_block, stack_blocks, stack_terms
 
 
 @dataclass
@@ -20,7 +23,8 @@ class ModelOutput:
     aux_loss: torch.Tensor  # weighted router BCE + predictor BCE, mean over routed blocks
     router_loss: torch.Tensor  # unweighted router BCE (mean over routed blocks)
     predictor_loss: torch.Tensor  # unweighted predictor BCE (mean over routed blocks)
-    routing: list[RoutingInfo] = field(default_factory=list)  # one per routed block
+    routing: list[RoutingInfo] = field(default_factory=list)  # one per routed block (not scan)
+    block_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # routed_frac/blockN, ...
 
 
 class Transformer(nn.Module):
@@ -34,7 +38,14 @@ class Transformer(nn.Module):
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
-        self.reset_parameters()
+        self.remat = "none"  # train.remat: none | block (set by the trainer)
+        self.reset_parameters()  # unrolled first: a scanned model starts from the same weights
+        if cfg.scan:  # `layers` takes the place of `blocks`, so parameter order is unchanged
+            layers = stack_blocks(list(self.blocks), cfg.scan_unit)
+            self._modules = {
+                ("layers" if k == "blocks" else k): (layers if k == "blocks" else v)
+                for k, v in self._modules.items()
+            }
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -63,30 +74,110 @@ class Transformer(nn.Module):
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         x = self.embed(tokens)  # (B, T, D)
         infos: list[RoutingInfo] = []
-        for block in self.blocks:
-            x, info = block(x, positions, routing)
-            if info is not None:
-                infos.append(info)
+        if not self.cfg.scan:
+            for block in self.blocks:
+                x, info = run_block(block, x, positions, routing, self.remat)
+                if info is not None:
+                    infos.append(info)
+            terms = stack_terms([block_terms(i) for i in infos])
+        elif x.device.type == "xla" and routing == "topk":
+            x, terms = self._scan(x, positions)
+        else:  # eager or causal routing: a plain loop over the stacked weights
+            x, infos = self._loop(x, positions, routing)
+            terms = stack_terms([block_terms(i) for i in infos])
         x = self.norm(x)
         w = self.embed.weight if self.head is None else self.head.weight
         logits = F.linear(x, w)  # (B, T, V)
-        router_loss, predictor_loss = self._aux(infos, x)
+        router_loss, predictor_loss = self._aux(terms, x)
         mod = self.cfg.mod
         aux = mod.aux_loss_weight * router_loss + mod.predictor_loss_weight * predictor_loss
-        return ModelOutput(logits, aux, router_loss, predictor_loss, infos)
+        stats = {}
+        for n, layer in enumerate(self.cfg.routed_layers):
+            stats[f"routed_frac/block{layer}"] = terms["routed_frac"][n]
+            if "predictor_acc" in terms:
+                stats[f"predictor_acc/block{layer}"] = terms["predictor_acc"][n]
+        return ModelOutput(logits, aux, router_loss, predictor_loss, infos, stats)
 
-    def _aux(self, infos: list[RoutingInfo], like: torch.Tensor):
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The blocks in order. A scanned model builds them as views of its stacked weights
+        (for decoding and tools that walk the blocks; they share storage on the host)."""
+        if "blocks" in self._modules:
+            return self._modules["blocks"]
+        unit, routed = self.cfg.scan_unit, set(self.cfg.routed_layers)
+        with torch.device("meta"):
+            blocks = nn.ModuleList(
+                MoDBlock(self.cfg) if i in routed else DenseBlock(self.cfg)
+                for i in range(self.cfg.num_layers)
+            )
+        for name, v in self.layers.named_parameters():
+            j, rest = name.split(".", 1)
+            for p in range(self._periods()):
+                owner, leaf = f"{p * unit + int(j)}.{rest}".rsplit(".", 1)
+                param = nn.Parameter(v[p], requires_grad=v.requires_grad)
+                setattr(blocks.get_submodule(owner), leaf, param)
+        return blocks
+
+    def _periods(self) -> int:
+        return self.cfg.num_layers // self.cfg.scan_unit
+
+    def _loop(self, x, positions, routing: str):
+        params = dict(self.layers.named_parameters())  # (P, ...) each
+        infos: list[RoutingInfo] = []
+        for p in range(self._periods()):
+            w = {name: v[p] for name, v in params.items()}
+            if self.remat == "none" or not torch.is_grad_enabled() or x.device.type == "xla":
+                x, got = self._period(x, w, positions, routing)
+            else:  # recompute inside functional_call, where the period's weights are bound
+                x, got = checkpoint(self._period, x, w, positions, routing, use_reentrant=False)
+            infos += got
+        return x, infos
+
+    def _period(self, x, w, positions, routing):
+        return functional_call(self.layers, w, (x, positions, routing, "none"))
+
+    def _scan(self, x, positions):
+        """All periods in one XLA While loop; routed blocks' terms come back stacked (P,)."""
+        from torch_xla.experimental.scan import scan
+
+        from modxla.model.stacking import scan_remat_partition
+
+        params = dict(self.layers.named_parameters())  # (P, ...) each
+        pos = positions.expand(self._periods(), *positions.shape)  # (P, B, T), not copied
+        key = id(self.layers)  # a deep copy of the model gets a function of its own
+        fn = self._scan_fns.get(key)
+        if fn is None:
+            layers = self.layers
+
+            def fn(h, xs):
+                w, pos_p = xs
+                h, got = functional_call(layers, w, (h, pos_p, "topk", "none"))
+                # scan differentiates every output: metrics (routed_frac, ...) get a zero
+                # path to a weight so that they have one.
+                zero = next(iter(w.values())).flatten()[0] * 0
+                terms = stack_terms([block_terms(i) for i in got])
+                return h, {k: v if v.requires_grad else v + zero for k, v in terms.items()}
+
+            self._scan_fns[key] = fn
+        partition = scan_remat_partition(self.remat)
+        # Pure (cached trace) unless the unit draws random router weights each step.
+        pure = self.cfg.mod.router != "random"
+        x, terms = scan(fn, x, (params, pos), partition_fn=partition, is_fn_pure=pure)
+        return x, {k: v.flatten() for k, v in terms.items()}  # (P,) one routed block a period
+
+    @property
+    def _scan_fns(self) -> dict:
+        if "_scan_cache" not in self.__dict__:
+            self.__dict__["_scan_cache"] = {}
+        return self.__dict__["_scan_cache"]
+
+    def _aux(self, terms: dict[str, torch.Tensor], like: torch.Tensor):
         zero = like.new_zeros(())
-        if not infos:
+        if not terms:
             return zero, zero
-        bce = F.binary_cross_entropy_with_logits
         learned = self.cfg.mod.router == "learned"
-        router = sum(bce(i.router_logits, i.topk_mask) for i in infos) / len(infos)
-        router = router if learned else zero
-        preds = [
-            bce(i.predictor_logits, i.topk_mask) for i in infos if i.predictor_logits is not None
-        ]
-        predictor = sum(preds) / len(preds) if preds else zero
+        router = terms["router_bce"].mean() if learned else zero
+        predictor = terms["predictor_bce"].mean() if "predictor_bce" in terms else zero
         return router, predictor
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -14,9 +14,11 @@ buffer each device adds its own rows, then the sum is reduced and sliced to the 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from modxla.model.layers import BlockDelta
+from modxla.model.stacking import STACKED
 
 COLUMN = ("tensor", "fsdp")
 ROW = ("fsdp", "tensor")
@@ -36,7 +38,14 @@ RULES = {
 
 
 def param_spec(name: str, ndim: int) -> tuple | None:
-    """Partition spec of a parameter by its name; None = replicated."""
+    """Partition spec of a parameter by its name; None = replicated.
+
+    A scanned model's `layers.*` weights carry a leading period axis (P, ...): it is never
+    sharded (scan slices it), and the rest follows the per-block rule.
+    """
+    if name.startswith(STACKED):
+        spec = param_spec(name[len(STACKED) :], ndim - 1)
+        return None if spec is None else (None, *spec)
     if ndim < 2:
         return None
     for suffix, spec in RULES.items():
@@ -61,16 +70,18 @@ def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
         if spec is not None:
             xs.mark_sharding(p, mesh, spec)
 
-    def batch_sharded(module, args):
-        x = args[0]  # (B, T, D)
+    def pin(x):
         if x.device.type != "xla":  # the model was moved off the device (e.g. to evaluate)
             return
+        if type(x) is not torch.Tensor or torch._is_functional_tensor(x):
+            return  # traced inside scan: no annotation there; the carry is pinned at the embedding
         xs.mark_sharding(x, mesh, (("data", "fsdp"),) + (None,) * (x.ndim - 1))
 
     for module in model.modules():
         if isinstance(module, BlockDelta):
-            module.register_forward_pre_hook(batch_sharded)
+            module.register_forward_pre_hook(lambda module, args: pin(args[0]))  # (B, T, D)
     _lookup_replicated(model.embed, mesh)
+    model.embed.register_forward_hook(lambda module, args, out: pin(out))  # the scan carry
     return specs
 
 
