@@ -73,15 +73,18 @@ def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
     def pin(x):
         if x.device.type != "xla":  # the model was moved off the device (e.g. to evaluate)
             return
-        if type(x) is not torch.Tensor or torch._is_functional_tensor(x):
-            return  # traced inside scan: no annotation there; the carry is pinned at the embedding
+        # Traced inside scan (a tensor subclass there): no annotation; the carry is pinned at
+        # the embedding. Every XLA tensor is a functional tensor, so that is no test of it.
+        if type(x) is not torch.Tensor:
+            return
         xs.mark_sharding(x, mesh, (("data", "fsdp"),) + (None,) * (x.ndim - 1))
 
     for module in model.modules():
         if isinstance(module, BlockDelta):
             module.register_forward_pre_hook(lambda module, args: pin(args[0]))  # (B, T, D)
     _lookup_replicated(model.embed, mesh)
-    model.embed.register_forward_hook(lambda module, args, out: pin(out))  # the scan carry
+    if getattr(model.cfg, "scan", False):  # the scan carry: blocks inside scan are not pinned
+        model.embed.register_forward_hook(lambda module, args, out: pin(out))
     return specs
 
 
