@@ -33,8 +33,8 @@ def _loss_and_grads(model, tokens, device, remat="none"):
     grads = {n: p.grad for n, p in model.named_parameters()}
     if device != "cpu":
         torch_xla.sync()
-    stats = {k: float(v) for k, v in out.block_stats.items()}
-    return float(loss), {n: g.cpu() for n, g in grads.items()}, stats
+    stats = {k: float(v.detach()) for k, v in out.block_stats.items()}
+    return float(loss.detach()), {n: g.cpu() for n, g in grads.items()}, stats
 
 
 def test_stacked_layout_round_trips_and_starts_from_the_same_weights():
