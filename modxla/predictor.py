@@ -45,7 +45,6 @@ from modxla.logger import MetricsLogger
 from modxla.model import Transformer, build_model
 from modxla.optim import build_optimizer, restore_state, state_template
 from modxla.runtime import setup_runtime
-from modxla.step import routing_stats
 
 INITS = ("auto", "fresh", "continue")
 
@@ -69,7 +68,7 @@ def predictor_step(model: Transformer, opt, batch: torch.Tensor) -> dict[str, to
     opt.step()
     opt.zero_grad(set_to_none=True)
     stats = {"predictor_loss": out.predictor_loss.detach()}
-    stats.update(routing_stats(out.routing, model.cfg.routed_layers))
+    stats.update(out.block_stats)  # per routed block: routed_frac, predictor_acc
     accs = [v for k, v in stats.items() if k.startswith("predictor_acc/")]
     stats["predictor_acc/mean"] = torch.stack(accs).mean()
     return {k: v.detach() for k, v in stats.items() if not k.startswith("routed_frac")}

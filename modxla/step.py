@@ -57,16 +57,6 @@ def train_step(
     return sums
 
 
-def routing_stats(infos, layers: list[int]) -> dict[str, torch.Tensor]:
-    stats = {}
-    for layer, info in zip(layers, infos, strict=True):
-        stats[f"routed_frac/block{layer}"] = info.routed_mask.mean()
-        if info.predictor_logits is not None:
-            hit = (info.predictor_logits > 0).float() == info.topk_mask
-            stats[f"predictor_acc/block{layer}"] = hit.float().mean()
-    return stats
-
-
 @torch.no_grad()
 def eval_step(model: Transformer, batch: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
     """Mean next-token loss of `batch` (B, T+1) with top-k routing."""
