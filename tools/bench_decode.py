@@ -1,6 +1,7 @@
 """Sampling speed and KV-cache memory of the dense baseline vs MoD, interleaved; prints JSON.
 
     PJRT_DEVICE=CPU python tools/bench_decode.py [--batches 1,8] [--backends eager,xla]
+    python tools/bench_decode.py --backends cuda      # eager PyTorch on a GPU
 
 Both models decode the same random tokens, one position at a time over the whole context
 (S = model.max_seq_len), with `modxla.model.decode.decode_step` as tools/generate.py runs it.
@@ -82,7 +83,7 @@ def _quartiles(xs: list[float]) -> list[float]:
 def bench(models, batch: int, seq_len: int, reps: int, device, desc: str) -> dict:
     """Interleaved decoding of `reps` sequences; per-variant ms/token and cache bytes."""
     step = decode_step
-    if device is not None:
+    if device is not None and device.type == "xla":
         import torch_xla
 
         step = torch_xla.compile(decode_step, full_graph=True, name="decode_step")
@@ -124,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default="configs/baseline.yaml")
     ap.add_argument("--mod", default="configs/mod_c12_every2.yaml")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    ap.add_argument("--backends", default="eager,xla", help="eager (CPU PyTorch) and/or xla")
+    ap.add_argument(
+        "--backends",
+        default="eager,xla",
+        help="eager (CPU PyTorch), xla and/or cuda (eager on a GPU)",
+    )
     ap.add_argument("--reps", type=int, default=3, help="timed sequences per (backend, batch)")
     ap.add_argument(
         "--threads",
@@ -138,8 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         batches = [int(b) for b in args.batches.split(",")]
         backends = args.backends.split(",")
-        if any(b < 1 for b in batches) or not set(backends) <= {"eager", "xla"} or args.reps < 1:
-            raise ValueError("batches must be >= 1, backends eager|xla, reps >= 1")
+        if (
+            any(b < 1 for b in batches)
+            or not set(backends) <= {"eager", "xla", "cuda"}
+            or args.reps < 1
+        ):
+            raise ValueError("batches must be >= 1, backends eager|xla|cuda, reps >= 1")
+        if "cuda" in backends and not torch.cuda.is_available():
+            raise ValueError("backend cuda: no CUDA device is available")
         cfgs = {
             "baseline": load_config(args.baseline, args.overrides),
             "mod": load_config(args.mod, args.overrides),
@@ -168,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     for backend in backends:
         device, run_models = None, models
-        if backend == "xla":
-            import torch_xla
+        if backend != "eager":
+            if backend == "xla":
+                import torch_xla
 
-            device = torch_xla.device()
+                device = torch_xla.device()
+            else:
+                device = torch.device("cuda")
+                result["cuda_device"] = torch.cuda.get_device_name()
             run_models = {n: build_model(c.model, seed=0).eval() for n, c in cfgs.items()}
             for n in run_models:
                 run_models[n].load_state_dict(models[n].state_dict())
