@@ -3,6 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modxla-installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). Whole files go to one worker, so a module's compiled graphs
+# and session fixtures are built once per file's worker.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 # 8 virtual XLA CPU devices for SPMD (XLA_FLAGS device counts do not work with torch_xla).
 XLA_CPU := PJRT_DEVICE=CPU CPU_NUM_DEVICES=8
 
@@ -23,11 +27,11 @@ demo: $(STAMP)
 NO_TESTS_FAIL = rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test: $(STAMP)
-	@$(XLA_CPU) $(PY) -m pytest $(PYTEST_ARGS); $(NO_TESTS_FAIL)
+	@$(XLA_CPU) $(PY) -m pytest $(XDIST) $(PYTEST_ARGS); $(NO_TESTS_FAIL)
 
 # Everything that neither trains nor compiles XLA graphs (tests marked slow): under a minute.
 test-fast: $(STAMP)
-	@$(XLA_CPU) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS); $(NO_TESTS_FAIL)
+	@$(XLA_CPU) $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS); $(NO_TESTS_FAIL)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

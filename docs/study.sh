@@ -1,23 +1,142 @@
 #!/usr/bin/env bash
-# The small-scale study behind docs/results.md: an isoFLOP sweep (baseline vs MoD 12.5% at
-# three sizes), MoD 50% and MoD 50% random routing at the middle size, the predictor tool on
-# the MoD runs, and the figures. Runs one after another on 1 XLA CPU device.
+# The small-scale study behind docs/results.md, from scratch:
+#   1. isoFLOP sweeps of the baseline and MoD 12.5% (every 2nd block) at two budgets,
+#      with sizes on both sides of each optimum;
+#   2. the 4-variant comparison (baseline, MoD 12.5%, MoD 50%, MoD 50% random) at one size;
+#   3. seeds: three at every point of the small budget, and at each variant's optimum of the
+#      large one;
+#   4. the 4-variant comparison again on a second corpus (the system's manual pages);
+#   5. post-hoc: predictor training over 3000 steps and its ablation, overflow calibration,
+#      what routed blocks do;
+#   6. figures and the isoFLOP fit.
+# Runs use eager PyTorch on the CPU (at these sizes it is ~3x faster than XLA:CPU), one
+# thread each, JOBS at a time. Finished runs are skipped, so the script can be re-run after
+# an interruption. PHASES selects steps, e.g. PHASES="1 2" bash docs/study.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-export PJRT_DEVICE=CPU CPU_NUM_DEVICES=1
-budget=${BUDGET:-2e12}
-out=runs/study
-common=(train.log_every=20 train.eval_every=250 train.eval_batches=8 data.val_fraction=0.02
-        checkpoint.keep=1)
-$py tools/isoflop.py --budget "$budget" --sizes 3x96 4x128 6x128 \
-    --variants baseline mod_c12 mod_c50 mod_c50_random --out $out/configs --runs-dir $out
-for name in baseline_3x96 baseline_4x128 baseline_6x128 mod_c12_3x96 mod_c12_4x128 \
-            mod_c12_6x128 mod_c50_4x128 mod_c50_random_4x128; do
-  $py -m modxla.train --config $out/configs/$name.yaml --run-dir $out/$name "${common[@]}"
+out=${OUT:-runs/study}
+jobs=${JOBS:-2}
+phases=${PHASES:-1 2 3 4 5 6}
+small=${SMALL:-1e12}
+large=${LARGE:-2e12}
+# Ascending in parameters. At these budgets the optimum sits among the smallest models.
+small_sizes=(2x32 2x48 2x64 2x96 3x96)
+large_sizes=(2x48 2x64 2x96 3x96)
+compare_size=3x96  # the 4-variant comparison (one routed block, as every 2-3 layer model here)
+export OMP_NUM_THREADS=1 PJRT_DEVICE=CPU CPU_NUM_DEVICES=1 py out
+export COMMON="train.device=cpu train.log_every=10 train.eval_every=250 train.eval_batches=32
+  data.val_fraction=0.05 checkpoint.keep=1"
+mkdir -p "$out"
+
+# One training run: CONFIG RUN_DIR SEED [overrides...]; skipped once it has finished.
+train() {
+  local cfg=$1 dir=$2 seed=$3
+  shift 3
+  [ -e "$dir.done" ] && return 0
+  mkdir -p "$(dirname "$dir")"
+  mkdir "$dir.lock" 2>/dev/null || { echo "skip   $dir (running elsewhere)"; return 0; }
+  trap 'rmdir "$dir.lock"' RETURN
+  # shellcheck disable=SC2086
+  if $py -m modxla.train --config "$cfg" --run-dir "$dir" train.seed="$seed" $COMMON "$@" \
+      >"$dir.log" 2>&1; then
+    touch "$dir.done"
+    echo "done   $dir"
+  else
+    echo "FAILED $dir (log: $dir.log)" >&2
+    return 1
+  fi
+}
+export -f train
+
+run_all() {  # lines of "CONFIG RUN_DIR SEED [overrides]" on stdin, JOBS at a time
+  xargs -P "$jobs" -L 1 bash -c 'train "$@"' _
+}
+
+plan() {  # BUDGET SIZES...: configs for every variant at every size
+  local budget=$1
+  shift
+  $py tools/isoflop.py --budget "$budget" --sizes "$@" --out "$out/configs/$budget" \
+    --variants baseline mod_c12 mod_c50 mod_c50_random >/dev/null
+}
+
+sweep() {  # BUDGET SEEDS SIZES...: baseline and MoD 12.5% at each size
+  local budget=$1 seeds=$2
+  shift 2
+  for seed in $seeds; do
+    for size in "$@"; do
+      for v in baseline mod_c12; do
+        echo "$out/configs/$budget/${v}_$size.yaml $out/$budget/${v}_${size}_s$seed $seed"
+      done
+    done
+  done
+}
+
+compare() {  # BUDGET SEEDS DIR [overrides]: MoD 50% and MoD 50% random at compare_size
+  local budget=$1 seeds=$2 dir=$3
+  shift 3
+  for seed in $seeds; do
+    for v in mod_c50 mod_c50_random; do
+      echo "$out/configs/$budget/${v}_$compare_size.yaml $dir/${v}_${compare_size}_s$seed $seed $*"
+    done
+  done
+}
+
+near_best() {  # BUDGET VARIANT SIZES...: the size with the lowest final validation loss
+  # (seed 0) and its neighbours in SIZES
+  $py - "$out/$1" "$2" "${@:3}" <<'EOF'
+import json, pathlib, sys
+root, variant, sizes = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+final = {}
+for size in sizes:
+    m = root / f"{variant}_{size}_s0" / "metrics.jsonl"
+    vals = [json.loads(x)["val_loss"] for x in m.read_text().splitlines() if "val_loss" in x]
+    final[size] = vals[-1]
+i = sizes.index(min(final, key=final.get))
+print(" ".join(sizes[max(0, i - 1) : i + 2]))
+EOF
+}
+
+for p in $phases; do
+  case $p in
+  1)  # isoFLOP sweeps (seed 0) and the 4-variant comparison (seed 0)
+    plan "$small" "${small_sizes[@]}"
+    plan "$large" "${large_sizes[@]}"
+    # the first run alone: it trains and caches the tokenizer the others share
+    sweep "$small" 0 "$compare_size" | sed -n 1p | run_all
+    { sweep "$small" 0 "${small_sizes[@]}"; compare "$small" 0 "$out/$small"
+      sweep "$large" 0 "${large_sizes[@]}"; } | run_all
+    ;;
+  2)  # seeds 1 and 2: each variant's optimum of the small budget and its neighbours, and
+      # the 4-variant comparison
+    { for v in baseline mod_c12; do
+        # shellcheck disable=SC2046
+        sweep "$small" "1 2" $(near_best "$small" "$v" "${small_sizes[@]}") | grep "/${v}_"
+      done
+      sweep "$small" "1 2" "$compare_size"; compare "$small" "1 2" "$out/$small"; } | run_all
+    ;;
+  3)  # the 4-variant comparison on the manual pages, three seeds
+    corpus=$out/corpus/manpages
+    [ -e "$corpus.done" ] || { $py tools/prepare_corpus.py --out "$corpus" && touch "$corpus.done"; }
+    man_runs() {
+      for seed in 0 1 2; do
+        for v in baseline mod_c12; do
+          echo "$out/configs/$small/${v}_$compare_size.yaml $out/man/${v}_${compare_size}_s$seed $seed data.source=$corpus"
+        done
+      done
+      compare "$small" "0 1 2" "$out/man" "data.source=$corpus"
+    }
+    man_runs | sed -n 1p | run_all  # alone: it trains the corpus's tokenizer
+    man_runs | run_all
+    ;;
+  4)  # seeds 1 and 2 at each variant's optimum of the large budget and its neighbours
+    { for v in baseline mod_c12; do
+        # shellcheck disable=SC2046
+        sweep "$large" "1 2" $(near_best "$large" "$v" "${large_sizes[@]}") | grep "/${v}_"
+      done; } | run_all
+    ;;
+  *)
+    echo "phase $p: not in this script yet" >&2
+    ;;
+  esac
 done
-for name in mod_c12_3x96 mod_c12_4x128 mod_c12_6x128; do
-  $py tools/train_predictor.py --run-dir $out/$name --steps 300 --eval-batches 8
-done
-$py tools/plot.py --out docs/figures $out/baseline_* $out/mod_c12_* $out/mod_c50_4x128 \
-    $out/mod_c50_random_4x128
