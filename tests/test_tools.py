@@ -34,6 +34,30 @@ def test_isoflop_runs_land_within_two_percent(tmp_path):
     assert (tmp_path / "run_all.sh").read_text().count("modxla.train") == 6
 
 
+def test_isoflop_seeds_and_extra_overrides(tmp_path, capsys):
+    argv = ["--budget", "3e14", "--sizes", "2x64", "--variants", "baseline", "--out"]
+    extra = ["--set", "train.device=cpu", "data.seq_len=32", "--set", "train.log_every=5"]
+    assert isoflop.main([*argv, str(tmp_path / "a"), "--seeds", "0", "1", "2", *extra]) == 0
+    names = sorted(p.stem for p in (tmp_path / "a").glob("*.yaml"))
+    assert names == ["baseline_2x64_s0", "baseline_2x64_s1", "baseline_2x64_s2"]
+    cfgs = [load_config(tmp_path / "a" / f"{n}.yaml") for n in names]
+    assert [c.train.seed for c in cfgs] == [0, 1, 2]
+    assert {c.data.seed for c in cfgs} == {0}  # same validation documents for every seed
+    c = cfgs[1]
+    assert (c.train.device, c.data.seq_len, c.train.log_every) == ("cpu", 32, 5)
+    # the half-length sequences are budgeted for: about twice the steps of the T64 plan
+    t64 = isoflop.plan("configs/tiny.yaml", 3e14, ["2x64"], ["baseline"])[0]
+    assert abs(c.train.steps * flops_per_step(c) - 3e14) <= 0.02 * 3e14
+    assert c.train.steps > 1.9 * t64["steps"]
+    assert isoflop.main([*argv, str(tmp_path / "b")]) == 0  # one seed: names unchanged
+    assert [p.stem for p in (tmp_path / "b").glob("*.yaml")] == ["baseline_2x64"]
+    capsys.readouterr()
+    assert isoflop.main([*argv, str(tmp_path / "c"), "--set", "train.steps=9"]) == 2
+    assert "the sweep sets train.steps and train.seed itself" in capsys.readouterr().err
+    assert isoflop.main([*argv, str(tmp_path / "c"), "--seeds", "1", "1"]) == 2
+    assert isoflop.main([*argv, str(tmp_path / "c"), "--set", "train.nope=1"]) == 2
+
+
 def test_isoflop_refuses_a_budget_it_cannot_hit():
     with pytest.raises(ConfigError, match="cannot spend .* within 2%"):
         isoflop.plan("configs/tiny.yaml", 1e9, ["6x192"], ["baseline"])
