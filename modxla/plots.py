@@ -1,13 +1,15 @@
 """The paper's figures from run directories (config.yaml + metrics.jsonl [+ predictor/]).
 
 Run directories and the output folder are paths or URLs (gs://...), read and written through
-modxla.rundir.
+modxla.rundir. Runs whose configs differ only in train.seed form one group: every figure shows
+the group's mean over seeds, with error bars (or a band) from the lowest to the highest seed.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 
@@ -15,11 +17,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from modxla import rundir  # noqa: E402
-from modxla.config import Config  # noqa: E402
+from modxla.config import Config, to_dict  # noqa: E402
 from modxla.errors import UserError  # noqa: E402
-from modxla.metrics import forward_flops, param_count  # noqa: E402
+from modxla.isoflop_fit import budget_of  # noqa: E402
+from modxla.metrics import flops_per_step, forward_flops, param_count  # noqa: E402
+
+EMA = 0.9  # smoothing of the logged training loss in the curve panels
+SPREAD = "error bars: min-max over seeds"
 
 
 class MissingData(UserError):
@@ -36,6 +44,68 @@ class Run:
     routing_eval: dict | None = None
 
     @property
+    def final_loss(self) -> float:
+        """Last validation loss, else the mean of the last train losses."""
+        if self.val:
+            return self.val[-1]["val_loss"]
+        tail = [r["lm_loss"] for r in self.train[-5:]]
+        if not tail:
+            raise MissingData(f"{rundir.basename(self.path)} has no logged losses")
+        return sum(tail) / len(tail)
+
+    def curve(self) -> dict[int, tuple[float, float, float]]:
+        """step -> (cumulative FLOPs, cumulative wall-clock s, EMA-smoothed train loss)."""
+        out, t, prev, ema = {}, 0.0, 0, 0.0
+        for n, r in enumerate(self.train, 1):
+            t += r["step_time_s"] * (r["step"] - prev)
+            prev = r["step"]
+            ema = EMA * ema + (1 - EMA) * r["lm_loss"]
+            out[r["step"]] = (r["step"] * r["flops_per_step"], t, ema / (1 - EMA**n))  # debiased
+        return out
+
+    @property
+    def steps_per_s(self) -> float:
+        times = [r["step_time_s"] for r in self.train[len(self.train) // 4 :]]  # past compiles
+        if not times:
+            raise MissingData(f"{rundir.basename(self.path)} has no logged training steps")
+        return 1.0 / statistics.median(times)
+
+
+@dataclass
+class Stat:
+    mean: float
+    lo: float
+    hi: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return cls(statistics.fmean(values), min(values), max(values), std, len(values))
+
+    @property
+    def yerr(self) -> list[list[float]]:
+        return [[self.mean - self.lo], [self.hi - self.mean]]
+
+
+@dataclass
+class Group:
+    """Runs that differ only in train.seed."""
+
+    runs: list[Run]
+    budget: int = 0  # index of its training-FLOP budget among the groups (ascending)
+
+    @property
+    def cfg(self) -> Config:
+        return self.runs[0].cfg
+
+    @property
+    def name(self) -> str:
+        name = rundir.basename(self.runs[0].path)
+        return re.sub(r"_s\d+$", "", name) if len(self.runs) > 1 else name
+
+    @property
     def variant(self) -> str:
         mod = self.cfg.model.mod
         if not self.cfg.model.routed_layers:
@@ -46,37 +116,79 @@ class Run:
         )
 
     @property
+    def short_variant(self) -> str:
+        """'Baseline', 'MoD 12.5%/2', 'MoD 50%/2 random': for crowded tick labels."""
+        mod = self.cfg.model.mod
+        if not self.cfg.model.routed_layers:
+            return "Baseline"
+        name = f"MoD {mod.capacity:.1%}/{mod.every}".replace(".0%", "%")
+        return name + (" random" if mod.router == "random" else "")
+
+    @property
     def params(self) -> int:
         return param_count(self.cfg.model)
 
     @property
-    def final_loss(self) -> float:
-        """Last validation loss, else the mean of the last train losses."""
-        if self.val:
-            return self.val[-1]["val_loss"]
-        tail = [r["lm_loss"] for r in self.train[-5:]]
-        if not tail:
-            raise MissingData(f"{self.path.name} has no logged losses")
-        return sum(tail) / len(tail)
-
-    def curve(self) -> tuple[list[float], list[float], list[float]]:
-        """(cumulative FLOPs, cumulative wall-clock s, train loss) at each logged step."""
-        flops, clock, loss = [], [], []
-        t, prev = 0.0, 0
-        for r in self.train:
-            t += r["step_time_s"] * (r["step"] - prev)
-            prev = r["step"]
-            flops.append(r["step"] * r["flops_per_step"])
-            clock.append(t)
-            loss.append(r["lm_loss"])
-        return flops, clock, loss
+    def fwd_flops(self) -> int:
+        return forward_flops(self.cfg.model, self.cfg.data.seq_len)["total"]
 
     @property
-    def steps_per_s(self) -> float:
-        times = [r["step_time_s"] for r in self.train[len(self.train) // 4 :]]  # past compiles
-        if not times:
-            raise MissingData(f"{self.path.name} has no logged training steps")
-        return 1.0 / statistics.median(times)
+    def flops_per_step(self) -> int:
+        return flops_per_step(self.cfg)
+
+    @property
+    def total_flops(self) -> float:
+        return float(self.cfg.train.steps * self.flops_per_step)
+
+    @property
+    def final_loss(self) -> Stat:
+        return Stat.of([r.final_loss for r in self.runs])
+
+    @property
+    def steps_per_s(self) -> Stat:
+        return Stat.of([r.steps_per_s for r in self.runs])
+
+    def label(self, budgets: bool = False) -> str:
+        seeds = f", {len(self.runs)} seeds" if len(self.runs) > 1 else ""
+        at = f", {sci(self.total_flops)} FLOPs" if budgets else ""
+        return f"{self.variant}, {self.params / 1e6:.2f}M{at}{seeds}"
+
+    def curve(self):
+        """Steps every seed logged: FLOPs, mean wall-clock, and the smoothed loss's Stat."""
+        curves = [r.curve() for r in self.runs]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        flops = [curves[0][s][0] for s in steps]
+        clock = [statistics.fmean(c[s][1] for c in curves) for s in steps]
+        loss = [Stat.of([c[s][2] for c in curves]) for s in steps]
+        return flops, clock, loss
+
+
+def _seedless(cfg: Config) -> str:
+    d = to_dict(cfg)
+    d["train"].pop("seed")
+    return json.dumps(d, sort_keys=True)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs grouped by their config less train.seed, in first-seen order, budgets numbered."""
+    by: dict[str, Group] = {}
+    for r in runs:
+        by.setdefault(_seedless(r.cfg), Group([])).runs.append(r)
+    groups = list(by.values())
+    for g, b in zip(groups, budget_of([g.total_flops for g in groups]), strict=True):
+        g.budget = b
+    return groups
+
+
+def sci(x: float, _pos=None) -> str:
+    """1.5e12 as '1.5e12', 0 as '0': tick labels with no offset text."""
+    if x == 0:
+        return "0"
+    mant, exp = f"{x:.2g}".split("e") if "e" in f"{x:.2g}" else (f"{x:.2g}", "0")
+    return mant if int(exp) == 0 else f"{mant}e{int(exp)}"
+
+
+SCI = FuncFormatter(sci)
 
 
 def load_runs(paths) -> list[Run]:
@@ -99,103 +211,201 @@ def load_runs(paths) -> list[Run]:
 
 def _save(fig, out: str, name: str) -> str:
     path = rundir.join(out, f"{name}.png")
-    fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # keeps outside legends
     plt.close(fig)
     rundir.write_bytes(path, buf.getvalue())
     return path
 
 
-def loss_vs_params(runs: list[Run]):
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for variant in sorted({r.variant for r in runs}):
-        pts = sorted((r.params, r.final_loss) for r in runs if r.variant == variant)
-        ax.plot(*zip(*pts, strict=True), "o--", label=variant)
+def legend_outside(ax, **kw) -> None:
+    """Legend right of the axes: it never covers a curve."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, **kw)
+
+
+def _has_seeds(groups: list[Group]) -> bool:
+    return any(len(g.runs) > 1 for g in groups)
+
+
+def loss_vs_params(groups: list[Group]):
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    many = len({g.budget for g in groups}) > 1
+    series: dict[str, list[Group]] = {}
+    for g in groups:
+        key = g.variant + (f", {sci(g.total_flops)} FLOPs" if many else "")
+        series.setdefault(key, []).append(g)
+    for key in sorted(series):
+        gs = sorted(series[key], key=lambda g: g.params)
+        stats = [g.final_loss for g in gs]
+        ax.errorbar(
+            [g.params for g in gs],
+            [s.mean for s in stats],
+            yerr=[[s.mean - s.lo for s in stats], [s.hi - s.mean for s in stats]],
+            fmt="o--",
+            capsize=3,
+            label=key,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("Parameters")
-    ax.set_ylabel("Loss")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("Final loss (validation, else last train losses)")
+    legend_outside(ax, title=SPREAD if _has_seeds(groups) else None, title_fontsize=7)
     return fig
 
 
-def loss_vs_flops_and_clock(runs: list[Run]):
-    fig, (a, b) = plt.subplots(2, 1, figsize=(5.5, 6))
-    for r in runs:
-        flops, clock, loss = r.curve()
-        label = f"{r.variant}, {r.params / 1e6:.2f}M"
-        style = "-" if r.variant == "Baseline" else "--"
-        a.plot([f / 1e18 for f in flops], loss, style, label=label)
-        b.plot(clock, loss, style, label=label)
-    a.set_xlabel("FLOPs (*1e18)")
-    b.set_xlabel("Wall-clock (s)")
+def _size(g: Group) -> str:
+    return f"{g.cfg.model.num_layers}x{g.cfg.model.d_model}"
+
+
+def loss_vs_flops_and_clock(groups: list[Group]):
+    """Smoothed training loss vs FLOPs (top) and wall-clock (bottom): one column per budget,
+    a color per size, a line style per variant."""
+    budgets = sorted({g.budget for g in groups})
+    sizes = sorted({(g.params, _size(g)) for g in groups})
+    sizes = list(dict.fromkeys(name for _, name in sizes))  # by parameters, each once
+    variants = sorted({g.variant for g in groups}, key=lambda v: (v != "Baseline", v))
+    styles = ["-", "--", ":", "-."]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {s: colors[i % len(colors)] for i, s in enumerate(sizes)}
+    style = {v: styles[i % len(styles)] for i, v in enumerate(variants)}
+    fig, axes = plt.subplots(
+        2, len(budgets), figsize=(4.5 * len(budgets), 7), squeeze=False, sharey=True
+    )
+    for col, budget in enumerate(budgets):
+        a, b = axes[0][col], axes[1][col]
+        for g in (g for g in groups if g.budget == budget):
+            flops, clock, loss = g.curve()
+            mean = [s.mean for s in loss]
+            kw = {"color": color[_size(g)], "ls": style[g.variant]}
+            a.plot(flops, mean, **kw)
+            b.plot(clock, mean, **kw)
+            if len(g.runs) > 1:
+                lo, hi = [s.lo for s in loss], [s.hi for s in loss]
+                a.fill_between(flops, lo, hi, color=kw["color"], alpha=0.2, lw=0)
+                b.fill_between(clock, lo, hi, color=kw["color"], alpha=0.2, lw=0)
+        a.set_xlabel("Training FLOPs")
+        a.xaxis.set_major_formatter(SCI)
+        b.set_xlabel("Wall-clock (s, mean over seeds)")
+        if len(budgets) > 1:
+            a.set_title(f"{sci(max(g.total_flops for g in groups if g.budget == budget))} FLOPs")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"Training loss (EMA {EMA} over logged steps)", fontsize=8)
+    params = {_size(g): g.params for g in groups}
+    handles = [Line2D([], [], color=color[s], label=f"{s} ({params[s] / 1e6:.2f}M)") for s in sizes]
+    handles += [Line2D([], [], color="gray", ls=style[v], label=v) for v in variants]
+    band = "band: min-max over seeds" if _has_seeds(groups) else None
+    legend_outside(axes[0][-1], handles=handles, title=band, title_fontsize=7)
+    return fig
+
+
+def throughput_bars(groups: list[Group]):
+    """FLOPs/step and steps/s per (variant, size), pooled over seeds and budgets."""
+    pooled: dict[tuple, list[Group]] = {}
+    for g in groups:
+        pooled.setdefault((g.variant != "Baseline", g.variant, g.params, _size(g)), []).append(g)
+    keys = sorted(pooled)
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(5.5, 1.1 * len(keys)), 6))
+    short = [pooled[k][0].short_variant for k in keys]
+    names = [f"{v}\n{size}\n{p / 1e6:.2f}M" for v, (_, _, p, size) in zip(short, keys, strict=True)]
+    x = range(len(keys))
+    a.bar(x, [pooled[k][0].flops_per_step for k in keys])
+    a.yaxis.set_major_formatter(SCI)
+    a.set_ylabel("FLOPs per step")
+    sps = [Stat.of([r.steps_per_s for g in pooled[k] for r in g.runs]) for k in keys]
+    seeds = any(s.n > 1 for s in sps)
+    err = [[s.mean - s.lo for s in sps], [s.hi - s.mean for s in sps]]
+    b.bar(x, [s.mean for s in sps], yerr=err if seeds else None, capsize=3)
+    b.set_ylabel("Steps/s\n(mean; error bars: min-max)" if seeds else "Steps/s")
     for ax in (a, b):
-        ax.set_ylabel("Loss")
-        ax.legend(fontsize=6)
+        ax.set_xticks(list(x), names, fontsize=6)
     return fig
 
 
-def throughput_bars(runs: list[Run]):
-    fig, (a, b) = plt.subplots(2, 1, figsize=(5.5, 6))
-    names = [f"{r.variant}\n{r.params / 1e6:.2f}M" for r in runs]
-    a.bar(names, [r.train[-1]["flops_per_step"] / 1e14 for r in runs])
-    a.set_ylabel("FLOPs/step (*10^14)")
-    b.bar(names, [r.steps_per_s for r in runs])
-    b.set_ylabel("Steps/s")
-    for ax in (a, b):
-        ax.tick_params(axis="x", labelsize=6)
-    return fig
-
-
-def isoflop_ll(runs: list[Run]):
-    """Normalized LL vs normalized FLOPs per forward pass, to the best (lowest-loss) baseline."""
-    base = [r for r in runs if r.variant == "Baseline"]
+def isoflop_ll(groups: list[Group]):
+    """Normalized LL vs normalized FLOPs per forward pass, to the best (lowest-loss) baseline,
+    at the largest budget that has a baseline."""
+    base = [g for g in groups if g.variant == "Baseline"]
     if not base:
         raise MissingData("needs at least one baseline run")
-    ref = min(base, key=lambda r: r.final_loss)
-    ref_flops = forward_flops(ref.cfg.model, ref.cfg.data.seq_len)["total"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    budget = max(g.budget for g in base)
+    groups = [g for g in groups if g.budget == budget]
+    ref = min((g for g in groups if g.variant == "Baseline"), key=lambda g: g.final_loss.mean)
+    ref_loss = ref.final_loss.mean
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     series: dict[str, list] = {"Baseline": []}
-    for r in runs:
-        x = forward_flops(r.cfg.model, r.cfg.data.seq_len)["total"] / ref_flops
-        y = r.final_loss / ref.final_loss
-        if r.variant == "Baseline":
-            series["Baseline"].append((x, y))
+    for g in groups:
+        x = g.fwd_flops / ref.fwd_flops
+        s = g.final_loss
+        pt = (x, s.mean / ref_loss, (s.mean - s.lo) / ref_loss, (s.hi - s.mean) / ref_loss)
+        if g.variant == "Baseline":
+            series["Baseline"].append(pt)
             continue
-        if r.cfg.model.mod.router != "learned":
+        if g.cfg.model.mod.router != "learned":
             continue  # random routing has no top-k vs predictor story to tell
-        cap = f"{r.cfg.model.mod.capacity:.1%}".replace(".0%", "%")
-        series.setdefault(f"MoD ({cap}) using top-k", []).append((x, y))
-        if r.routing_eval:
-            ratio = r.routing_eval["predictor"]["nll"] / r.routing_eval["topk"]["nll"]
-            series.setdefault(f"MoD ({cap}) using predictor", []).append((x, y * ratio))
+        cap = f"{g.cfg.model.mod.capacity:.1%}".replace(".0%", "%")
+        series.setdefault(f"MoD ({cap}) using top-k", []).append(pt)
+        evs = [r.routing_eval for r in g.runs if r.routing_eval]
+        if evs:
+            ratio = statistics.fmean(e["predictor"]["nll"] / e["topk"]["nll"] for e in evs)
+            scaled = (x, pt[1] * ratio, pt[2] * ratio, pt[3] * ratio)
+            series.setdefault(f"MoD ({cap}) using predictor", []).append(scaled)
     for name, pts in series.items():
         if pts:
-            ax.plot(*zip(*sorted(pts), strict=True), "o--", label=name)
+            x, y, lo, hi = zip(*sorted(pts), strict=True)
+            ax.errorbar(x, y, yerr=[lo, hi], fmt="o--", capsize=3, label=name)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_title(f"{sci(ref.total_flops)} training FLOPs", fontsize=9)
     ax.set_xlabel("Normalized FLOPs per FFW pass (to the isoFLOP-optimal baseline)")
     ax.set_ylabel("Normalized log-likelihood")
-    ax.legend(fontsize=7)
+    legend_outside(ax, title=SPREAD if _has_seeds(groups) else None, title_fontsize=7)
     return fig
 
 
-def predictor_accuracy(runs: list[Run]):
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for r in runs:
-        if r.predictor:
-            pts = [(x["step"], x["predictor_acc/mean"]) for x in r.predictor]
-            ax.plot(*zip(*pts, strict=True), label=f"{rundir.basename(r.path)} (post hoc)")
-        keys = [k for k in (r.train[-1] if r.train else {}) if k.startswith("predictor_acc/")]
-        if keys:
-            acc = [sum(x[k] for k in keys) / len(keys) for x in r.train]
-            ax.plot([x["step"] for x in r.train], acc, label=f"{rundir.basename(r.path)} (joint)")
-        if r.cfg.model.routed_layers:
-            ax.axhline(1 - r.cfg.model.mod.capacity, ls=":", color="gray")
+def _mean_curve(curves: list[list[tuple[float, float]]]):
+    """Mean and min/max of y over the x values every curve has."""
+    maps = [dict(c) for c in curves]
+    xs = sorted(set.intersection(*(set(m) for m in maps)))
+    stats = [Stat.of([m[x] for m in maps]) for x in xs]
+    return xs, stats
+
+
+def predictor_accuracy(groups: list[Group]):
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    drawn = False
+    for g in groups:
+        post = [[(x["step"], x["predictor_acc/mean"]) for x in r.predictor] for r in g.runs]
+        last = g.runs[0].train[-1] if g.runs[0].train else {}
+        keys = [k for k in last if k.startswith("predictor_acc/")]
+        joint = [
+            [(x["step"], sum(x[k] for k in keys) / len(keys)) for x in r.train]
+            for r in g.runs
+            if keys
+        ]
+        for curves, how in ((post, "post hoc"), (joint, "joint")):
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            xs, stats = _mean_curve(curves)
+            n = f", {len(curves)} seeds" if len(curves) > 1 else ""
+            (ln,) = ax.plot(xs, [s.mean for s in stats], label=f"{g.name} ({how}{n})")
+            drawn = True
+            if len(curves) > 1:
+                lo, hi = [s.lo for s in stats], [s.hi for s in stats]
+                ax.fill_between(xs, lo, hi, color=ln.get_color(), alpha=0.2, lw=0)
+            ax.axhline(1 - g.cfg.model.mod.capacity, ls=":", color=ln.get_color())
+    if not drawn:
+        plt.close(fig)
+        raise MissingData("no run logged predictor accuracy")
     ax.set_xlabel("Training step")
     ax.set_ylabel("Top-k prediction accuracy")
-    ax.legend(fontsize=7)
+    legend_outside(ax, title="dotted: always skip (1 - capacity)", title_fontsize=7)
     return fig
+
+
+def isoflop_fit(groups: list[Group]):
+    from modxla.plots_isoflop import isoflop_figure  # one module per figure family
+
+    return isoflop_figure(groups)
 
 
 FIGURES = {
@@ -203,21 +413,29 @@ FIGURES = {
     "loss_vs_flops_wallclock": loss_vs_flops_and_clock,
     "flops_and_steps_per_s": throughput_bars,
     "isoflop_loglikelihood": isoflop_ll,
+    "isoflop_fit": isoflop_fit,
     "predictor_accuracy": predictor_accuracy,
 }
 
 
 def render_all(run_dirs, out: str, warn=print) -> dict[str, str]:
-    """Every figure the runs have data for, as PNG files in `out`."""
+    """Every figure the runs have data for, as PNG files in `out`, and isoflop_fit.json."""
+    from modxla.plots_isoflop import fit_summary
+
     runs = load_runs(run_dirs)
     runs = [r for r in runs if r.train] or runs
+    groups = group_runs(runs)
     out = str(out)
     rundir.makedirs(out)
     written = {}
     for name, fn in FIGURES.items():
         try:
-            written[name] = _save(fn(runs), out, name)
+            written[name] = _save(fn(groups), out, name)
         except MissingData as e:  # anything else is a bug and keeps its traceback
             warn(f"skipped {name}: {e}")
             plt.close("all")
+    summary = fit_summary(groups)
+    path = rundir.join(out, "isoflop_fit.json")
+    rundir.write_text(path, json.dumps(summary, indent=1) + "\n")
+    written["isoflop_fit.json"] = path
     return written
