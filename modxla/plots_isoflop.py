@@ -15,9 +15,11 @@ import numpy as np
 from matplotlib.lines import Line2D
 
 from modxla.isoflop_fit import summarize
-from modxla.plots import SPREAD, Group, MissingData, legend_outside, sci
+from modxla.plot_runs import SPREAD, Group, MissingData, sci
+from modxla.plots import legend_outside
 
 MARKERS = "osD^v<>p"
+POINT_KEYS = ("run", "params", "loss", "loss_min", "loss_max", "loss_std", "seeds")
 STYLES = ["-", "--", "-.", ":"]
 
 
