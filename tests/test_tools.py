@@ -65,12 +65,12 @@ def test_isoflop_refuses_a_budget_it_cannot_hit():
         isoflop.plan("configs/tiny.yaml", 1e15, ["big"], ["baseline"])
 
 
-def _fake_run(root, name, capacity, d_model, loss0, with_predictor=False):
+def _fake_run(root, name, capacity, d_model, loss0, with_predictor=False, budget=3e12):
     run = root / name
     run.mkdir()
-    cfg = load_config(
-        "configs/tiny.yaml", [f"model.mod.capacity={capacity}", f"model.d_model={d_model}"]
-    )
+    over = [f"model.mod.capacity={capacity}", f"model.d_model={d_model}"]
+    steps = round(budget / flops_per_step(load_config("configs/tiny.yaml", over)))
+    cfg = load_config("configs/tiny.yaml", [*over, f"train.steps={steps}"])  # one budget
     save_config(cfg, run / "config.yaml")
     fps = flops_per_step(cfg)
     recs = []
@@ -101,20 +101,25 @@ def _fake_run(root, name, capacity, d_model, loss0, with_predictor=False):
 def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
     runs = [
         _fake_run(tmp_path, "base_s", 1.0, 64, 3.3),
+        _fake_run(tmp_path, "base_m", 1.0, 96, 3.15),
         _fake_run(tmp_path, "base_l", 1.0, 128, 3.2),
         _fake_run(tmp_path, "mod_s", 0.125, 64, 3.25, with_predictor=True),
         _fake_run(tmp_path, "mod_l", 0.125, 128, 3.1, with_predictor=True),
     ]
     out = tmp_path / "plots"
     written = plots.render_all(runs, out, warn=pytest.fail)
-    assert set(written) == set(plots.FIGURES)
-    for path in written.values():
-        assert Path(path).stat().st_size > 5000  # a real picture, not an empty file
-    loaded = plots.load_runs(runs)
+    assert set(written) == {*plots.FIGURES, "isoflop_fit.json"}
+    for name in plots.FIGURES:
+        assert Path(written[name]).stat().st_size > 5000  # a real picture, not an empty file
+    loaded = plots.group_runs(plots.load_runs(runs))
+    smooth = "Training loss (EMA 0.9 over logged steps)"
     labels = {
-        "loss_vs_params": [("Parameters", "Loss")],
-        "loss_vs_flops_wallclock": [("FLOPs (*1e18)", "Loss"), ("Wall-clock (s)", "Loss")],
-        "flops_and_steps_per_s": [("", "FLOPs/step (*10^14)"), ("", "Steps/s")],
+        "loss_vs_params": [("Parameters", "Final loss (validation, else last train losses)")],
+        "loss_vs_flops_wallclock": [
+            ("Training FLOPs", smooth),
+            ("Wall-clock (s, mean over seeds)", smooth),
+        ],
+        "flops_and_steps_per_s": [("", "FLOPs per step"), ("", "Steps/s")],
         "isoflop_loglikelihood": [
             (
                 "Normalized FLOPs per FFW pass (to the isoFLOP-optimal baseline)",
@@ -122,15 +127,16 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
             )
         ],
         "predictor_accuracy": [("Training step", "Top-k prediction accuracy")],
+        "isoflop_fit": [("Parameters", "Final validation loss")],
     }
     for name, fn in plots.FIGURES.items():
         fig = fn(loaded)
         assert [(a.get_xlabel(), a.get_ylabel()) for a in fig.axes] == labels[name]
     iso = plots.isoflop_ll(loaded).axes[0]
-    lines = {ln.get_label(): ln.get_xydata() for ln in iso.get_lines() if ln.get_label()[0] != "_"}
+    lines = {c.get_label(): c.lines[0].get_xydata() for c in iso.containers}
     assert set(lines) == {"Baseline", "MoD (12.5%) using top-k", "MoD (12.5%) using predictor"}
     assert min(y for _, y in lines["Baseline"]) == pytest.approx(1.0)  # normalized to the best
-    assert loaded[2].variant == "MoD (12.5% capacity, every 2)"
+    assert loaded[3].variant == "MoD (12.5% capacity, every 2)"
     assert loaded[0].variant == "Baseline"
 
 
