@@ -168,6 +168,62 @@ def test_isoflop_default_base_config_is_found_from_any_folder(tmp_path, monkeypa
     assert (tmp_path / "o" / "run_all.sh").exists()
 
 
+FAKE_PAGE = rb""".TH FAKE 1 "2026" "modxla" "User Commands"
+.SH NAME
+fake \- print everything twice
+.SH DESCRIPTION
+The \fBfake\fR command prints \fIeverything\fP twice, with internationalization
+considerations for extraordinarily long words in a justified paragraph that wraps.
+.TP
+.B \-v
+be verbose
+"""
+
+
+def test_prepare_corpus_renders_man_pages_to_plain_text(tmp_path, capsys):
+    import gzip
+    import shutil
+
+    from modxla.cli import prepare_corpus
+    from modxla.data.sources import local_files
+
+    if shutil.which("groff") is None or shutil.which("col") is None:
+        pytest.skip("groff/col not installed")
+    pages = tmp_path / "man1"
+    pages.mkdir()
+    (pages / "fake.1.gz").write_bytes(gzip.compress(FAKE_PAGE))
+    (pages / "alias.1.gz").write_bytes(gzip.compress(b".so man1/fake.1\n"))  # a redirect
+    real = Path("/usr/share/man/man1/ls.1.gz")  # a real page too, where this machine has one
+    if real.exists():
+        shutil.copy(real, pages / "ls.1.gz")
+    argv = ["--pages", str(pages / "*.gz"), "--max-chars", "100000"]
+    assert prepare_corpus.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["pages"] == (2 if real.exists() else 1) and stats["skipped"] == 1
+    files = local_files(str(tmp_path / "a"))  # what data.source=<folder> reads
+    texts = {Path(f).name.split("_", 1)[1]: Path(f).read_text() for f in files}
+    fake = texts["fake.1.txt"]
+    assert "The fake command prints everything twice, with internationalization" in fake
+    assert "\\f" not in fake and "\b" not in fake and "\n." not in fake  # no roff, no overstrikes
+    assert "  " not in fake.split("DESCRIPTION")[1].split("\n")[1].strip()  # no justification
+    if real.exists():
+        ls = texts["ls.1.txt"]
+        assert "list directory contents" in ls and "\\f" not in ls and ".TH" not in ls
+        assert not any(line.startswith(".") for line in ls.splitlines())
+    assert sum(len(t) for t in texts.values()) == stats["chars"]
+    # the cap is exact, the order fixed by the seed, and jsonl is the other output
+    small = [*argv[:3], "300", "--out", str(tmp_path / "b.jsonl")]
+    assert prepare_corpus.main(small) == 0
+    rows = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert sum(len(r["text"]) for r in rows) == 300
+    assert prepare_corpus.main([*small[:-1], str(tmp_path / "c.jsonl")]) == 0
+    assert (tmp_path / "c.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    capsys.readouterr()
+    assert prepare_corpus.main(small) == 2  # an output in the way is not overwritten
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert prepare_corpus.main(["--pages", str(tmp_path / "none*"), "--out", "x"]) == 2
+
+
 @pytest.mark.parametrize(
     "module, argv, message",
     [
