@@ -154,14 +154,25 @@ class Group:
         return flops, clock, loss
 
 
+# what a group may differ in besides train.seed: bookkeeping that does not change the run
+IGNORED = {
+    "train": ("seed", "compile_cache", "peak_flops"),
+    "data": ("cache_dir", "num_proc"),
+    "checkpoint": ("dir", "every", "keep", "async_save", "resume"),
+}
+
+
 def _seedless(cfg: Config) -> str:
     d = to_dict(cfg)
-    d["train"].pop("seed")
+    for section, keys in IGNORED.items():
+        for k in keys:
+            d[section].pop(k)
     return json.dumps(d, sort_keys=True)
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Runs grouped by their config less train.seed, in first-seen order, budgets numbered."""
+    """Runs grouped by their config less train.seed and IGNORED keys, in first-seen order;
+    budgets numbered."""
     by: dict[str, Group] = {}
     for r in runs:
         by.setdefault(_seedless(r.cfg), Group([])).runs.append(r)

@@ -53,8 +53,9 @@ def _size(capacity, layers, d):
 
 
 def _run(root, name, capacity, layers, d, seed, val_loss, train_loss, budget=BUDGET):
-    """A run dir whose config spends `budget` FLOPs; constant logged train loss."""
-    over = [*_size(capacity, layers, d), f"train.seed={seed}"]
+    """A run dir whose config spends `budget` FLOPs; constant logged train loss; seeds also
+    differ in checkpoint.keep (bookkeeping that must not split a group)."""
+    over = [*_size(capacity, layers, d), f"train.seed={seed}", f"checkpoint.keep={seed + 1}"]
     per_step = flops_per_step(load_config("configs/tiny.yaml", over))
     steps = round(budget / per_step)
     cfg = load_config("configs/tiny.yaml", [*over, f"train.steps={steps}"])
