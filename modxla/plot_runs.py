@@ -86,6 +86,7 @@ class Group:
 
     runs: list[Run]
     budget: int = 0  # index of its training-FLOP budget among the groups (ascending)
+    corpus: str = ""  # data.source's name, set when the runs use more than one corpus
 
     @property
     def cfg(self) -> Config:
@@ -99,21 +100,27 @@ class Group:
     @property
     def variant(self) -> str:
         mod = self.cfg.model.mod
+        on = f" on {self.corpus}" if self.corpus else ""
         if not self.cfg.model.routed_layers:
-            return "Baseline"
+            return "Baseline" + on
         name = f"MoD ({mod.capacity:.1%} capacity, every {mod.every})".replace(".0%", "%")
-        return (
-            name.replace(", every", ", random routing, every") if mod.router == "random" else name
-        )
+        if mod.router == "random":
+            name = name.replace(", every", ", random routing, every")
+        return name + on
 
     @property
     def short_variant(self) -> str:
         """'Baseline', 'MoD 12.5%/2', 'MoD 50%/2 random': for crowded tick labels."""
         mod = self.cfg.model.mod
+        on = f" {self.corpus}" if self.corpus else ""
         if not self.cfg.model.routed_layers:
-            return "Baseline"
+            return "Baseline" + on
         name = f"MoD {mod.capacity:.1%}/{mod.every}".replace(".0%", "%")
-        return name + (" random" if mod.router == "random" else "")
+        return name + (" random" if mod.router == "random" else "") + on
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.cfg.model.routed_layers
 
     @property
     def params(self) -> int:
@@ -179,6 +186,9 @@ def group_runs(runs: list[Run]) -> list[Group]:
     groups = list(by.values())
     for g, b in zip(groups, budget_of([g.total_flops for g in groups]), strict=True):
         g.budget = b
+    if len({g.cfg.data.source for g in groups}) > 1:  # never fit one curve across corpora
+        for g in groups:
+            g.corpus = rundir.basename(g.cfg.data.source) or g.cfg.data.source
     return groups
 
 

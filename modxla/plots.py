@@ -88,7 +88,8 @@ def loss_vs_flops_and_clock(groups: list[Group]):
     budgets = sorted({g.budget for g in groups})
     sizes = sorted({(g.params, _size(g)) for g in groups})
     sizes = list(dict.fromkeys(name for _, name in sizes))  # by parameters, each once
-    variants = sorted({g.variant for g in groups}, key=lambda v: (v != "Baseline", v))
+    variants = sorted({(not g.is_baseline, g.variant) for g in groups})
+    variants = [v for _, v in variants]
     styles = ["-", "--", ":", "-."]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {s: colors[i % len(colors)] for i, s in enumerate(sizes)}
@@ -127,7 +128,7 @@ def throughput_bars(groups: list[Group]):
     """FLOPs/step and steps/s per (variant, size), pooled over seeds and budgets."""
     pooled: dict[tuple, list[Group]] = {}
     for g in groups:
-        pooled.setdefault((g.variant != "Baseline", g.variant, g.params, _size(g)), []).append(g)
+        pooled.setdefault((not g.is_baseline, g.variant, g.params, _size(g)), []).append(g)
     keys = sorted(pooled)
     fig, (a, b) = plt.subplots(2, 1, figsize=(max(5.5, 1.1 * len(keys)), 6))
     short = [pooled[k][0].short_variant for k in keys]
@@ -149,12 +150,13 @@ def throughput_bars(groups: list[Group]):
 def isoflop_ll(groups: list[Group]):
     """Normalized LL vs normalized FLOPs per forward pass, to the best (lowest-loss) baseline,
     at the largest budget that has a baseline."""
-    base = [g for g in groups if g.variant == "Baseline"]
+    base = [g for g in groups if g.is_baseline]
     if not base:
         raise MissingData("needs at least one baseline run")
     budget = max(g.budget for g in base)
-    groups = [g for g in groups if g.budget == budget]
-    ref = min((g for g in groups if g.variant == "Baseline"), key=lambda g: g.final_loss.mean)
+    corpus = min(g.corpus for g in base if g.budget == budget)  # one corpus: losses compare
+    groups = [g for g in groups if g.budget == budget and g.corpus == corpus]
+    ref = min((g for g in groups if g.is_baseline), key=lambda g: g.final_loss.mean)
     ref_loss = ref.final_loss.mean
     fig, ax = plt.subplots(figsize=(7.5, 4))
     series: dict[str, list] = {"Baseline": []}
@@ -162,7 +164,7 @@ def isoflop_ll(groups: list[Group]):
         x = g.fwd_flops / ref.fwd_flops
         s = g.final_loss
         pt = (x, s.mean / ref_loss, (s.mean - s.lo) / ref_loss, (s.hi - s.mean) / ref_loss)
-        if g.variant == "Baseline":
+        if g.is_baseline:
             series["Baseline"].append(pt)
             continue
         if g.cfg.model.mod.router != "learned":
@@ -180,7 +182,8 @@ def isoflop_ll(groups: list[Group]):
             ax.errorbar(x, y, yerr=[lo, hi], fmt="o--", capsize=3, label=name)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_title(f"{sci(ref.total_flops)} training FLOPs", fontsize=9)
+    on = f", {corpus}" if corpus else ""
+    ax.set_title(f"{sci(ref.total_flops)} training FLOPs{on}", fontsize=9)
     ax.set_xlabel("Normalized FLOPs per FFW pass (to the isoFLOP-optimal baseline)")
     ax.set_ylabel("Normalized log-likelihood")
     legend_outside(ax, title=SPREAD if _has_seeds(groups) else None, title_fontsize=7)

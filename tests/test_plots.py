@@ -52,10 +52,11 @@ def _size(capacity, layers, d):
     ]
 
 
-def _run(root, name, capacity, layers, d, seed, val_loss, train_loss, budget=BUDGET):
+def _run(root, name, capacity, layers, d, seed, val_loss, train_loss, budget=BUDGET, extra=()):
     """A run dir whose config spends `budget` FLOPs; constant logged train loss; seeds also
     differ in checkpoint.keep (bookkeeping that must not split a group)."""
     over = [*_size(capacity, layers, d), f"train.seed={seed}", f"checkpoint.keep={seed + 1}"]
+    over += extra
     per_step = flops_per_step(load_config("configs/tiny.yaml", over))
     steps = round(budget / per_step)
     cfg = load_config("configs/tiny.yaml", [*over, f"train.steps={steps}"])
@@ -149,3 +150,20 @@ def test_figures_are_readable(tmp_path):
         left = ax.get_legend().get_window_extent().x0
         assert all(left >= a.get_window_extent().x1 for a in f.axes)
     assert [plots.sci(v) for v in (0, 2e9, 1.5e12, 5e11, 3)] == ["0", "2e9", "1.5e12", "5e11", "3"]
+
+
+def test_runs_on_two_corpora_are_never_one_group_or_one_fit(tmp_path):
+    paths = [
+        _run(tmp_path, f"{src[-3:]}_{d}", 1.0, 2, d, 0, 3.0, 3.5, extra=[f"data.source={src}"])[0]
+        for src in ("stdlib", "corpus/man")
+        for d in (64, 96, 128)
+    ]
+    groups = plots.group_runs(plots.load_runs(paths))
+    assert sorted({g.variant for g in groups}) == ["Baseline on man", "Baseline on stdlib"]
+    summary = fit_summary(groups)
+    assert [(e["variant"], e["sizes"]) for e in summary] == [
+        ("Baseline on man", 3),
+        ("Baseline on stdlib", 3),
+    ]
+    title = plots.isoflop_ll(groups).axes[0].get_title()
+    assert title.endswith("FLOPs, man")  # normalized within one corpus
