@@ -55,6 +55,8 @@ def test_isoflop_seeds_and_extra_overrides(tmp_path, capsys):
     assert isoflop.main([*argv, str(tmp_path / "c"), "--set", "train.steps=9"]) == 2
     assert "the sweep sets train.steps and train.seed itself" in capsys.readouterr().err
     assert isoflop.main([*argv, str(tmp_path / "c"), "--seeds", "1", "1"]) == 2
+    both = isoflop.plan("configs/tiny.yaml", 3e14, ["2x64"], ["baseline"], [3, 4], seed_data=True)
+    assert [(r["config"].train.seed, r["config"].data.seed) for r in both] == [(3, 3), (4, 4)]
     assert isoflop.main([*argv, str(tmp_path / "c"), "--set", "train.nope=1"]) == 2
 
 
@@ -185,7 +187,6 @@ def test_prepare_corpus_renders_man_pages_to_plain_text(tmp_path, capsys):
     import shutil
 
     from modxla.cli import prepare_corpus
-    from modxla.data.sources import local_files
 
     if shutil.which("groff") is None or shutil.which("col") is None:
         pytest.skip("groff/col not installed")
@@ -200,7 +201,8 @@ def test_prepare_corpus_renders_man_pages_to_plain_text(tmp_path, capsys):
     assert prepare_corpus.main([*argv, "--out", str(tmp_path / "a")]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["pages"] == (2 if real.exists() else 1) and stats["skipped"] == 1
-    files = local_files(str(tmp_path / "a"))  # what data.source=<folder> reads
+    files = sorted((tmp_path / "a").iterdir())  # data.source=<folder>: one document per file
+    assert all(f.suffix == ".txt" for f in files)
     texts = {Path(f).name.split("_", 1)[1]: Path(f).read_text() for f in files}
     fake = texts["fake.1.txt"]
     assert "The fake command prints everything twice, with internationalization" in fake

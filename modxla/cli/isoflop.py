@@ -11,7 +11,8 @@ Writes one ready-to-run config per run and run_all.sh with the commands.
 --seeds: one run per seed, named VARIANT_SIZE_sN when more than one seed is given (one seed
 keeps the name VARIANT_SIZE). A seed sets train.seed (weights, random routing); data.seed stays
 the base config's, because it also picks the validation documents: every run of a sweep is
-evaluated on the same held-out text and sees the same batch order.
+evaluated on the same held-out text and sees the same batch order. --seed-data sets data.seed
+too (another batch order and another validation split per seed: a wider, noisier spread).
 --set: overrides applied to every config before the steps are computed (so a different
 data.seq_len or train.batch_size is budgeted for); train.steps and train.seed are the sweep's.
 """
@@ -63,13 +64,15 @@ def plan(
     variants: list[str],
     seeds: list[int] = (0,),
     extra: list[str] = (),
+    seed_data: bool = False,
 ) -> list[dict]:
     """One entry per run: name, overrides, config, steps, the FLOPs it will spend, its seed."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {list(seeds)}: give one or more distinct seeds")
+    owned = (*SWEEP_KEYS, "data.seed") if seed_data else SWEEP_KEYS
     for text in extra:
-        if text.split("=", 1)[0].strip() in SWEEP_KEYS:
-            raise ConfigError(f"--set {text}: the sweep sets {' and '.join(SWEEP_KEYS)} itself")
+        if text.split("=", 1)[0].strip() in owned:
+            raise ConfigError(f"--set {text}: the sweep sets {' and '.join(owned)} itself")
     runs = []
     for variant in variants:
         if variant not in VARIANTS:
@@ -89,6 +92,8 @@ def plan(
             for seed in seeds:
                 name = f"{variant}_{size}" + (f"_s{seed}" if len(seeds) > 1 else "")
                 seeded = [*over, f"train.seed={seed}"]
+                if seed_data:
+                    seeded.append(f"data.seed={seed}")
                 runs.append(
                     {
                         "name": name,
@@ -117,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", nargs="+", type=int, default=[0], help="train.seed of each run (default: 0)"
     )
     ap.add_argument(
+        "--seed-data",
+        action="store_true",
+        help="set data.seed to the seed too (batch order and validation split vary)",
+    )
+    ap.add_argument(
         "--set",
         action="extend",
         nargs="+",
@@ -127,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        runs = plan(args.base, args.budget, args.sizes, args.variants, args.seeds, args.extra)
+        runs = plan(
+            args.base,
+            args.budget,
+            args.sizes,
+            args.variants,
+            args.seeds,
+            args.extra,
+            args.seed_data,
+        )
     except UserError as e:
         return report(e)
     out = Path(args.out)
