@@ -72,6 +72,9 @@ def loss_vs_params(groups: list[Group]):
             label=key,
         )
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(SCI)
+    ax.xaxis.set_minor_formatter(SCI)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("Parameters")
     ax.set_ylabel("Final loss (validation, else last train losses)")
     legend_outside(ax, title=SPREAD if _has_seeds(groups) else None, title_fontsize=7)
@@ -94,15 +97,22 @@ def loss_vs_flops_and_clock(groups: list[Group]):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {s: colors[i % len(colors)] for i, s in enumerate(sizes)}
     style = {v: styles[i % len(styles)] for i, v in enumerate(variants)}
+    by_variant = len(sizes) == 1  # one size (a variant comparison): a color per variant too
+    vcolor = {v: colors[i % len(colors)] for i, v in enumerate(variants)}
     fig, axes = plt.subplots(
         2, len(budgets), figsize=(4.5 * len(budgets), 7), squeeze=False, sharey=True
     )
+    top, bottom = [], []
     for col, budget in enumerate(budgets):
         a, b = axes[0][col], axes[1][col]
         for g in (g for g in groups if g.budget == budget):
             flops, clock, loss = g.curve()
             mean = [s.mean for s in loss]
-            kw = {"color": color[_size(g)], "ls": style[g.variant]}
+            if mean:
+                top.append(mean[len(mean) // 10])
+                bottom.append(min(mean))
+            c = vcolor[g.variant] if by_variant else color[_size(g)]
+            kw = {"color": c, "ls": style[g.variant]}
             a.plot(flops, mean, **kw)
             b.plot(clock, mean, **kw)
             if len(g.runs) > 1:
@@ -116,9 +126,20 @@ def loss_vs_flops_and_clock(groups: list[Group]):
             a.set_title(f"{sci(max(g.total_flops for g in groups if g.budget == budget))} FLOPs")
     for ax in axes[:, 0]:
         ax.set_ylabel(f"Training loss (EMA {EMA} over logged steps)", fontsize=8)
+    if top:  # from a tenth of the way in: the first steps' fall would flatten the rest
+        lo, hi = min(bottom), max(top)
+        axes[0][0].set_ylim(lo - 0.05 * (hi - lo), hi)
     params = {_size(g): g.params for g in groups}
-    handles = [Line2D([], [], color=color[s], label=f"{s} ({params[s] / 1e6:.2f}M)") for s in sizes]
-    handles += [Line2D([], [], color="gray", ls=style[v], label=v) for v in variants]
+    handles = [
+        Line2D(
+            [], [], color="gray" if by_variant else color[s], label=f"{s} ({params[s] / 1e6:.2f}M)"
+        )
+        for s in sizes
+    ]
+    handles += [
+        Line2D([], [], color=vcolor[v] if by_variant else "gray", ls=style[v], label=v)
+        for v in variants
+    ]
     band = "band: min-max over seeds" if _has_seeds(groups) else None
     legend_outside(axes[0][-1], handles=handles, title=band, title_fontsize=7)
     return fig
@@ -190,6 +211,33 @@ def isoflop_ll(groups: list[Group]):
     return fig
 
 
+def variants_at_size(groups: list[Group]):
+    """Final loss per variant, one panel per (size, budget) with 3 or more variants (the
+    4-variant comparison; a sweep's baseline/MoD pairs are in loss_vs_params)."""
+    by: dict[tuple, list[Group]] = {}
+    for g in groups:
+        by.setdefault((g.corpus, g.budget, _size(g)), []).append(g)
+    by = {k: v for k, v in by.items() if len(v) >= 3}
+    if not by:
+        raise MissingData("needs 3 or more variants at one size and budget")
+    rows = max(map(len, by.values()))
+    height = (0.9 + 0.35 * rows) * len(by)
+    fig, axes = plt.subplots(len(by), 1, figsize=(7.5, height), squeeze=False, layout="constrained")
+    for ax, ((corpus, _, size), gs) in zip(axes[:, 0], sorted(by.items()), strict=True):
+        gs = sorted(gs, key=lambda g: g.final_loss.mean)
+        stats = [g.final_loss for g in gs]
+        y = range(len(gs))
+        err = [[s.mean - s.lo for s in stats], [s.hi - s.mean for s in stats]]
+        ax.errorbar([s.mean for s in stats], y, xerr=err, fmt="o", capsize=3)
+        ax.set_yticks(list(y), [f"{g.variant} (n={len(g.runs)})" for g in gs], fontsize=7)
+        ax.set_ylim(len(gs) - 0.5, -0.5)  # best on top
+        on = f", {corpus}" if corpus else ""
+        ax.set_title(f"{size}, {sci(gs[0].total_flops)} training FLOPs{on}", fontsize=8)
+        ax.set_xlabel("Final loss (validation); " + SPREAD if _has_seeds(gs) else "Final loss")
+        ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
 def _mean_curve(curves: list[list[tuple[float, float]]]):
     """Mean and min/max of y over the x values every curve has."""
     maps = [dict(c) for c in curves]
@@ -243,6 +291,7 @@ FIGURES = {
     "flops_and_steps_per_s": throughput_bars,
     "isoflop_loglikelihood": isoflop_ll,
     "isoflop_fit": isoflop_fit,
+    "variants_at_size": variants_at_size,
     "predictor_accuracy": predictor_accuracy,
 }
 

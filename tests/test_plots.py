@@ -167,3 +167,30 @@ def test_runs_on_two_corpora_are_never_one_group_or_one_fit(tmp_path):
     ]
     title = plots.isoflop_ll(groups).axes[0].get_title()
     assert title.endswith("FLOPs, man")  # normalized within one corpus
+
+
+def test_variant_comparison_orders_variants_by_seed_mean(tmp_path):
+    variants = {
+        "baseline": ["model.mod.capacity=1.0"],
+        "c12": ["model.mod.capacity=0.125"],
+        "c50": ["model.mod.capacity=0.5"],
+        "rand": ["model.mod.capacity=0.5", "model.mod.router=random"],
+    }
+    means = {"baseline": 2.42, "c12": 2.40, "c50": 2.47, "rand": 2.45}
+    paths = [
+        _run(tmp_path, f"{v}_s{s}", 1.0, 4, 128, s, means[v] + d, 3.0, extra=x)[0]
+        for v, x in variants.items()
+        for s, d in ((0, -0.01), (1, 0.01))
+    ]
+    ax = plots.variants_at_size(plots.group_runs(plots.load_runs(paths))).axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == [
+        "MoD (12.5% capacity, every 2) (n=2)",
+        "Baseline (n=2)",
+        "MoD (50% capacity, random routing, every 2) (n=2)",
+        "MoD (50% capacity, every 2) (n=2)",
+    ]
+    (bars,) = ax.containers
+    assert list(bars.lines[0].get_xdata()) == pytest.approx([2.40, 2.42, 2.45, 2.47])
+    segs = bars.lines[2][0].get_segments()
+    assert [s[1][0] - s[0][0] for s in segs] == pytest.approx([0.02] * 4)  # min-max of 2 seeds

@@ -109,9 +109,13 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
         _fake_run(tmp_path, "mod_l", 0.125, 128, 3.1, with_predictor=True),
     ]
     out = tmp_path / "plots"
-    written = plots.render_all(runs, out, warn=pytest.fail)
-    assert set(written) == {*plots.FIGURES, "isoflop_fit.json"}
-    for name in plots.FIGURES:
+    skipped = []
+    written = plots.render_all(runs, out, warn=skipped.append)
+    # two variants only: the variant comparison (tests/test_plots.py) has nothing to show
+    assert skipped == ["skipped variants_at_size: needs 3 or more variants at one size and budget"]
+    figures = set(plots.FIGURES) - {"variants_at_size"}
+    assert set(written) == {*figures, "isoflop_fit.json"}
+    for name in figures:
         assert Path(written[name]).stat().st_size > 5000  # a real picture, not an empty file
     loaded = plots.group_runs(plots.load_runs(runs))
     smooth = "Training loss (EMA 0.9 over logged steps)"
@@ -131,8 +135,8 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
         "predictor_accuracy": [("Training step", "Top-k prediction accuracy")],
         "isoflop_fit": [("Parameters", "Final validation loss")],
     }
-    for name, fn in plots.FIGURES.items():
-        fig = fn(loaded)
+    for name in figures:
+        fig = plots.FIGURES[name](loaded)
         assert [(a.get_xlabel(), a.get_ylabel()) for a in fig.axes] == labels[name]
     iso = plots.isoflop_ll(loaded).axes[0]
     lines = {c.get_label(): c.lines[0].get_xydata() for c in iso.containers}
