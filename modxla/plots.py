@@ -72,9 +72,6 @@ def loss_vs_params(groups: list[Group]):
             label=key,
         )
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(SCI)
-    ax.xaxis.set_minor_formatter(SCI)
-    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("Parameters")
     ax.set_ylabel("Final loss (validation, else last train losses)")
     legend_outside(ax, title=SPREAD if _has_seeds(groups) else None, title_fontsize=7)
