@@ -1,7 +1,9 @@
 """The paper's figures from run directories (config.yaml + metrics.jsonl [+ predictor/]).
 
 Run directories and the output folder are paths or URLs (gs://...), read and written through
-modxla.rundir.
+modxla.rundir. Runs whose configs differ only in train.seed form one group (modxla.plot_runs):
+every figure shows the group's mean over seeds, with error bars (or a band) from the lowest to
+the highest seed.
 """
 
 from __future__ import annotations
@@ -9,193 +11,275 @@ from __future__ import annotations
 import io
 import json
 import statistics
-from dataclasses import dataclass, field
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from modxla import rundir  # noqa: E402
-from modxla.config import Config  # noqa: E402
-from modxla.errors import UserError  # noqa: E402
-from modxla.metrics import forward_flops, param_count  # noqa: E402
+from modxla.plot_runs import (  # noqa: E402, F401  (re-exported: the figures' inputs)
+    EMA,
+    SPREAD,
+    Group,
+    MissingData,
+    Run,
+    Stat,
+    group_runs,
+    load_runs,
+    sci,
+)
 
-
-class MissingData(UserError):
-    """The runs lack what one figure needs (a baseline, logged steps): that figure is skipped."""
-
-
-@dataclass
-class Run:
-    path: str  # a path or URL
-    cfg: Config
-    train: list[dict] = field(default_factory=list)  # records with a loss
-    val: list[dict] = field(default_factory=list)  # records with a val_loss
-    predictor: list[dict] = field(default_factory=list)
-    routing_eval: dict | None = None
-
-    @property
-    def variant(self) -> str:
-        mod = self.cfg.model.mod
-        if not self.cfg.model.routed_layers:
-            return "Baseline"
-        name = f"MoD ({mod.capacity:.1%} capacity, every {mod.every})".replace(".0%", "%")
-        return (
-            name.replace(", every", ", random routing, every") if mod.router == "random" else name
-        )
-
-    @property
-    def params(self) -> int:
-        return param_count(self.cfg.model)
-
-    @property
-    def final_loss(self) -> float:
-        """Last validation loss, else the mean of the last train losses."""
-        if self.val:
-            return self.val[-1]["val_loss"]
-        tail = [r["lm_loss"] for r in self.train[-5:]]
-        if not tail:
-            raise MissingData(f"{self.path.name} has no logged losses")
-        return sum(tail) / len(tail)
-
-    def curve(self) -> tuple[list[float], list[float], list[float]]:
-        """(cumulative FLOPs, cumulative wall-clock s, train loss) at each logged step."""
-        flops, clock, loss = [], [], []
-        t, prev = 0.0, 0
-        for r in self.train:
-            t += r["step_time_s"] * (r["step"] - prev)
-            prev = r["step"]
-            flops.append(r["step"] * r["flops_per_step"])
-            clock.append(t)
-            loss.append(r["lm_loss"])
-        return flops, clock, loss
-
-    @property
-    def steps_per_s(self) -> float:
-        times = [r["step_time_s"] for r in self.train[len(self.train) // 4 :]]  # past compiles
-        if not times:
-            raise MissingData(f"{self.path.name} has no logged training steps")
-        return 1.0 / statistics.median(times)
-
-
-def load_runs(paths) -> list[Run]:
-    runs = []
-    for p in map(str, paths):
-        recs = rundir.read_jsonl(rundir.join(p, rundir.METRICS))
-        ev = rundir.join(p, rundir.PREDICTOR, rundir.EVAL)
-        runs.append(
-            Run(
-                path=p,
-                cfg=rundir.load_config(p),
-                train=[r for r in recs if "loss" in r],
-                val=[r for r in recs if "val_loss" in r],
-                predictor=rundir.read_jsonl(rundir.join(p, rundir.PREDICTOR, rundir.METRICS)),
-                routing_eval=json.loads(rundir.read_text(ev)) if rundir.exists(ev) else None,
-            )
-        )
-    return runs
+SCI = FuncFormatter(sci)
 
 
 def _save(fig, out: str, name: str) -> str:
     path = rundir.join(out, f"{name}.png")
-    fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # keeps outside legends
     plt.close(fig)
     rundir.write_bytes(path, buf.getvalue())
     return path
 
 
-def loss_vs_params(runs: list[Run]):
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for variant in sorted({r.variant for r in runs}):
-        pts = sorted((r.params, r.final_loss) for r in runs if r.variant == variant)
-        ax.plot(*zip(*pts, strict=True), "o--", label=variant)
+def legend_outside(ax, **kw) -> None:
+    """Legend right of the axes: it never covers a curve."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, **kw)
+
+
+def _has_seeds(groups: list[Group]) -> bool:
+    return any(len(g.runs) > 1 for g in groups)
+
+
+def loss_vs_params(groups: list[Group]):
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    many = len({g.budget for g in groups}) > 1
+    series: dict[str, list[Group]] = {}
+    for g in groups:
+        key = g.variant + (f", {sci(g.total_flops)} FLOPs" if many else "")
+        series.setdefault(key, []).append(g)
+    for key in sorted(series):
+        gs = sorted(series[key], key=lambda g: g.params)
+        stats = [g.final_loss for g in gs]
+        ax.errorbar(
+            [g.params for g in gs],
+            [s.mean for s in stats],
+            yerr=[[s.mean - s.lo for s in stats], [s.hi - s.mean for s in stats]],
+            fmt="o--",
+            capsize=3,
+            label=key,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("Parameters")
-    ax.set_ylabel("Loss")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("Final loss (validation, else last train losses)")
+    legend_outside(ax, title=SPREAD if _has_seeds(groups) else None, title_fontsize=7)
     return fig
 
 
-def loss_vs_flops_and_clock(runs: list[Run]):
-    fig, (a, b) = plt.subplots(2, 1, figsize=(5.5, 6))
-    for r in runs:
-        flops, clock, loss = r.curve()
-        label = f"{r.variant}, {r.params / 1e6:.2f}M"
-        style = "-" if r.variant == "Baseline" else "--"
-        a.plot([f / 1e18 for f in flops], loss, style, label=label)
-        b.plot(clock, loss, style, label=label)
-    a.set_xlabel("FLOPs (*1e18)")
-    b.set_xlabel("Wall-clock (s)")
+def _size(g: Group) -> str:
+    return f"{g.cfg.model.num_layers}x{g.cfg.model.d_model}"
+
+
+def loss_vs_flops_and_clock(groups: list[Group]):
+    """Smoothed training loss vs FLOPs (top) and wall-clock (bottom): one column per budget,
+    a color per size, a line style per variant."""
+    budgets = sorted({g.budget for g in groups})
+    sizes = sorted({(g.params, _size(g)) for g in groups})
+    sizes = list(dict.fromkeys(name for _, name in sizes))  # by parameters, each once
+    variants = sorted({(not g.is_baseline, g.variant) for g in groups})
+    variants = [v for _, v in variants]
+    styles = ["-", "--", ":", "-."]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {s: colors[i % len(colors)] for i, s in enumerate(sizes)}
+    style = {v: styles[i % len(styles)] for i, v in enumerate(variants)}
+    by_variant = len(sizes) == 1  # one size (a variant comparison): a color per variant too
+    vcolor = {v: colors[i % len(colors)] for i, v in enumerate(variants)}
+    fig, axes = plt.subplots(
+        2, len(budgets), figsize=(4.5 * len(budgets), 7), squeeze=False, sharey=True
+    )
+    top, bottom = [], []
+    for col, budget in enumerate(budgets):
+        a, b = axes[0][col], axes[1][col]
+        for g in (g for g in groups if g.budget == budget):
+            flops, clock, loss = g.curve()
+            mean = [s.mean for s in loss]
+            if mean:
+                top.append(mean[len(mean) // 10])
+                bottom.append(min(mean))
+            c = vcolor[g.variant] if by_variant else color[_size(g)]
+            kw = {"color": c, "ls": style[g.variant]}
+            a.plot(flops, mean, **kw)
+            b.plot(clock, mean, **kw)
+            if len(g.runs) > 1:
+                lo, hi = [s.lo for s in loss], [s.hi for s in loss]
+                a.fill_between(flops, lo, hi, color=kw["color"], alpha=0.2, lw=0)
+                b.fill_between(clock, lo, hi, color=kw["color"], alpha=0.2, lw=0)
+        a.set_xlabel("Training FLOPs")
+        a.xaxis.set_major_formatter(SCI)
+        b.set_xlabel("Wall-clock (s, mean over seeds)")
+        if len(budgets) > 1:
+            a.set_title(f"{sci(max(g.total_flops for g in groups if g.budget == budget))} FLOPs")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"Training loss (EMA {EMA} over logged steps)", fontsize=8)
+    if top:  # from a tenth of the way in: the first steps' fall would flatten the rest
+        lo, hi = min(bottom), max(top)
+        axes[0][0].set_ylim(lo - 0.05 * (hi - lo), hi)
+    params = {_size(g): g.params for g in groups}
+    handles = [
+        Line2D(
+            [], [], color="gray" if by_variant else color[s], label=f"{s} ({params[s] / 1e6:.2f}M)"
+        )
+        for s in sizes
+    ]
+    handles += [
+        Line2D([], [], color=vcolor[v] if by_variant else "gray", ls=style[v], label=v)
+        for v in variants
+    ]
+    band = "band: min-max over seeds" if _has_seeds(groups) else None
+    legend_outside(axes[0][-1], handles=handles, title=band, title_fontsize=7)
+    return fig
+
+
+def throughput_bars(groups: list[Group]):
+    """FLOPs/step and steps/s per (variant, size), pooled over seeds and budgets."""
+    pooled: dict[tuple, list[Group]] = {}
+    for g in groups:
+        pooled.setdefault((not g.is_baseline, g.variant, g.params, _size(g)), []).append(g)
+    keys = sorted(pooled)
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(5.5, 1.1 * len(keys)), 6))
+    short = [pooled[k][0].short_variant for k in keys]
+    names = [f"{v}\n{size}\n{p / 1e6:.2f}M" for v, (_, _, p, size) in zip(short, keys, strict=True)]
+    x = range(len(keys))
+    a.bar(x, [pooled[k][0].flops_per_step for k in keys])
+    a.yaxis.set_major_formatter(SCI)
+    a.set_ylabel("FLOPs per step")
+    sps = [Stat.of([r.steps_per_s for g in pooled[k] for r in g.runs]) for k in keys]
+    seeds = any(s.n > 1 for s in sps)
+    err = [[s.mean - s.lo for s in sps], [s.hi - s.mean for s in sps]]
+    b.bar(x, [s.mean for s in sps], yerr=err if seeds else None, capsize=3)
+    b.set_ylabel("Steps/s\n(mean; error bars: min-max)" if seeds else "Steps/s")
     for ax in (a, b):
-        ax.set_ylabel("Loss")
-        ax.legend(fontsize=6)
+        ax.set_xticks(list(x), names, fontsize=6)
     return fig
 
 
-def throughput_bars(runs: list[Run]):
-    fig, (a, b) = plt.subplots(2, 1, figsize=(5.5, 6))
-    names = [f"{r.variant}\n{r.params / 1e6:.2f}M" for r in runs]
-    a.bar(names, [r.train[-1]["flops_per_step"] / 1e14 for r in runs])
-    a.set_ylabel("FLOPs/step (*10^14)")
-    b.bar(names, [r.steps_per_s for r in runs])
-    b.set_ylabel("Steps/s")
-    for ax in (a, b):
-        ax.tick_params(axis="x", labelsize=6)
-    return fig
-
-
-def isoflop_ll(runs: list[Run]):
-    """Normalized LL vs normalized FLOPs per forward pass, to the best (lowest-loss) baseline."""
-    base = [r for r in runs if r.variant == "Baseline"]
+def isoflop_ll(groups: list[Group]):
+    """Normalized LL vs normalized FLOPs per forward pass, to the best (lowest-loss) baseline,
+    at the largest budget that has a baseline."""
+    base = [g for g in groups if g.is_baseline]
     if not base:
         raise MissingData("needs at least one baseline run")
-    ref = min(base, key=lambda r: r.final_loss)
-    ref_flops = forward_flops(ref.cfg.model, ref.cfg.data.seq_len)["total"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    budget = max(g.budget for g in base)
+    corpus = min(g.corpus for g in base if g.budget == budget)  # one corpus: losses compare
+    groups = [g for g in groups if g.budget == budget and g.corpus == corpus]
+    ref = min((g for g in groups if g.is_baseline), key=lambda g: g.final_loss.mean)
+    ref_loss = ref.final_loss.mean
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     series: dict[str, list] = {"Baseline": []}
-    for r in runs:
-        x = forward_flops(r.cfg.model, r.cfg.data.seq_len)["total"] / ref_flops
-        y = r.final_loss / ref.final_loss
-        if r.variant == "Baseline":
-            series["Baseline"].append((x, y))
+    for g in groups:
+        x = g.fwd_flops / ref.fwd_flops
+        s = g.final_loss
+        pt = (x, s.mean / ref_loss, (s.mean - s.lo) / ref_loss, (s.hi - s.mean) / ref_loss)
+        if g.is_baseline:
+            series["Baseline"].append(pt)
             continue
-        if r.cfg.model.mod.router != "learned":
+        if g.cfg.model.mod.router != "learned":
             continue  # random routing has no top-k vs predictor story to tell
-        cap = f"{r.cfg.model.mod.capacity:.1%}".replace(".0%", "%")
-        series.setdefault(f"MoD ({cap}) using top-k", []).append((x, y))
-        if r.routing_eval:
-            ratio = r.routing_eval["predictor"]["nll"] / r.routing_eval["topk"]["nll"]
-            series.setdefault(f"MoD ({cap}) using predictor", []).append((x, y * ratio))
+        cap = f"{g.cfg.model.mod.capacity:.1%}".replace(".0%", "%")
+        series.setdefault(f"MoD ({cap}) using top-k", []).append(pt)
+        evs = [r.routing_eval for r in g.runs if r.routing_eval]
+        if evs:
+            ratio = statistics.fmean(e["predictor"]["nll"] / e["topk"]["nll"] for e in evs)
+            scaled = (x, pt[1] * ratio, pt[2] * ratio, pt[3] * ratio)
+            series.setdefault(f"MoD ({cap}) using predictor", []).append(scaled)
     for name, pts in series.items():
         if pts:
-            ax.plot(*zip(*sorted(pts), strict=True), "o--", label=name)
+            x, y, lo, hi = zip(*sorted(pts), strict=True)
+            ax.errorbar(x, y, yerr=[lo, hi], fmt="o--", capsize=3, label=name)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axvline(1.0, color="k", lw=0.8)
+    on = f", {corpus}" if corpus else ""
+    ax.set_title(f"{sci(ref.total_flops)} training FLOPs{on}", fontsize=9)
     ax.set_xlabel("Normalized FLOPs per FFW pass (to the isoFLOP-optimal baseline)")
     ax.set_ylabel("Normalized log-likelihood")
-    ax.legend(fontsize=7)
+    legend_outside(ax, title=SPREAD if _has_seeds(groups) else None, title_fontsize=7)
     return fig
 
 
-def predictor_accuracy(runs: list[Run]):
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for r in runs:
-        if r.predictor:
-            pts = [(x["step"], x["predictor_acc/mean"]) for x in r.predictor]
-            ax.plot(*zip(*pts, strict=True), label=f"{rundir.basename(r.path)} (post hoc)")
-        keys = [k for k in (r.train[-1] if r.train else {}) if k.startswith("predictor_acc/")]
-        if keys:
-            acc = [sum(x[k] for k in keys) / len(keys) for x in r.train]
-            ax.plot([x["step"] for x in r.train], acc, label=f"{rundir.basename(r.path)} (joint)")
-        if r.cfg.model.routed_layers:
-            ax.axhline(1 - r.cfg.model.mod.capacity, ls=":", color="gray")
+def variants_at_size(groups: list[Group]):
+    """Final loss per variant, one panel per (size, budget) with 3 or more variants (the
+    4-variant comparison; a sweep's baseline/MoD pairs are in loss_vs_params)."""
+    by: dict[tuple, list[Group]] = {}
+    for g in groups:
+        by.setdefault((g.corpus, g.budget, _size(g)), []).append(g)
+    by = {k: v for k, v in by.items() if len(v) >= 3}
+    if not by:
+        raise MissingData("needs 3 or more variants at one size and budget")
+    rows = max(map(len, by.values()))
+    height = (0.9 + 0.35 * rows) * len(by)
+    fig, axes = plt.subplots(len(by), 1, figsize=(7.5, height), squeeze=False, layout="constrained")
+    for ax, ((corpus, _, size), gs) in zip(axes[:, 0], sorted(by.items()), strict=True):
+        gs = sorted(gs, key=lambda g: g.final_loss.mean)
+        stats = [g.final_loss for g in gs]
+        y = range(len(gs))
+        err = [[s.mean - s.lo for s in stats], [s.hi - s.mean for s in stats]]
+        ax.errorbar([s.mean for s in stats], y, xerr=err, fmt="o", capsize=3)
+        ax.set_yticks(list(y), [f"{g.variant} (n={len(g.runs)})" for g in gs], fontsize=7)
+        ax.set_ylim(len(gs) - 0.5, -0.5)  # best on top
+        on = f", {corpus}" if corpus else ""
+        ax.set_title(f"{size}, {sci(gs[0].total_flops)} training FLOPs{on}", fontsize=8)
+        ax.set_xlabel("Final loss (validation); " + SPREAD if _has_seeds(gs) else "Final loss")
+        ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def _mean_curve(curves: list[list[tuple[float, float]]]):
+    """Mean and min/max of y over the x values every curve has."""
+    maps = [dict(c) for c in curves]
+    xs = sorted(set.intersection(*(set(m) for m in maps)))
+    stats = [Stat.of([m[x] for m in maps]) for x in xs]
+    return xs, stats
+
+
+def predictor_accuracy(groups: list[Group]):
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    drawn = False
+    for g in groups:
+        post = [[(x["step"], x["predictor_acc/mean"]) for x in r.predictor] for r in g.runs]
+        last = g.runs[0].train[-1] if g.runs[0].train else {}
+        keys = [k for k in last if k.startswith("predictor_acc/")]
+        joint = [
+            [(x["step"], sum(x[k] for k in keys) / len(keys)) for x in r.train]
+            for r in g.runs
+            if keys
+        ]
+        for curves, how in ((post, "post hoc"), (joint, "joint")):
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            xs, stats = _mean_curve(curves)
+            n = f", {len(curves)} seeds" if len(curves) > 1 else ""
+            (ln,) = ax.plot(xs, [s.mean for s in stats], label=f"{g.name} ({how}{n})")
+            drawn = True
+            if len(curves) > 1:
+                lo, hi = [s.lo for s in stats], [s.hi for s in stats]
+                ax.fill_between(xs, lo, hi, color=ln.get_color(), alpha=0.2, lw=0)
+            ax.axhline(1 - g.cfg.model.mod.capacity, ls=":", color=ln.get_color())
+    if not drawn:
+        plt.close(fig)
+        raise MissingData("no run logged predictor accuracy")
     ax.set_xlabel("Training step")
     ax.set_ylabel("Top-k prediction accuracy")
-    ax.legend(fontsize=7)
+    legend_outside(ax, title="dotted: always skip (1 - capacity)", title_fontsize=7)
     return fig
+
+
+def isoflop_fit(groups: list[Group]):
+    from modxla.plots_isoflop import isoflop_figure  # one module per figure family
+
+    return isoflop_figure(groups)
 
 
 FIGURES = {
@@ -203,21 +287,30 @@ FIGURES = {
     "loss_vs_flops_wallclock": loss_vs_flops_and_clock,
     "flops_and_steps_per_s": throughput_bars,
     "isoflop_loglikelihood": isoflop_ll,
+    "isoflop_fit": isoflop_fit,
+    "variants_at_size": variants_at_size,
     "predictor_accuracy": predictor_accuracy,
 }
 
 
 def render_all(run_dirs, out: str, warn=print) -> dict[str, str]:
-    """Every figure the runs have data for, as PNG files in `out`."""
+    """Every figure the runs have data for, as PNG files in `out`, and isoflop_fit.json."""
+    from modxla.plots_isoflop import fit_summary
+
     runs = load_runs(run_dirs)
     runs = [r for r in runs if r.train] or runs
+    groups = group_runs(runs)
     out = str(out)
     rundir.makedirs(out)
     written = {}
     for name, fn in FIGURES.items():
         try:
-            written[name] = _save(fn(runs), out, name)
+            written[name] = _save(fn(groups), out, name)
         except MissingData as e:  # anything else is a bug and keeps its traceback
             warn(f"skipped {name}: {e}")
             plt.close("all")
+    summary = fit_summary(groups)
+    path = rundir.join(out, "isoflop_fit.json")
+    rundir.write_text(path, json.dumps(summary, indent=1) + "\n")
+    written["isoflop_fit.json"] = path
     return written

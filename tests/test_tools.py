@@ -34,6 +34,32 @@ def test_isoflop_runs_land_within_two_percent(tmp_path):
     assert (tmp_path / "run_all.sh").read_text().count("modxla.train") == 6
 
 
+def test_isoflop_seeds_and_extra_overrides(tmp_path, capsys):
+    argv = ["--budget", "3e14", "--sizes", "2x64", "--variants", "baseline", "--out"]
+    extra = ["--set", "train.device=cpu", "data.seq_len=32", "--set", "train.log_every=5"]
+    assert isoflop.main([*argv, str(tmp_path / "a"), "--seeds", "0", "1", "2", *extra]) == 0
+    names = sorted(p.stem for p in (tmp_path / "a").glob("*.yaml"))
+    assert names == ["baseline_2x64_s0", "baseline_2x64_s1", "baseline_2x64_s2"]
+    cfgs = [load_config(tmp_path / "a" / f"{n}.yaml") for n in names]
+    assert [c.train.seed for c in cfgs] == [0, 1, 2]
+    assert {c.data.seed for c in cfgs} == {0}  # same validation documents for every seed
+    c = cfgs[1]
+    assert (c.train.device, c.data.seq_len, c.train.log_every) == ("cpu", 32, 5)
+    # the half-length sequences are budgeted for: about twice the steps of the T64 plan
+    t64 = isoflop.plan("configs/tiny.yaml", 3e14, ["2x64"], ["baseline"])[0]
+    assert abs(c.train.steps * flops_per_step(c) - 3e14) <= 0.02 * 3e14
+    assert c.train.steps > 1.9 * t64["steps"]
+    assert isoflop.main([*argv, str(tmp_path / "b")]) == 0  # one seed: names unchanged
+    assert [p.stem for p in (tmp_path / "b").glob("*.yaml")] == ["baseline_2x64"]
+    capsys.readouterr()
+    assert isoflop.main([*argv, str(tmp_path / "c"), "--set", "train.steps=9"]) == 2
+    assert "the sweep sets train.steps and train.seed itself" in capsys.readouterr().err
+    assert isoflop.main([*argv, str(tmp_path / "c"), "--seeds", "1", "1"]) == 2
+    both = isoflop.plan("configs/tiny.yaml", 3e14, ["2x64"], ["baseline"], [3, 4], seed_data=True)
+    assert [(r["config"].train.seed, r["config"].data.seed) for r in both] == [(3, 3), (4, 4)]
+    assert isoflop.main([*argv, str(tmp_path / "c"), "--set", "train.nope=1"]) == 2
+
+
 def test_isoflop_refuses_a_budget_it_cannot_hit():
     with pytest.raises(ConfigError, match="cannot spend .* within 2%"):
         isoflop.plan("configs/tiny.yaml", 1e9, ["6x192"], ["baseline"])
@@ -41,12 +67,12 @@ def test_isoflop_refuses_a_budget_it_cannot_hit():
         isoflop.plan("configs/tiny.yaml", 1e15, ["big"], ["baseline"])
 
 
-def _fake_run(root, name, capacity, d_model, loss0, with_predictor=False):
+def _fake_run(root, name, capacity, d_model, loss0, with_predictor=False, budget=3e12):
     run = root / name
     run.mkdir()
-    cfg = load_config(
-        "configs/tiny.yaml", [f"model.mod.capacity={capacity}", f"model.d_model={d_model}"]
-    )
+    over = [f"model.mod.capacity={capacity}", f"model.d_model={d_model}"]
+    steps = round(budget / flops_per_step(load_config("configs/tiny.yaml", over)))
+    cfg = load_config("configs/tiny.yaml", [*over, f"train.steps={steps}"])  # one budget
     save_config(cfg, run / "config.yaml")
     fps = flops_per_step(cfg)
     recs = []
@@ -77,20 +103,29 @@ def _fake_run(root, name, capacity, d_model, loss0, with_predictor=False):
 def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
     runs = [
         _fake_run(tmp_path, "base_s", 1.0, 64, 3.3),
+        _fake_run(tmp_path, "base_m", 1.0, 96, 3.15),
         _fake_run(tmp_path, "base_l", 1.0, 128, 3.2),
         _fake_run(tmp_path, "mod_s", 0.125, 64, 3.25, with_predictor=True),
         _fake_run(tmp_path, "mod_l", 0.125, 128, 3.1, with_predictor=True),
     ]
     out = tmp_path / "plots"
-    written = plots.render_all(runs, out, warn=pytest.fail)
-    assert set(written) == set(plots.FIGURES)
-    for path in written.values():
-        assert Path(path).stat().st_size > 5000  # a real picture, not an empty file
-    loaded = plots.load_runs(runs)
+    skipped = []
+    written = plots.render_all(runs, out, warn=skipped.append)
+    # two variants only: the variant comparison (tests/test_plots.py) has nothing to show
+    assert skipped == ["skipped variants_at_size: needs 3 or more variants at one size and budget"]
+    figures = set(plots.FIGURES) - {"variants_at_size"}
+    assert set(written) == {*figures, "isoflop_fit.json"}
+    for name in figures:
+        assert Path(written[name]).stat().st_size > 5000  # a real picture, not an empty file
+    loaded = plots.group_runs(plots.load_runs(runs))
+    smooth = "Training loss (EMA 0.9 over logged steps)"
     labels = {
-        "loss_vs_params": [("Parameters", "Loss")],
-        "loss_vs_flops_wallclock": [("FLOPs (*1e18)", "Loss"), ("Wall-clock (s)", "Loss")],
-        "flops_and_steps_per_s": [("", "FLOPs/step (*10^14)"), ("", "Steps/s")],
+        "loss_vs_params": [("Parameters", "Final loss (validation, else last train losses)")],
+        "loss_vs_flops_wallclock": [
+            ("Training FLOPs", smooth),
+            ("Wall-clock (s, mean over seeds)", smooth),
+        ],
+        "flops_and_steps_per_s": [("", "FLOPs per step"), ("", "Steps/s")],
         "isoflop_loglikelihood": [
             (
                 "Normalized FLOPs per FFW pass (to the isoFLOP-optimal baseline)",
@@ -98,15 +133,16 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
             )
         ],
         "predictor_accuracy": [("Training step", "Top-k prediction accuracy")],
+        "isoflop_fit": [("Parameters", "Final validation loss")],
     }
-    for name, fn in plots.FIGURES.items():
-        fig = fn(loaded)
+    for name in figures:
+        fig = plots.FIGURES[name](loaded)
         assert [(a.get_xlabel(), a.get_ylabel()) for a in fig.axes] == labels[name]
     iso = plots.isoflop_ll(loaded).axes[0]
-    lines = {ln.get_label(): ln.get_xydata() for ln in iso.get_lines() if ln.get_label()[0] != "_"}
+    lines = {c.get_label(): c.lines[0].get_xydata() for c in iso.containers}
     assert set(lines) == {"Baseline", "MoD (12.5%) using top-k", "MoD (12.5%) using predictor"}
     assert min(y for _, y in lines["Baseline"]) == pytest.approx(1.0)  # normalized to the best
-    assert loaded[2].variant == "MoD (12.5% capacity, every 2)"
+    assert loaded[3].variant == "MoD (12.5% capacity, every 2)"
     assert loaded[0].variant == "Baseline"
 
 
@@ -136,6 +172,62 @@ def test_isoflop_default_base_config_is_found_from_any_folder(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert isoflop.main(["--budget", "3e14", "--sizes", "2x64", "--out", "o"]) == 0
     assert (tmp_path / "o" / "run_all.sh").exists()
+
+
+FAKE_PAGE = rb""".TH FAKE 1 "2026" "modxla" "User Commands"
+.SH NAME
+fake \- print everything twice
+.SH DESCRIPTION
+The \fBfake\fR command prints \fIeverything\fP twice, with internationalization
+considerations for extraordinarily long words in a justified paragraph that wraps.
+.TP
+.B \-v
+be verbose
+"""
+
+
+def test_prepare_corpus_renders_man_pages_to_plain_text(tmp_path, capsys):
+    import gzip
+    import shutil
+
+    from modxla.cli import prepare_corpus
+
+    if shutil.which("groff") is None or shutil.which("col") is None:
+        pytest.skip("groff/col not installed")
+    pages = tmp_path / "man1"
+    pages.mkdir()
+    (pages / "fake.1.gz").write_bytes(gzip.compress(FAKE_PAGE))
+    (pages / "alias.1.gz").write_bytes(gzip.compress(b".so man1/fake.1\n"))  # a redirect
+    real = Path("/usr/share/man/man1/ls.1.gz")  # a real page too, where this machine has one
+    if real.exists():
+        shutil.copy(real, pages / "ls.1.gz")
+    argv = ["--pages", str(pages / "*.gz"), "--max-chars", "100000"]
+    assert prepare_corpus.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["pages"] == (2 if real.exists() else 1) and stats["skipped"] == 1
+    files = sorted((tmp_path / "a").iterdir())  # data.source=<folder>: one document per file
+    assert all(f.suffix == ".txt" for f in files)
+    texts = {Path(f).name.split("_", 1)[1]: Path(f).read_text() for f in files}
+    fake = texts["fake.1.txt"]
+    assert "The fake command prints everything twice, with internationalization" in fake
+    assert "\\f" not in fake and "\b" not in fake and "\n." not in fake  # no roff, no overstrikes
+    assert "  " not in fake.split("DESCRIPTION")[1].split("\n")[1].strip()  # no justification
+    if real.exists():
+        ls = texts["ls.1.txt"]
+        assert "list directory contents" in ls and "\\f" not in ls and ".TH" not in ls
+        assert not any(line.startswith(".") for line in ls.splitlines())
+    assert sum(len(t) for t in texts.values()) == stats["chars"]
+    # the cap is exact, the order fixed by the seed, and jsonl is the other output
+    small = [*argv[:3], "300", "--out", str(tmp_path / "b.jsonl")]
+    assert prepare_corpus.main(small) == 0
+    rows = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert sum(len(r["text"]) for r in rows) == 300
+    assert prepare_corpus.main([*small[:-1], str(tmp_path / "c.jsonl")]) == 0
+    assert (tmp_path / "c.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    capsys.readouterr()
+    assert prepare_corpus.main(small) == 2  # an output in the way is not overwritten
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert prepare_corpus.main(["--pages", str(tmp_path / "none*"), "--out", "x"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,20 @@
 """isoFLOP sweeps: the training steps each (size, variant) needs to spend one FLOP budget.
 
     modxla-isoflop --budget 2e15 --sizes 2x64 4x128 6x192 --out sweeps/iso2e15 \\
-        [--base configs/tiny.yaml] [--variants baseline mod_c12 mod_c50 mod_c50_random]
+        [--base configs/tiny.yaml] [--variants baseline mod_c12 mod_c50 mod_c50_random] \\
+        [--seeds 0 1 2] [--set train.device=cpu data.source=corpus/man]
 
 Sizes are LAYERSxD_MODEL (head size 32). Steps come from the analytic FLOPs per step
 (modxla.metrics); a run whose whole steps cannot land within 2% of the budget is refused.
 Writes one ready-to-run config per run and run_all.sh with the commands.
+
+--seeds: one run per seed, named VARIANT_SIZE_sN when more than one seed is given (one seed
+keeps the name VARIANT_SIZE). A seed sets train.seed (weights, random routing); data.seed stays
+the base config's, because it also picks the validation documents: every run of a sweep is
+evaluated on the same held-out text and sees the same batch order. --seed-data sets data.seed
+too (another batch order and another validation split per seed: a wider, noisier spread).
+--set: overrides applied to every config before the steps are computed (so a different
+data.seq_len or train.batch_size is budgeted for); train.steps and train.seed are the sweep's.
 """
 
 from __future__ import annotations
@@ -45,14 +54,31 @@ def size_overrides(size: str) -> list[str]:
     ]
 
 
-def plan(base: str, budget: float, sizes: list[str], variants: list[str]) -> list[dict]:
-    """One entry per run: name, overrides, config, steps and the FLOPs it will spend."""
+SWEEP_KEYS = ("train.steps", "train.seed")  # set by the sweep itself, never by --set
+
+
+def plan(
+    base: str,
+    budget: float,
+    sizes: list[str],
+    variants: list[str],
+    seeds: list[int] = (0,),
+    extra: list[str] = (),
+    seed_data: bool = False,
+) -> list[dict]:
+    """One entry per run: name, overrides, config, steps, the FLOPs it will spend, its seed."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {list(seeds)}: give one or more distinct seeds")
+    owned = (*SWEEP_KEYS, "data.seed") if seed_data else SWEEP_KEYS
+    for text in extra:
+        if text.split("=", 1)[0].strip() in owned:
+            raise ConfigError(f"--set {text}: the sweep sets {' and '.join(owned)} itself")
     runs = []
     for variant in variants:
         if variant not in VARIANTS:
             raise ConfigError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
         for size in sizes:
-            over = [*size_overrides(size), *VARIANTS[variant]]
+            over = [*size_overrides(size), *VARIANTS[variant], *extra]
             cfg: Config = load_config(base, over)
             per_step = flops_per_step(cfg)
             steps = round(budget / per_step)
@@ -63,16 +89,22 @@ def plan(base: str, budget: float, sizes: list[str], variants: list[str]) -> lis
                     f"within {TOLERANCE:.0%} (nearest: {steps} steps); raise the budget"
                 )
             over.append(f"train.steps={steps}")
-            runs.append(
-                {
-                    "name": f"{variant}_{size}",
-                    "overrides": over,
-                    "config": load_config(base, over),
-                    "steps": steps,
-                    "flops": spent,
-                    "params": param_count(cfg.model),
-                }
-            )
+            for seed in seeds:
+                name = f"{variant}_{size}" + (f"_s{seed}" if len(seeds) > 1 else "")
+                seeded = [*over, f"train.seed={seed}"]
+                if seed_data:
+                    seeded.append(f"data.seed={seed}")
+                runs.append(
+                    {
+                        "name": name,
+                        "overrides": seeded,
+                        "config": load_config(base, seeded),
+                        "steps": steps,
+                        "flops": spent,
+                        "params": param_count(cfg.model),
+                        "seed": seed,
+                    }
+                )
     return runs
 
 
@@ -86,9 +118,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="configs/tiny.yaml", help="config the sizes modify")
     ap.add_argument("--out", required=True, help="folder for the configs and run_all.sh")
     ap.add_argument("--runs-dir", default="runs/isoflop", help="where run_all.sh trains")
+    ap.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="train.seed of each run (default: 0)"
+    )
+    ap.add_argument(
+        "--seed-data",
+        action="store_true",
+        help="set data.seed to the seed too (batch order and validation split vary)",
+    )
+    ap.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="extra",
+        help="config overrides for every run, e.g. train.device=cpu data.source=corpus/man",
+    )
     args = ap.parse_args(argv)
     try:
-        runs = plan(args.base, args.budget, args.sizes, args.variants)
+        runs = plan(
+            args.base,
+            args.budget,
+            args.sizes,
+            args.variants,
+            args.seeds,
+            args.extra,
+            args.seed_data,
+        )
     except UserError as e:
         return report(e)
     out = Path(args.out)
@@ -108,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         lines.append(shlex.join(cmd))
         print(
-            f"{r['name']:<24} params {r['params']:>10,}  steps {r['steps']:>6}  "
+            f"{r['name']:<28} params {r['params']:>10,}  steps {r['steps']:>6}  "
             f"FLOPs {r['flops']:.4g} ({r['flops'] / args.budget - 1:+.2%})"
         )
     (out / "run_all.sh").write_text("\n".join(lines) + "\n")

@@ -5,16 +5,25 @@
 
 Loss vs parameters per variant; loss vs FLOPs and wall-clock; FLOPs/step and steps/s bars;
 normalized log-likelihood vs normalized FLOPs per forward pass (baseline, MoD top-k, MoD
-predictor, to the best baseline); predictor top-k accuracy vs step. A figure whose data the
-runs lack (e.g. no baseline for the isoFLOP plot) is skipped with a note.
+predictor, to the best baseline); predictor top-k accuracy vs step; the isoFLOP fit (loss vs
+parameters per training budget and variant, a parabola in log-parameters, its optimum), also
+written as isoflop_fit.json and printed as a markdown table. A figure whose data the runs
+lack (e.g. no baseline for the isoFLOP plot) is skipped with a note.
+
+Runs whose configs differ only in train.seed (modxla-isoflop --seeds) are one group: figures
+show the mean over seeds with min-max error bars or bands. Curves plot the training loss
+smoothed by an exponential moving average over the logged steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from modxla import rundir
 from modxla.errors import UserError, report
+from modxla.isoflop_fit import markdown
 from modxla.plots import render_all
 
 
@@ -29,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         return report(e)
     for path in written.values():
         print(path)
+    summary = json.loads(rundir.read_text(written["isoflop_fit.json"]))
+    if summary:
+        print(markdown(summary))
     return 0
 
 

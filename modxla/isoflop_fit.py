@@ -1,0 +1,124 @@
+"""isoFLOP fits: per training budget and variant, loss vs parameters as a parabola in
+log10(parameters) (the paper's Fig. 3, left), its optimum, and whether the sweep brackets it.
+
+Pure numbers here (numpy); modxla.plots draws them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+TOLERANCE = 0.02  # runs whose training FLOPs agree this closely share a budget (as the planner)
+
+
+def fit_parabola(params, losses) -> dict:
+    """Least-squares loss = a*x^2 + b*x + c with x = log10(params), and its optimum.
+
+    bracketed: the parabola opens upward and its vertex lies strictly inside the sampled
+    parameter range. Bracketed, the optimum is the vertex; otherwise it is the lowest point
+    of the fitted curve on the sampled range (an edge, so a bound, not an optimum).
+    Needs at least 3 distinct sizes.
+    """
+    x = np.log10(np.asarray(params, dtype=float))
+    y = np.asarray(losses, dtype=float)
+    if len(np.unique(x)) < 3:
+        raise ValueError(f"a parabola needs 3 distinct sizes, got {len(np.unique(x))}")
+    a, b, c = (float(v) for v in np.polyfit(x, y, 2))
+    lo, hi = float(x.min()), float(x.max())
+    vertex = -b / (2 * a) if a != 0 else math.nan
+    bracketed = a > 0 and lo < vertex < hi
+    if bracketed:
+        best = vertex
+    else:
+        grid = np.linspace(lo, hi, 201)
+        best = float(grid[np.argmin(np.polyval([a, b, c], grid))])
+    return {
+        "coef": [a, b, c],
+        "params": 10**best,
+        "loss": float(np.polyval([a, b, c], best)),
+        "bracketed": bool(bracketed),
+        "vertex_params": 10**vertex if a > 0 else None,  # None: the fit opens downward
+    }
+
+
+def budget_of(totals: list[float], tol: float = TOLERANCE) -> list[int]:
+    """Cluster training-FLOP totals: index of each total's budget (budgets in ascending order).
+
+    A total joins the budget whose smallest member it is within `tol` of.
+    """
+    order = sorted(range(len(totals)), key=lambda i: totals[i])
+    out = [0] * len(totals)
+    budget, first = -1, None
+    for i in order:
+        if first is None or totals[i] > first * (1 + tol):
+            budget, first = budget + 1, totals[i]
+        out[i] = budget
+    return out
+
+
+def interp_loglog(x: float, xs, ys) -> float:
+    """y at x from a straight line through (log xs, log ys): FLOPs per forward pass at a
+    fitted parameter count (close to a power law across one variant's sizes)."""
+    if len(set(xs)) < 2:
+        return float(ys[0])
+    slope, icpt = np.polyfit(np.log(xs), np.log(ys), 1)
+    return float(math.exp(icpt + slope * math.log(x)))
+
+
+def summarize(points: list[dict]) -> list[dict]:
+    """One entry per (budget, variant) from points {budget, variant, params, loss, fwd_flops}
+    (one per size, loss the seed mean). Entries with fewer than 3 sizes carry no fit."""
+    by: dict[tuple, list[dict]] = {}
+    for p in points:
+        by.setdefault((p["budget"], p["variant"]), []).append(p)
+    out = []
+    for (budget, variant), pts in sorted(by.items()):
+        pts = sorted(pts, key=lambda p: p["params"])
+        entry = {
+            "budget_flops": budget,
+            "variant": variant,
+            "sizes": len(pts),
+            "params_range": [pts[0]["params"], pts[-1]["params"]],
+            "best_sampled": {
+                k: min(pts, key=lambda p: p["loss"])[k] for k in ("params", "loss", "fwd_flops")
+            },
+        }
+        if len({p["params"] for p in pts}) >= 3:
+            fit = fit_parabola([p["params"] for p in pts], [p["loss"] for p in pts])
+            fwd = interp_loglog(
+                fit["params"], [p["params"] for p in pts], [p["fwd_flops"] for p in pts]
+            )
+            entry["optimum"] = {
+                "loss": fit["loss"],
+                "params": fit["params"],
+                "fwd_flops": fwd,
+                "bracketed": fit["bracketed"],
+                "coef": fit["coef"],
+            }
+        out.append(entry)
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    """The summary as a markdown table."""
+    rows = [
+        "| budget (FLOPs) | variant | sizes | optimum loss | params | FLOPs/fwd pass | bracketed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in summary:
+        o = e.get("optimum")
+        if o is None:
+            b = e["best_sampled"]
+            cells = [f"{b['loss']:.4f} (best sampled; no fit)", f"{b['params']:,.0f}"]
+            cells += [f"{b['fwd_flops']:.3g}", "n/a (< 3 sizes)"]
+        else:
+            cells = [f"{o['loss']:.4f}", f"{o['params']:,.0f}", f"{o['fwd_flops']:.3g}"]
+            cells.append("yes" if o["bracketed"] else "no (edge of the range)")
+        rows.append(
+            f"| {e['budget_flops']:.3g} | {e['variant']} | {e['sizes']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,196 @@
+"""isoFLOP fits, seed groups and figure readability, on synthetic run directories."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from modxla import isoflop_fit, plots
+from modxla.config import load_config, save_config
+from modxla.metrics import flops_per_step, param_count
+from modxla.plots_isoflop import fit_summary
+
+BUDGET = 3e12
+
+
+def test_parabola_fit_recovers_a_known_optimum():
+    x = np.linspace(5.2, 6.4, 7)  # log10(params)
+    wiggle = 0.002 * np.array([1, -1, 1, -1, 1, -1, 1])  # noise the fit must see through
+    loss = 2.0 + 0.5 * (x - 5.8) ** 2 + wiggle
+    fit = isoflop_fit.fit_parabola(10**x, loss)
+    assert fit["bracketed"]
+    assert math.log10(fit["params"]) == pytest.approx(5.8, abs=0.01)
+    assert fit["loss"] == pytest.approx(2.0, abs=0.003)
+    # the optimum beyond the largest size: not bracketed, reported at the range's edge
+    edge = isoflop_fit.fit_parabola(10**x, 2.0 + 0.5 * (x - 7.0) ** 2)
+    assert not edge["bracketed"] and edge["params"] == pytest.approx(10**6.4)
+    assert math.log10(edge["vertex_params"]) == pytest.approx(7.0)
+    down = isoflop_fit.fit_parabola(10**x, 2.0 - 0.5 * (x - 5.8) ** 2)  # a maximum, not an optimum
+    assert not down["bracketed"] and down["vertex_params"] is None
+    with pytest.raises(ValueError, match="3 distinct sizes"):
+        isoflop_fit.fit_parabola([1e5, 1e5, 2e5], [1, 2, 3])
+
+
+def test_budgets_cluster_within_two_percent():
+    assert isoflop_fit.budget_of([1e12, 1.01e12, 2e12, 0.995e12, 2.03e12, 4e12]) == [
+        0,
+        0,
+        1,
+        0,
+        1,
+        2,
+    ]
+
+
+def _size(capacity, layers, d):
+    return [
+        f"model.mod.capacity={capacity}",
+        f"model.num_layers={layers}",
+        f"model.d_model={d}",
+        f"model.num_heads={d // 32}",
+    ]
+
+
+def _run(root, name, capacity, layers, d, seed, val_loss, train_loss, budget=BUDGET, extra=()):
+    """A run dir whose config spends `budget` FLOPs; constant logged train loss; seeds also
+    differ in checkpoint.keep (bookkeeping that must not split a group)."""
+    over = [*_size(capacity, layers, d), f"train.seed={seed}", f"checkpoint.keep={seed + 1}"]
+    over += extra
+    per_step = flops_per_step(load_config("configs/tiny.yaml", over))
+    steps = round(budget / per_step)
+    cfg = load_config("configs/tiny.yaml", [*over, f"train.steps={steps}"])
+    run = root / name
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    recs = [
+        {
+            "step": s,
+            "loss": train_loss,
+            "lm_loss": train_loss,
+            "lr": 1e-3,
+            "step_time_s": 0.01 * (seed + 1),
+            "flops_per_step": per_step,
+        }
+        for s in range(steps // 10, steps + 1, steps // 10)
+    ]
+    recs.append({"step": steps, "val_loss": val_loss})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return run, cfg
+
+
+def test_seed_groups_average_and_the_isoflop_fit_finds_the_synthetic_optimum(tmp_path):
+    # loss = 2 + 0.8 (log10 params - 5.75)^2 per variant (MoD 0.05 lower); seeds at -d, 0, +d
+    paths, true = [], {}
+    for cap, var in ((1.0, "base"), (0.125, "mod")):
+        for layers, d in ((2, 64), (3, 96), (4, 128), (6, 128)):
+            for seed, delta in ((0, -0.03), (1, 0.0), (2, 0.03)):
+                name = f"{var}_{layers}x{d}_s{seed}"
+                x = math.log10(
+                    param_count(load_config("configs/tiny.yaml", _size(cap, layers, d)).model)
+                )
+                loss = 2 + 0.8 * (x - 5.75) ** 2 - (0.05 if cap < 1 else 0)
+                true[name] = loss
+                run, cfg = _run(tmp_path, name, cap, layers, d, seed, loss + delta, 3.0 + seed)
+                paths.append(run)
+    groups = plots.group_runs(plots.load_runs(paths))
+    assert len(groups) == 8 and all(len(g.runs) == 3 for g in groups)
+    g = next(g for g in groups if g.name == "base_4x128")
+    assert g.final_loss.mean == pytest.approx(true["base_4x128_s0"])
+    assert (g.final_loss.lo, g.final_loss.hi) == pytest.approx(
+        (true["base_4x128_s0"] - 0.03, true["base_4x128_s0"] + 0.03)
+    )
+    assert g.final_loss.std == pytest.approx(0.03)
+    _, clock, loss = g.curve()  # EMA of a constant is the constant: mean of 3, 4, 5
+    assert [s.mean for s in loss] == pytest.approx([4.0] * len(loss))
+    assert [(s.lo, s.hi) for s in loss][-1] == pytest.approx((3.0, 5.0))
+    last = g.runs[0].train[-1]["step"]
+    assert clock[-1] == pytest.approx(0.02 * last)  # mean step time of the 3 seeds x steps
+
+    summary = fit_summary(groups)  # what render_all writes to isoflop_fit.json
+    assert [e["variant"] for e in summary] == ["Baseline", "MoD (12.5% capacity, every 2)"]
+    for e in summary:
+        assert e["budget_flops"] == pytest.approx(BUDGET, rel=0.02) and e["sizes"] == 4
+        opt = e["optimum"]
+        assert opt["bracketed"]
+        # the sizes' losses lie exactly on the parabola: the vertex is recovered
+        assert math.log10(opt["params"]) == pytest.approx(5.75, abs=1e-6)
+        assert opt["loss"] == pytest.approx(2.0 - (0.05 if "MoD" in e["variant"] else 0))
+        assert [p["seeds"] for p in e["points"]] == [3, 3, 3, 3]
+    base_fwd = summary[0]["optimum"]["fwd_flops"]
+    assert 2e7 < base_fwd < 3e8  # between the sampled sizes' FLOPs per forward pass
+    table = isoflop_fit.markdown(summary)
+    assert "| 3e+12 | Baseline | 4 | 2.0000 | 562," in table and "| yes |" in table
+
+    # error bars on seed means, in the loss-vs-params figure
+    fig = plots.loss_vs_params(groups)
+    ax = fig.axes[0]
+    ys = sorted(y for c in ax.containers for y in c.lines[0].get_ydata())
+    assert min(ys) == pytest.approx(min(true.values()))
+    bars = [seg for c in ax.containers for seg in c.lines[2][0].get_segments()]
+    assert all(s[1][1] - s[0][1] == pytest.approx(0.06) for s in bars)  # min-max of 3 seeds
+
+
+def test_figures_are_readable(tmp_path):
+    paths = [
+        _run(tmp_path, f"r{i}", cap, 2, d, 0, 3.0, 3.5)[0]
+        for i, (cap, d) in enumerate(((1.0, 64), (1.0, 128), (0.125, 64)))
+    ]
+    groups = plots.group_runs(plots.load_runs(paths))
+    fig = plots.loss_vs_flops_and_clock(groups)
+    fig.canvas.draw()
+    top = fig.axes[0]
+    assert top.xaxis.get_offset_text().get_text() == ""  # no '1e-6' beside the axis
+    labels = [t.get_text() for t in top.get_xticklabels() if t.get_text()]
+    assert "1e12" in labels and all("e-" not in t for t in labels)
+    for f in (fig, plots.loss_vs_params(groups), plots.isoflop_ll(groups)):
+        f.canvas.draw()
+        ax = next(a for a in f.axes if a.get_legend())
+        # the legend sits right of every axes: it covers no curve
+        left = ax.get_legend().get_window_extent().x0
+        assert all(left >= a.get_window_extent().x1 for a in f.axes)
+    assert [plots.sci(v) for v in (0, 2e9, 1.5e12, 5e11, 3)] == ["0", "2e9", "1.5e12", "5e11", "3"]
+
+
+def test_runs_on_two_corpora_are_never_one_group_or_one_fit(tmp_path):
+    paths = [
+        _run(tmp_path, f"{src[-3:]}_{d}", 1.0, 2, d, 0, 3.0, 3.5, extra=[f"data.source={src}"])[0]
+        for src in ("stdlib", "corpus/man")
+        for d in (64, 96, 128)
+    ]
+    groups = plots.group_runs(plots.load_runs(paths))
+    assert sorted({g.variant for g in groups}) == ["Baseline on man", "Baseline on stdlib"]
+    summary = fit_summary(groups)
+    assert [(e["variant"], e["sizes"]) for e in summary] == [
+        ("Baseline on man", 3),
+        ("Baseline on stdlib", 3),
+    ]
+    title = plots.isoflop_ll(groups).axes[0].get_title()
+    assert title.endswith("FLOPs, man")  # normalized within one corpus
+
+
+def test_variant_comparison_orders_variants_by_seed_mean(tmp_path):
+    variants = {
+        "baseline": ["model.mod.capacity=1.0"],
+        "c12": ["model.mod.capacity=0.125"],
+        "c50": ["model.mod.capacity=0.5"],
+        "rand": ["model.mod.capacity=0.5", "model.mod.router=random"],
+    }
+    means = {"baseline": 2.42, "c12": 2.40, "c50": 2.47, "rand": 2.45}
+    paths = [
+        _run(tmp_path, f"{v}_s{s}", 1.0, 4, 128, s, means[v] + d, 3.0, extra=x)[0]
+        for v, x in variants.items()
+        for s, d in ((0, -0.01), (1, 0.01))
+    ]
+    ax = plots.variants_at_size(plots.group_runs(plots.load_runs(paths))).axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == [
+        "MoD (12.5% capacity, every 2) (n=2)",
+        "Baseline (n=2)",
+        "MoD (50% capacity, random routing, every 2) (n=2)",
+        "MoD (50% capacity, every 2) (n=2)",
+    ]
+    (bars,) = ax.containers
+    assert list(bars.lines[0].get_xdata()) == pytest.approx([2.40, 2.42, 2.45, 2.47])
+    segs = bars.lines[2][0].get_segments()
+    assert [s[1][0] - s[0][0] for s in segs] == pytest.approx([0.02] * 4)  # min-max of 2 seeds
