@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 out=${OUT:-runs/study}
 jobs=${JOBS:-2}
-phases=${PHASES:-1 2 3 4 5 6}
+phases=${PHASES:-1 2 3 5 6}  # 4 (seeds at the large budget's optima) is optional
 small=${SMALL:-1e12}
 large=${LARGE:-2e12}
 # Ascending in parameters. At these budgets the optimum sits among the smallest models.
@@ -82,8 +82,7 @@ compare() {  # BUDGET SEEDS DIR [overrides]: MoD 50% and MoD 50% random at compa
   done
 }
 
-near_best() {  # BUDGET VARIANT SIZES...: the size with the lowest final validation loss
-  # (seed 0) and its neighbours in SIZES
+best_size() {  # BUDGET VARIANT SIZES...: the size with the lowest final validation loss (seed 0)
   $py - "$out/$1" "$2" "${@:3}" <<'EOF'
 import json, pathlib, sys
 root, variant, sizes = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
@@ -92,8 +91,7 @@ for size in sizes:
     m = root / f"{variant}_{size}_s0" / "metrics.jsonl"
     vals = [json.loads(x)["val_loss"] for x in m.read_text().splitlines() if "val_loss" in x]
     final[size] = vals[-1]
-i = sizes.index(min(final, key=final.get))
-print(" ".join(sizes[max(0, i - 1) : i + 2]))
+print(min(final, key=final.get))
 EOF
 }
 
@@ -107,17 +105,15 @@ for p in $phases; do
     { sweep "$small" 0 "${small_sizes[@]}"; compare "$small" 0 "$out/$small"
       sweep "$large" 0 "${large_sizes[@]}"; } | run_all
     ;;
-  2)  # seeds 1 and 2: each variant's optimum of the small budget and its neighbours, and
-      # the 4-variant comparison
+  2)  # seeds 1 and 2: each variant's optimum of the small budget, and the 4-variant comparison
     { for v in baseline mod_c12; do
-        # shellcheck disable=SC2046
-        sweep "$small" "1 2" $(near_best "$small" "$v" "${small_sizes[@]}") | grep "/${v}_"
+        sweep "$small" "1 2" $(best_size "$small" "$v" "${small_sizes[@]}") | grep "/${v}_"
       done
       sweep "$small" "1 2" "$compare_size"; compare "$small" "1 2" "$out/$small"; } | run_all
     ;;
   3)  # the 4-variant comparison on the manual pages, three seeds
     corpus=$out/corpus/manpages
-    [ -e "$corpus.done" ] || { $py tools/prepare_corpus.py --out "$corpus" && touch "$corpus.done"; }
+    [ -e "$corpus.done" ] || { $py tools/prepare_corpus.py --out "$corpus" --max-chars 2000000 && touch "$corpus.done"; }
     man_runs() {
       for seed in 0 1 2; do
         for v in baseline mod_c12; do
@@ -129,10 +125,9 @@ for p in $phases; do
     man_runs | sed -n 1p | run_all  # alone: it trains the corpus's tokenizer
     man_runs | run_all
     ;;
-  4)  # seeds 1 and 2 at each variant's optimum of the large budget and its neighbours
+  4)  # seeds 1 and 2 at each variant's optimum of the large budget
     { for v in baseline mod_c12; do
-        # shellcheck disable=SC2046
-        sweep "$large" "1 2" $(near_best "$large" "$v" "${large_sizes[@]}") | grep "/${v}_"
+        sweep "$large" "1 2" $(best_size "$large" "$v" "${large_sizes[@]}") | grep "/${v}_"
       done; } | run_all
     ;;
   *)
