@@ -74,6 +74,8 @@ class MoDBlock(nn.Module):
         self.predictor = (
             Predictor(cfg.d_model, cfg.mod.predictor_hidden) if cfg.mod.predictor else None
         )
+        # causal decision: logit > threshold; 0 unless calibrated (modxla/calibration.py)
+        self.thresholds = {"predictor": 0.0, "router": 0.0}
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.random:
@@ -98,7 +100,7 @@ class MoDBlock(nn.Module):
                 raise ValueError("routing='predictor' needs model.mod.predictor: true")
             if routing == "router" and self.random:
                 raise ValueError("routing='router' needs a learned router")
-            decide = (p if routing == "predictor" else r) > 0
+            decide = (p if routing == "predictor" else r) > self.thresholds[routing]
             idx, valid = causal_slots(decide, k)
             decided = decide.sum(1)
         return r, topk_mask, p, idx, valid, decided
