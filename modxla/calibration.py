@@ -85,12 +85,12 @@ def causal_logits(model: Transformer, batches, routing: str, layer: int) -> torc
     return torch.cat(got)
 
 
-def fit_thresholds(model: Transformer, batches, fraction: float) -> dict:
+def fit_thresholds(model: Transformer, batches, fraction: float, modes=None) -> dict:
     """Per block and mode, the (1 - fraction) quantile of the logits, so that `logit > t`
     routes `fraction` of the tokens of `batches`. Blocks are fitted in order, each with the
     thresholds of the blocks before it set (they change its input)."""
     out = {str(layer): {} for layer in model.cfg.routed_layers}
-    for mode in causal_modes(model):
+    for mode in modes or causal_modes(model):
         for layer in model.cfg.routed_layers:
             set_thresholds(model, out)
             logits = causal_logits(model, batches, mode, layer)
@@ -172,9 +172,9 @@ def print_table(res: dict) -> None:
 def run_calibration(
     run_dir: str, batches: int, fraction: float | None, search: bool, write: bool
 ) -> dict:
-    cfg, model, path = load_run(run_dir, calibrated=False, unrolled=True, warn=_say)
-    if not cfg.model.routed_layers:
+    if not rundir.load_config(run_dir).model.routed_layers:  # before loading any weights
         raise InferenceError(f"{run_dir} has no routed blocks: nothing to calibrate")
+    cfg, model, path = load_run(run_dir, calibrated=False, unrolled=True, warn=_say)
     val = validation_batches(cfg, 2 * batches)
     fit, held = val[:batches], val[batches:]
     res = calibrate(model, fit, held or fit, fraction, search)

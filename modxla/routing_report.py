@@ -153,9 +153,9 @@ def print_report(res: dict) -> None:
 
 
 def inspect_run(run_dir: str, batches: int) -> dict:
-    cfg, model, path = load_run(run_dir, unrolled=True, warn=_say)
-    if not cfg.model.routed_layers:
+    if not rundir.load_config(run_dir).model.routed_layers:  # before loading any weights
         raise InferenceError(f"{run_dir} has no routed blocks: nothing to report")
+    cfg, model, path = load_run(run_dir, unrolled=True, warn=_say)
     res = routing_report(model, validation_batches(cfg, batches))
     return {"run_dir": str(run_dir), "checkpoint": path, **res}
 
