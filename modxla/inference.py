@@ -97,9 +97,7 @@ def set_thresholds(model: Transformer, thresholds: dict) -> None:
     for layer in model.cfg.routed_layers:
         block = model.blocks[layer]
         block.thresholds = {"predictor": 0.0, "router": 0.0}
-        block.thresholds.update(
-            {m: float(t) for m, t in thresholds.get(str(layer), {}).items()}
-        )
+        block.thresholds.update({m: float(t) for m, t in thresholds.get(str(layer), {}).items()})
 
 
 def get_thresholds(model: Transformer) -> dict:
@@ -164,6 +162,33 @@ def evaluate_routing(
         result["predictor"] |= _predictor_quality(tp, fp, fn, tn)
     result["batches"] = n
     return result
+
+
+@torch.no_grad()
+def predictor_quality(model: Transformer, batches) -> dict:
+    """The predictors against top-k membership (top-k routing): accuracy, precision and
+    recall of the routed class, the always-skip accuracy; and the accuracy per routed block."""
+    counts = {layer: torch.zeros(4) for layer in model.cfg.routed_layers}
+    for batch in batches:
+        out = model(batch[:, :-1], routing="topk")
+        for layer, info in zip(model.cfg.routed_layers, out.routing, strict=True):
+            pred, target = info.predictor_logits > 0, info.topk_mask > 0.5
+            counts[layer] += (
+                torch.stack(
+                    [
+                        (pred & target).sum(),
+                        (pred & ~target).sum(),
+                        (~pred & target).sum(),
+                        (~pred & ~target).sum(),
+                    ]
+                )
+                .float()
+                .cpu()
+            )
+    total = _predictor_quality(*[float(x) for x in sum(counts.values())])
+    total["predictor_acc"] = total["topk_accuracy"]
+    total["blocks"] = {layer: float(c[0] + c[3]) / float(c.sum()) for layer, c in counts.items()}
+    return total
 
 
 def _predictor_quality(tp: float, fp: float, fn: float, tn: float) -> dict:

@@ -1,6 +1,8 @@
-"""What routed blocks do (inspect-routing) and causal routing calibration, on a tiny run."""
+"""What routed blocks do (inspect-routing), causal routing calibration and the predictor
+tool's curve and ablations, on a tiny eager run."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from modxla.calibration import main as calibrate_main
 from modxla.inference import get_thresholds, load_run, set_thresholds, validation_batches
 from modxla.routing_report import contributions, switched_off
 from modxla.routing_report import main as inspect_main
-from tests.conftest import cpu_trainer
+from tests.conftest import cpu_trainer, read_metrics
 
 OVER = (
     "train.steps=30",
@@ -138,3 +140,31 @@ def test_clear_errors_for_bad_run_dirs(tiny_run, tmp_path, capsys):
     for main in (inspect_main, calibrate_main):
         assert main(["--run-dir", str(base)]) == 2
         assert "no routed blocks" in capsys.readouterr().err
+
+
+def test_predictor_tool_logs_a_validation_curve_and_ablates(tiny_run, tmp_path):
+    from modxla.predictor import PredictorOptions, train_predictors
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)  # its predictor/ stays out of the shared run
+    opts = dict(steps=20, eval_every=10, eval_batches=2, log_every=10, lr=3e-2)
+    res = train_predictors(str(run_dir), PredictorOptions(**opts, hidden=8, input="normed"))
+    recs = [r for r in read_metrics(run_dir / "predictor") if "val/precision" in r]
+    assert [r["step"] for r in recs] == [10, 20]
+    for r in recs:
+        assert r["val/always_skip_acc"] == pytest.approx(0.75)  # k = 8 of 32
+        assert 0 <= r["val/precision"] <= 1 and 0 <= r["val/recall"] <= 1
+        assert 0.5 < r["val/predictor_acc"] <= 1
+        assert set(r) >= {"val/predictor_acc/block1", "val/predictor_acc/block3"}
+    assert recs[-1]["val/predictor_acc"] == pytest.approx(res["predictor"]["topk_accuracy"])
+    assert res["predictor_hidden"] == 8 and res["predictor_input"] == "normed"
+    _, model, _ = load_run(str(run_dir))  # sampling and evaluation build the same predictor
+    assert model.blocks[1].predictor.fc1.out_features == 8 and model.blocks[1].predictor.normed
+    # the routed class weighted (1-C)/C = 3: the predictor routes more, recall goes up
+    bal = train_predictors(
+        str(run_dir), PredictorOptions(**opts, restart=True, init="fresh", pos_weight="balanced")
+    )
+    plain = train_predictors(str(run_dir), PredictorOptions(**opts, restart=True, init="fresh"))
+    assert bal["pos_weight"] == pytest.approx(3.0) and plain["pos_weight"] == 1.0
+    assert bal["predictor"]["routed"] > plain["predictor"]["routed"]
+    assert bal["predictor"]["recall"] > plain["predictor"]["recall"]
