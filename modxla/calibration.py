@@ -14,8 +14,8 @@ batches so that the share of tokens routed is `--fraction` (default: the capacit
 fitting batches. Thresholds go to <run>/predictor/calibration.json, tagged with the checkpoint
 they were fitted on; evaluation and sampling (modxla-generate) load them with the run, so
 `logit > threshold` replaces `logit > 0`. Delete the file to go back. The thresholds are fitted
-on the first --batches validation batches and reported on the next ones (held out) when the
-split has them.
+on --batches validation batches and reported on as many others (held out; even and odd
+batches, as the split is in document order) when the split has them.
 """
 
 from __future__ import annotations
@@ -142,6 +142,9 @@ def print_table(res: dict) -> None:
         f"fitted on {res['fit_batches']} batches, reported on {res['eval_batches']} "
         f"{'held-out' if res['held_out'] else '(the same: the split is small)'}"
     )
+    if res["search"]:
+        tried = ", ".join(f"{t['fraction']:.4f}: {t['fit_nll']:.4f}" for t in res["search"])
+        print(f"search (fraction: mean causal NLL on the fitting batches): {tried}")
     top = res["before"]["topk"]["nll"]
     print(f"top-k NLL {top:.4f}")
     hdr = f"{'mode':<10} {'block':>5} {'thresh':>8} {'nll':>8} {'decided':>8} {'routed':>7}"
@@ -176,7 +179,8 @@ def run_calibration(
         raise InferenceError(f"{run_dir} has no routed blocks: nothing to calibrate")
     cfg, model, path = load_run(run_dir, calibrated=False, unrolled=True, warn=_say)
     val = validation_batches(cfg, 2 * batches)
-    fit, held = val[:batches], val[batches:]
+    # interleaved: the split is in document order, and documents differ
+    fit, held = (val[0::2], val[1::2]) if len(val) > 1 else (val, [])
     res = calibrate(model, fit, held or fit, fraction, search)
     res |= {
         "checkpoint": path,
