@@ -148,16 +148,16 @@ def test_predictor_tool_logs_a_validation_curve_and_ablates(tiny_run, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run[0], run_dir)  # its predictor/ stays out of the shared run
-    opts = dict(steps=20, eval_every=10, eval_batches=1, log_every=10, lr=3e-2)
+    opts = dict(steps=4, eval_every=2, eval_batches=1, log_every=2)  # logging, not learning
     opts |= dict(hidden=8, input="normed", init="fresh", restart=True)
     # the routed class weighted (1-C)/C = 3 (test_weighted_bce_... checks the loss)
     bal = train_predictors(str(run_dir), PredictorOptions(**opts, pos_weight="balanced"))
     recs = [r for r in read_metrics(run_dir / "predictor") if "val/precision" in r]
-    assert [r["step"] for r in recs] == [10, 20]
+    assert [r["step"] for r in recs] == [2, 4]
     for r in recs:
         assert r["val/always_skip_acc"] == pytest.approx(0.75)  # k = 8 of 32
         assert 0 <= r["val/precision"] <= 1 and 0 <= r["val/recall"] <= 1
-        assert 0.5 < r["val/predictor_acc"] <= 1
+        assert 0 <= r["val/predictor_acc"] <= 1
         assert set(r) >= {"val/predictor_acc/block1", "val/predictor_acc/block3"}
     assert recs[-1]["val/predictor_acc"] == pytest.approx(bal["predictor"]["topk_accuracy"])
     assert bal["predictor_hidden"] == 8 and bal["predictor_input"] == "normed"
