@@ -38,6 +38,7 @@ class ModConfig:
     aux_loss_weight: float = 0.0  # BCE of router logits vs top-k membership; 0 = off
     predictor: bool = True  # a small MLP per routed block on stop_gradient(x)
     predictor_hidden: int = 64
+    predictor_input: str = "x"  # x | normed: the block's input, or it RMS-normalized
     predictor_loss_weight: float = 1.0  # predictor BCE; cannot touch the model (stop-gradient)
 
 
@@ -230,6 +231,7 @@ def validate(cfg: Config) -> Config:
     _check(mod.aux_loss_weight >= 0, "model.mod.aux_loss_weight", "must be >= 0")
     _check(mod.predictor_loss_weight >= 0, "model.mod.predictor_loss_weight", "must be >= 0")
     _check(mod.predictor_hidden > 0, "model.mod.predictor_hidden", "must be > 0")
+    _check(mod.predictor_input in ("x", "normed"), "model.mod.predictor_input", "x or normed")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
         _check(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
     _check(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import torch
 
 from modxla import rundir
@@ -11,6 +14,7 @@ from modxla.config import Config, ConfigError
 from modxla.errors import UserError
 from modxla.model import Transformer, build_model, lm_loss
 from modxla.model.decode import KVCache, decode_step
+from modxla.model.stacking import to_unrolled
 
 PREDICTOR_DIR = rundir.PREDICTOR
 
@@ -23,13 +27,24 @@ def predictor_ckpt_dir(run_dir: str) -> str:
     return rundir.join(run_dir, rundir.PREDICTOR, rundir.CHECKPOINTS)
 
 
+def calibration_path(run_dir: str) -> str:
+    return rundir.join(run_dir, rundir.PREDICTOR, rundir.CALIBRATION)
+
+
 def load_run(
-    run_dir: str, prefer_predictor: bool = True, warn=print
+    run_dir: str,
+    prefer_predictor: bool = True,
+    warn=print,
+    calibrated: bool = True,
+    unrolled: bool = False,
 ) -> tuple[Config, Transformer, str]:
     """The run's config and model (CPU, eval mode) with the newest weights.
 
     With `prefer_predictor`, a checkpoint written by tools/train_predictor.py wins over the
-    training one (it holds the same frozen model plus the trained predictors).
+    training one (it holds the same frozen model plus the trained predictors). With
+    `calibrated`, the causal routing thresholds of <run>/predictor/calibration.json are set
+    when they were fitted on the checkpoint loaded (else ignored, with a warning). A scanned
+    model is unrolled when asked or when thresholds are set (they are per block).
     """
     run_dir = str(run_dir)  # a path or URL
     try:
@@ -47,7 +62,47 @@ def load_run(
     model = build_model(cfg.model)
     state = load_checkpoint(path, {"model": model.state_dict()})
     model.load_state_dict(state["model"])
+    cal = read_calibration(run_dir, path, warn) if calibrated else None
+    if cfg.model.scan and (unrolled or cal):
+        cfg = copy.deepcopy(cfg)
+        cfg.model.scan = False
+        state = to_unrolled(model.state_dict(), cfg.model.scan_unit)
+        model = build_model(cfg.model)
+        model.load_state_dict(state)
+    if cal:
+        set_thresholds(model, cal["thresholds"])
     return cfg, model.eval(), path
+
+
+def read_calibration(run_dir: str, checkpoint: str, warn=print) -> dict | None:
+    """The run's calibration.json when it was fitted on `checkpoint`, else None."""
+    path = calibration_path(run_dir)
+    if not rundir.exists(path):
+        return None
+    cal = json.loads(rundir.read_text(path))
+    if cal.get("checkpoint") != checkpoint:
+        warn(
+            f"{path} was fitted on {cal.get('checkpoint')}, not {checkpoint}: ignored "
+            "(run modxla-calibrate-routing again)"
+        )
+        return None
+    return cal
+
+
+def set_thresholds(model: Transformer, thresholds: dict) -> None:
+    """Causal routing thresholds per routed block: {"<layer>": {"predictor": t, "router": t}};
+    blocks or modes not named keep 0 (logit > 0)."""
+    if model.cfg.scan:
+        raise InferenceError("routing thresholds need an unrolled model (model.scan: false)")
+    for layer in model.cfg.routed_layers:
+        block = model.blocks[layer]
+        block.thresholds = {"predictor": 0.0, "router": 0.0}
+        block.thresholds.update({m: float(t) for m, t in thresholds.get(str(layer), {}).items()})
+
+
+def get_thresholds(model: Transformer) -> dict:
+    """{"<layer>": {"predictor": t, "router": t}} as set on the blocks."""
+    return {str(i): dict(model.blocks[i].thresholds) for i in model.cfg.routed_layers}
 
 
 def tokenizer_path(run_dir: str) -> str:
@@ -107,6 +162,33 @@ def evaluate_routing(
         result["predictor"] |= _predictor_quality(tp, fp, fn, tn)
     result["batches"] = n
     return result
+
+
+@torch.no_grad()
+def predictor_quality(model: Transformer, batches) -> dict:
+    """The predictors against top-k membership (top-k routing): accuracy, precision and
+    recall of the routed class, the always-skip accuracy; and the accuracy per routed block."""
+    counts = {layer: torch.zeros(4) for layer in model.cfg.routed_layers}
+    for batch in batches:
+        out = model(batch[:, :-1], routing="topk")
+        for layer, info in zip(model.cfg.routed_layers, out.routing, strict=True):
+            pred, target = info.predictor_logits > 0, info.topk_mask > 0.5
+            counts[layer] += (
+                torch.stack(
+                    [
+                        (pred & target).sum(),
+                        (pred & ~target).sum(),
+                        (~pred & target).sum(),
+                        (~pred & ~target).sum(),
+                    ]
+                )
+                .float()
+                .cpu()
+            )
+    total = _predictor_quality(*[float(x) for x in sum(counts.values())])
+    total["predictor_acc"] = total["topk_accuracy"]
+    total["blocks"] = {layer: float(c[0] + c[3]) / float(c.sum()) for layer, c in counts.items()}
+    return total
 
 
 def _predictor_quality(tp: float, fp: float, fn: float, tn: float) -> dict:
@@ -200,3 +282,23 @@ def generate(
         if stop_id is not None and nxt == stop_id:
             break
     return out, cache
+
+
+def validation_batches(cfg: Config, n: int, offset: int = 0) -> list[torch.Tensor]:
+    """Up to `n` batches (B, T+1) of the run's validation split in order, from batch `offset`
+    (fewer when the split is smaller; an error when it holds none)."""
+    from modxla.data import build_streams
+
+    streams = build_streams(cfg.data, cfg.model.vocab_size, progress=False)
+    seqs = streams.sequences("val", cfg.data.seq_len)  # (N, T+1)
+    b = cfg.train.batch_size
+    total = len(seqs) // b
+    if total == 0:
+        raise InferenceError(
+            f"the validation split holds {len(seqs)} sequences, fewer than one batch of {b} "
+            "(raise data.val_fraction)"
+        )
+    return [
+        torch.from_numpy(seqs[i * b : (i + 1) * b].astype("int64"))
+        for i in range(offset, min(total, offset + n))
+    ]

@@ -16,18 +16,28 @@ Writes <run>/predictor/: config.yaml (the run's config with predictors), metrics
 tb/, checkpoints/step_N (the whole model with its predictors: evaluation and sampling load
 it), and eval.json: log-likelihood with topk, predictor and router routing on the
 validation split, next to the predictor's top-k accuracy and the always-skip baseline.
+
+For an accuracy curve, `--eval-every N` logs to metrics.jsonl every N steps, on the
+--eval-batches first validation batches (this host's rows): val/predictor_acc (top-k
+accuracy), val/precision and val/recall of the routed class, val/always_skip_acc (1 - C),
+and val/predictor_acc/blockN. Ablations (fresh predictors only, or matching the run's):
+`--hidden N` (MLP width), `--input x|normed` (the block's input or its RMS-normalized input,
+saved as model.mod.predictor_input), `--pos-weight W|balanced` (BCE weight of the routed
+class; balanced = (1-C)/C; the logged predictor_loss is then the weighted one).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import signal
 import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from modxla import rundir
 from modxla.checkpoint import (
@@ -40,7 +50,12 @@ from modxla.checkpoint import (
 from modxla.config import Config, OptimizerConfig
 from modxla.data import BatchLoader, build_streams
 from modxla.errors import UserError, report
-from modxla.inference import evaluate_routing, merge_routing_results, predictor_ckpt_dir
+from modxla.inference import (
+    evaluate_routing,
+    merge_routing_results,
+    predictor_ckpt_dir,
+    predictor_quality,
+)
 from modxla.logger import MetricsLogger
 from modxla.model import Transformer, build_model
 from modxla.optim import build_optimizer, restore_state, state_template
@@ -59,19 +74,36 @@ class PredictorOptions:
     restart: bool = False  # delete earlier predictor checkpoints of this run first
     checkpoint_every: int = 0  # 0 = at the end (and on SIGTERM)
     keep: int = 2
+    eval_every: int = 0  # steps between logged validation evals; 0 = only at the end
+    hidden: int = 0  # predictor MLP width; 0 = the run's model.mod.predictor_hidden
+    input: str = ""  # x | normed; "" = the run's model.mod.predictor_input
+    pos_weight: str = ""  # BCE weight of the routed class: a number or "balanced"; "" = 1
 
 
-def predictor_step(model: Transformer, opt, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+def predictor_step(
+    model: Transformer, opt, batch: torch.Tensor, pos_weight: float | None = None
+) -> dict[str, torch.Tensor]:
     """One step on the predictors only: the model is frozen, their input is stop_gradient(x)."""
     out = model(batch[:, :-1])
-    out.predictor_loss.backward()
+    loss = out.predictor_loss if pos_weight is None else weighted_bce(out.routing, pos_weight)
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    stats = {"predictor_loss": out.predictor_loss.detach()}
+    stats = {"predictor_loss": loss.detach()}
     stats.update(out.block_stats)  # per routed block: routed_frac, predictor_acc
     accs = [v for k, v in stats.items() if k.startswith("predictor_acc/")]
     stats["predictor_acc/mean"] = torch.stack(accs).mean()
     return {k: v.detach() for k, v in stats.items() if not k.startswith("routed_frac")}
+
+
+def weighted_bce(routing, pos_weight: float) -> torch.Tensor:
+    """Predictor BCE against top-k membership with the routed class weighted, mean over
+    routed blocks (a Python float weight: no tensor to create inside the compiled step)."""
+    losses = []
+    for info in routing:
+        p, y = info.predictor_logits, info.topk_mask
+        losses.append(-(pos_weight * y * F.logsigmoid(p) + (1 - y) * F.logsigmoid(-p)).mean())
+    return torch.stack(losses).mean()
 
 
 def _say(msg: str) -> None:
@@ -107,6 +139,7 @@ class PredictorTrainer:
             )
         self.cfg: Config = copy.deepcopy(run_cfg)
         self.cfg.model.mod.predictor = True  # fresh predictors are added to such a model
+        self._ablation(run_cfg)
         self.base = latest_checkpoint(rundir.checkpoints(self.run_dir, run_cfg), warn=_say)
         if self.base is None:
             raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
@@ -140,12 +173,42 @@ class PredictorTrainer:
             restore_state(
                 self.opt, self.model, restored, lambda t, n: rt.shard_like(t, specs.get(n))
             )
-        self._step = rt.compile(predictor_step, "predictor_step")
+        step = functools.partial(predictor_step, pos_weight=self.pos_weight)
+        self._step = rt.compile(step, "predictor_step")
+        self._eval_copy = None  # a CPU model for evals during XLA training
         self.stop_requested = False
         self.on_checkpoint: list = []  # called before each save (the logger uploads its files)
         if rt.is_main:
             rundir.makedirs(self.out_dir)
             rundir.save_config(self.cfg, self.out_dir)  # what loads the checkpoints
+
+    def _ablation(self, run_cfg: Config) -> None:
+        """--hidden, --input, --pos-weight: a predictor unlike the run's starts fresh."""
+        mod, opts = self.cfg.model.mod, self.opts
+        for name, value in (("hidden", opts.hidden), ("input", opts.input)):
+            key = "predictor_hidden" if name == "hidden" else "predictor_input"
+            if value and value != getattr(run_cfg.model.mod, key):
+                if opts.init == "continue":
+                    raise UserError(
+                        f"--{name} {value} differs from the run's predictors "
+                        f"({getattr(run_cfg.model.mod, key)}): pass --init fresh or auto"
+                    )
+                self.init = "fresh"  # auto: nothing of that shape to continue from
+                setattr(mod, key, value)
+        if opts.input and opts.input not in ("x", "normed"):
+            raise UserError(f"--input must be x or normed, got {opts.input!r}")
+        self.pos_weight = None
+        if opts.pos_weight:
+            c = mod.capacity
+            try:
+                w = (1 - c) / c if opts.pos_weight == "balanced" else float(opts.pos_weight)
+            except ValueError:
+                w = 0.0
+            if not w > 0:
+                raise UserError(f"--pos-weight must be > 0 or 'balanced', got {opts.pos_weight}")
+            if self.cfg.model.scan:
+                raise UserError("--pos-weight needs model.scan: false (per-block logits)")
+            self.pos_weight = w
 
     def _load_base(self, model: Transformer) -> None:
         """The training checkpoint's weights; its predictors too when continuing."""
@@ -197,10 +260,39 @@ class PredictorTrainer:
         if self.ckpt.save(self.step, state) is not None:
             _say(f"predictor checkpoint step {self.step}")
 
+    def val_batches(self) -> list[torch.Tensor]:
+        """The first --eval-batches validation batches (this host's rows)."""
+        rt = self.rt
+        val = BatchLoader(
+            self.val_seqs,
+            self.cfg.train.batch_size,
+            0,
+            rt.process_index,
+            rt.process_count,
+            shuffle=False,
+        )
+        return [next(val) for _ in range(self.opts.eval_batches)]
+
+    def eval_record(self, batches) -> dict[str, float]:
+        """Predictor quality on validation batches, as metrics.jsonl keys (val/...)."""
+        model = self.model
+        if self.rt.xla:  # evaluate a CPU copy: no graph of its own to compile
+            if self._eval_copy is None:
+                self._eval_copy = build_model(self.cfg.model).eval()
+            state = {k: v.cpu() for k, v in self.model.state_dict().items()}
+            self._eval_copy.load_state_dict(state)
+            model = self._eval_copy
+        q = predictor_quality(model, batches)
+        rec = {f"val/{k}": q[k] for k in ("predictor_acc", "precision", "recall")}
+        rec["val/always_skip_acc"] = q["always_skip_accuracy"]
+        rec |= {f"val/predictor_acc/block{n}": a for n, a in q["blocks"].items()}
+        return rec
+
     def fit(self, logger) -> None:
         rt, opts = self.rt, self.opts
         batches = rt.feed(self.loader, 0)
         every = opts.checkpoint_every
+        val = self.val_batches() if opts.eval_every else []
 
         def record(step: int, stats: dict) -> None:
             logger.log({"step": step, **{k: float(v) for k, v in stats.items()}})
@@ -212,6 +304,8 @@ class PredictorTrainer:
                 if self.step % opts.log_every == 0 or self.step == opts.steps:
                     rt.after_step(record, self.step, stats)
                 rt.sync()
+                if val and (self.step % opts.eval_every == 0 or self.step == opts.steps):
+                    logger.log({"step": self.step, **self.eval_record(val)})
                 if self.stop_requested or (every and self.step % every == 0):
                     self.save()
                 if self.stop_requested:
@@ -224,16 +318,8 @@ class PredictorTrainer:
     def evaluate(self) -> dict:
         """Routing evaluation on this host's rows of the validation batches, merged."""
         rt = self.rt
-        val = BatchLoader(
-            self.val_seqs,
-            self.cfg.train.batch_size,
-            0,
-            rt.process_index,
-            rt.process_count,
-            shuffle=False,
-        )
         model = self.model.cpu().eval()
-        result = evaluate_routing(model, [next(val) for _ in range(self.opts.eval_batches)])
+        result = evaluate_routing(model, self.val_batches())
         if rt.process_count > 1:
             import torch.distributed as dist
 
@@ -244,6 +330,9 @@ class PredictorTrainer:
             "base_checkpoint": self.base,
             "capacity": self.cfg.model.mod.capacity,
             "predictor_init": self.init,
+            "predictor_hidden": self.cfg.model.mod.predictor_hidden,
+            "predictor_input": self.cfg.model.mod.predictor_input,
+            "pos_weight": self.pos_weight or 1.0,
         }
 
 
@@ -308,12 +397,20 @@ def main(argv: list[str] | None = None) -> int:
         "--restart", action="store_true", help="delete earlier predictor checkpoints, start over"
     )
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="0 = at end")
+    ap.add_argument(
+        "--eval-every", type=int, default=0, help="log validation accuracy, precision, recall"
+    )
+    ap.add_argument("--hidden", type=int, default=0, help="predictor MLP width (fresh only)")
+    ap.add_argument(
+        "--input", choices=("x", "normed"), default="", help="predictor input (fresh only)"
+    )
+    ap.add_argument("--pos-weight", default="", help="routed-class BCE weight, or 'balanced'")
     args = ap.parse_args(argv)
     for name in ("steps", "log_every", "eval_batches"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.lr <= 0 or args.checkpoint_every < 0:
-        ap.error("--lr must be > 0 and --checkpoint-every >= 0")
+    if args.lr <= 0 or args.checkpoint_every < 0 or args.eval_every < 0 or args.hidden < 0:
+        ap.error("--lr must be > 0; --checkpoint-every, --eval-every, --hidden >= 0")
     opts = PredictorOptions(
         steps=args.steps,
         lr=args.lr,
@@ -322,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         init=args.init,
         restart=args.restart,
         checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every,
+        hidden=args.hidden,
+        input=args.input,
+        pos_weight=args.pos_weight,
     )
     try:
         result = train_predictors(args.run_dir, opts)

@@ -30,6 +30,7 @@ TOKENIZER = "tokenizer.model"
 PREDICTOR = "predictor"
 LOGS = "logs"
 EVAL = "eval.json"
+CALIBRATION = "calibration.json"  # <run>/predictor/: causal routing thresholds
 
 
 def is_url(path: str) -> bool:

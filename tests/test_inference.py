@@ -7,7 +7,8 @@ import torch
 import torch_xla
 import torch_xla.debug.metrics as met
 
-from modxla.inference import evaluate_routing, generate, sample_next
+from modxla.calibration import fit_thresholds
+from modxla.inference import evaluate_routing, generate, sample_next, set_thresholds
 from modxla.model import build_model
 from modxla.model.decode import KVCache, decode_step
 from tests.conftest import read_metrics, run, train_args
@@ -56,11 +57,25 @@ def _check_cache(model, full, cache, row=0):
 
 
 @pytest.mark.parametrize(
-    "routing,mode", [("predictor", "learned"), ("router", "learned"), ("predictor", "random")]
+    "routing,mode,calibrated",
+    [
+        ("predictor", "learned", False),
+        ("router", "learned", False),
+        ("predictor", "random", False),
+        ("predictor", "learned", True),  # the router's threshold is read the same way
+    ],
 )
-def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing, mode):
+def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing, mode, calibrated):
     model = _model(tiny_cfg, **{"model.mod.router": mode})
     torch.manual_seed(0)
+    if calibrated:  # thresholds routing 40% of tokens (capacity 25%): decide = logit > t
+        fit = [torch.randint(0, 128, (2, PROMPT + NEW + 1))]
+        before = model(fit[0][:, :-1], routing=routing).routing
+        set_thresholds(model, fit_thresholds(model, fit, 0.4, [routing]))
+        after = model(fit[0][:, :-1], routing=routing).routing
+        for b, a in zip(before, after, strict=True):  # the thresholds change the decisions
+            assert not torch.equal(b.decided, a.decided)
+            assert float(a.decided.sum()) == pytest.approx(0.4 * 2 * (PROMPT + NEW), abs=1)
     prompt = torch.randint(0, 128, (PROMPT,)).tolist()
     tokens, _ = generate(model, prompt, NEW, routing, temperature=1.0, seed=1)
     assert len(tokens) == PROMPT + NEW and tokens[:PROMPT] == prompt

@@ -79,10 +79,10 @@ def _decide(block: MoDBlock, x, routing: str) -> torch.Tensor:
     if routing == "predictor":
         if block.predictor is None:
             raise ValueError("routing='predictor' needs model.mod.predictor: true")
-        return block.predictor(x)[:, 0] > 0
+        return block.predictor(x)[:, 0] > block.thresholds["predictor"]
     if block.random:
         raise ValueError("routing='router' needs a learned router")
-    return block.router(x)[:, 0, 0] > 0
+    return block.router(x)[:, 0, 0] > block.thresholds["router"]
 
 
 def _weight(block: MoDBlock, x) -> torch.Tensor:

@@ -50,12 +50,15 @@ class RoutingInfo:
 class Predictor(nn.Module):
     """Small MLP predicting top-k membership from one token's own state (causal by design)."""
 
-    def __init__(self, d_model: int, hidden: int) -> None:
+    def __init__(self, d_model: int, hidden: int, normed: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(d_model, hidden)
         self.fc2 = nn.Linear(hidden, 1)
+        self.normed = normed  # RMS-normalize x first (no gain: fc1 absorbs one)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normed:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         return self.fc2(F.silu(self.fc1(x))).squeeze(-1)  # (B, T)
 
 
@@ -72,8 +75,12 @@ class MoDBlock(nn.Module):
         # One router per block, never shared; random routing has none to learn.
         self.router = None if self.random else nn.Linear(cfg.d_model, 1, bias=False)
         self.predictor = (
-            Predictor(cfg.d_model, cfg.mod.predictor_hidden) if cfg.mod.predictor else None
+            Predictor(cfg.d_model, cfg.mod.predictor_hidden, cfg.mod.predictor_input == "normed")
+            if cfg.mod.predictor
+            else None
         )
+        # causal decision: logit > threshold; 0 unless calibrated (modxla/calibration.py)
+        self.thresholds = {"predictor": 0.0, "router": 0.0}
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.random:
@@ -98,7 +105,7 @@ class MoDBlock(nn.Module):
                 raise ValueError("routing='predictor' needs model.mod.predictor: true")
             if routing == "router" and self.random:
                 raise ValueError("routing='router' needs a learned router")
-            decide = (p if routing == "predictor" else r) > 0
+            decide = (p if routing == "predictor" else r) > self.thresholds[routing]
             idx, valid = causal_slots(decide, k)
             decided = decide.sum(1)
         return r, topk_mask, p, idx, valid, decided

@@ -1,0 +1,181 @@
+"""What routed blocks do (inspect-routing), causal routing calibration and the predictor
+tool's curve and ablations, on a tiny eager run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from modxla.calibration import fit_thresholds, routing_stats
+from modxla.calibration import main as calibrate_main
+from modxla.inference import get_thresholds, load_run, set_thresholds, validation_batches
+from modxla.routing_report import contributions, switched_off
+from modxla.routing_report import main as inspect_main
+from tests.conftest import cpu_trainer, read_metrics
+
+OVER = (
+    "train.steps=30",
+    "model.num_layers=4",
+    "model.d_model=32",
+    "model.num_heads=2",
+    "model.mod.capacity=0.25",
+    "data.val_fraction=0.3",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_cache):
+    """A 4-block model (routed blocks 1 and 3), 30 eager steps, and 4 validation batches."""
+    t, _ = cpu_trainer(tmp_path_factory.mktemp("routing"), data_cache, "run", *OVER)
+    cfg, _, _ = load_run(str(t.run_dir))
+    return str(t.run_dir), validation_batches(cfg, 4)
+
+
+def _model(run_dir):
+    return load_run(run_dir, calibrated=False)[1]
+
+
+def test_inspect_routing_reports_every_routed_block(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    out = tmp_path / "report.json"
+    assert inspect_main(["--run-dir", run_dir, "--batches", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["blocks"]) == {"1", "3"} and res["batches"] == 1
+    loss = res["loss"]
+    for b in res["blocks"].values():
+        assert b["routed_frac"] == pytest.approx(8 / 32)  # k = 8 of T = 32
+        assert 0 < b["rf_over_x"] and 0 < b["f_over_x"]
+        assert b["r_routed"]["q50"] > b["r_all"]["q50"]  # top-k picks the larger r
+        assert b["r_all"]["q00"] <= b["r_all"]["q50"] <= b["r_all"]["q100"]
+        assert abs(b["loss_off"] - loss["topk"]) > 1e-4  # each block changes the loss
+    assert abs(loss["all_off"] - loss["topk"]) > 1e-3
+    for mode in ("predictor", "router"):
+        assert 0 <= loss[mode]["routed"] <= loss[mode]["decided"] + 1e-9
+        assert 0 <= loss[mode]["overflow"] <= 1
+    text = capsys.readouterr().out
+    assert "all routed blocks off" in text and "predictor routing" in text
+
+
+def test_switched_off_routed_blocks_are_identities(tiny_run):
+    run_dir, batches = tiny_run
+    model = _model(run_dir)
+    tokens = batches[0][:, :-1]
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad(), switched_off(model, [1, 3]):
+        got = model(tokens).logits
+        x = model.embed(tokens)
+        for i in (0, 2):  # the dense blocks alone
+            x = model.blocks[i](x, pos)[0]
+        want = torch.nn.functional.linear(model.norm(x), model.embed.weight)
+    torch.testing.assert_close(got, want)
+    assert "forward" not in model.blocks[1].__dict__  # restored
+
+
+def test_contribution_scales_with_the_router_weight(tiny_run):
+    run_dir, batches = tiny_run
+    model = _model(run_dir)
+    before = contributions(model, batches[:1])
+    with torch.no_grad():
+        model.blocks[3].router.weight.mul_(2.0)  # same top-k set, r doubled, f unchanged
+    after = contributions(model, batches[:1])
+    assert after["3"]["rf_over_x"] == pytest.approx(2 * before["3"]["rf_over_x"], rel=1e-4)
+    assert after["3"]["f_over_x"] == pytest.approx(before["3"]["f_over_x"], rel=1e-4)
+    assert after["1"] == before["1"]  # block 1 comes first: untouched
+
+
+def test_calibration_matches_capacity_and_cuts_overflow(tiny_run):
+    run_dir, batches = tiny_run
+    model = _model(run_dir)
+    with torch.no_grad():  # a predictor that routes far too many tokens: heavy overflow
+        for i in (1, 3):
+            model.blocks[i].predictor.fc2.bias.add_(3.0)
+    batches = batches[:2]
+    before = routing_stats(model, batches, "predictor")
+    set_thresholds(model, fit_thresholds(model, batches, 0.25, ["predictor"]))
+    after = routing_stats(model, batches, "predictor")
+    for layer in ("1", "3"):  # on the data it was fitted on, each block wants ~C
+        assert after["blocks"][layer]["decided"] == pytest.approx(0.25, abs=0.01)
+        assert before["blocks"][layer]["decided"] > 0.5
+    assert after["overflow"] < before["overflow"] - 0.2
+    assert after["dropped"] < before["dropped"]
+    assert after["nll"] != before["nll"]
+
+
+def test_calibrate_cli_writes_thresholds_that_load_run_applies(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    out = tmp_path / "cal.json"
+    args = ["--run-dir", run_dir, "--batches", "1", "--json", str(out)]
+    assert calibrate_main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["held_out"] and res["fit_batches"] == 1
+    assert set(res["after"]) == {"predictor", "router"}
+    assert "top-k NLL" in capsys.readouterr().out
+    _, model, path = load_run(run_dir)
+    assert path == res["checkpoint"]
+    assert get_thresholds(model) == res["thresholds"]
+    assert any(t != 0 for d in res["thresholds"].values() for t in d.values())
+    # fitted on another checkpoint (the predictors were retrained since): ignored, said so
+    cal = Path(run_dir) / "predictor" / "calibration.json"
+    cal.write_text(json.dumps({**res, "checkpoint": "elsewhere"}))
+    warned = []
+    try:
+        _, model, _ = load_run(run_dir, warn=warned.append)
+    finally:
+        cal.unlink()  # the other tests see the run uncalibrated
+    assert all(t == 0 for d in get_thresholds(model).values() for t in d.values())
+    assert "fitted on elsewhere" in warned[0] and "ignored" in warned[0]
+
+
+def test_clear_errors_for_bad_run_dirs(tiny_run, tmp_path, capsys):
+    assert inspect_main(["--run-dir", str(tmp_path / "none")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    base = tmp_path / "baseline"
+    base.mkdir()
+    cfg = yaml.safe_load(open(f"{tiny_run[0]}/config.yaml"))
+    cfg["model"]["mod"]["capacity"] = 1.0
+    (base / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for main in (inspect_main, calibrate_main):
+        assert main(["--run-dir", str(base)]) == 2
+        assert "no routed blocks" in capsys.readouterr().err
+
+
+def test_predictor_tool_logs_a_validation_curve_and_ablates(tiny_run, tmp_path):
+    from modxla.predictor import PredictorOptions, train_predictors
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)  # its predictor/ stays out of the shared run
+    opts = dict(steps=4, eval_every=2, eval_batches=1, log_every=2)  # logging, not learning
+    opts |= dict(hidden=8, input="normed", init="fresh", restart=True)
+    # the routed class weighted (1-C)/C = 3 (test_weighted_bce_... checks the loss)
+    bal = train_predictors(str(run_dir), PredictorOptions(**opts, pos_weight="balanced"))
+    recs = [r for r in read_metrics(run_dir / "predictor") if "val/precision" in r]
+    assert [r["step"] for r in recs] == [2, 4]
+    for r in recs:
+        assert r["val/always_skip_acc"] == pytest.approx(0.75)  # k = 8 of 32
+        assert 0 <= r["val/precision"] <= 1 and 0 <= r["val/recall"] <= 1
+        assert 0 <= r["val/predictor_acc"] <= 1
+        assert set(r) >= {"val/predictor_acc/block1", "val/predictor_acc/block3"}
+    assert recs[-1]["val/predictor_acc"] == pytest.approx(bal["predictor"]["topk_accuracy"])
+    assert bal["predictor_hidden"] == 8 and bal["predictor_input"] == "normed"
+    _, model, _ = load_run(str(run_dir))  # sampling and evaluation build the same predictor
+    assert model.blocks[1].predictor.fc1.out_features == 8 and model.blocks[1].predictor.normed
+    assert bal["pos_weight"] == pytest.approx(3.0)
+
+
+def test_weighted_bce_counts_the_routed_class_w_times(tiny_run):
+    from modxla.predictor import weighted_bce
+
+    run_dir, batches = tiny_run
+    out = _model(run_dir)(batches[0][:, :-1])
+    torch.testing.assert_close(weighted_bce(out.routing, 1.0), out.predictor_loss)
+    pos = torch.stack(
+        [(i.topk_mask * F.logsigmoid(i.predictor_logits)).mean() for i in out.routing]
+    )
+    # raising the weight by 2 adds 2 * the routed class's mean -log sigmoid(p)
+    extra = weighted_bce(out.routing, 3.0) - weighted_bce(out.routing, 1.0)
+    torch.testing.assert_close(extra, -2 * pos.mean())
+    assert extra > 0
