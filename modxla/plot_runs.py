@@ -216,3 +216,20 @@ def load_runs(paths) -> list[Run]:
             )
         )
     return runs
+
+
+def runs_table(groups: list[Group]) -> str:
+    """Markdown: one row per group, final validation loss as mean [min, max] over seeds."""
+    rows = [
+        "| run | params | steps | FLOPs/step | training FLOPs | seeds | val loss mean [min, max] "
+        "| std | steps/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in sorted(groups, key=lambda g: (g.budget, g.corpus, g.variant, g.params)):
+        loss, sps = g.final_loss, g.steps_per_s
+        rows.append(
+            f"| {g.name} | {g.params:,} | {g.cfg.train.steps} | {sci(g.flops_per_step)} "
+            f"| {sci(g.total_flops)} | {loss.n} | {loss.mean:.4f} [{loss.lo:.4f}, {loss.hi:.4f}] "
+            f"| {loss.std:.4f} | {sps.mean:.1f} |"
+        )
+    return "\n".join(rows) + "\n"

@@ -29,6 +29,7 @@ from modxla.plot_runs import (  # noqa: E402, F401  (re-exported: the figures' i
     Stat,
     group_runs,
     load_runs,
+    runs_table,
     sci,
 )
 
@@ -294,7 +295,8 @@ FIGURES = {
 
 
 def render_all(run_dirs, out: str, warn=print) -> dict[str, str]:
-    """Every figure the runs have data for, as PNG files in `out`, and isoflop_fit.json."""
+    """Every figure the runs have data for, as PNG files in `out`, isoflop_fit.json, and
+    runs.md (a table of the run groups)."""
     from modxla.plots_isoflop import fit_summary
 
     runs = load_runs(run_dirs)
@@ -313,4 +315,7 @@ def render_all(run_dirs, out: str, warn=print) -> dict[str, str]:
     path = rundir.join(out, "isoflop_fit.json")
     rundir.write_text(path, json.dumps(summary, indent=1) + "\n")
     written["isoflop_fit.json"] = path
+    path = rundir.join(out, "runs.md")
+    rundir.write_text(path, runs_table(groups))
+    written["runs.md"] = path
     return written

@@ -121,6 +121,11 @@ def test_seed_groups_average_and_the_isoflop_fit_finds_the_synthetic_optimum(tmp
     assert 2e7 < base_fwd < 3e8  # between the sampled sizes' FLOPs per forward pass
     table = isoflop_fit.markdown(summary)
     assert "| 3e+12 | Baseline | 4 | 2.0000 | 562," in table and "| yes |" in table
+    rows = plots.runs_table(groups).splitlines()[2:]  # what render_all writes to runs.md
+    assert len(rows) == 8 and rows[0].startswith("| base_2x64 |")
+    m = true["base_4x128_s0"]
+    row = next(r for r in rows if r.startswith("| base_4x128 |"))
+    assert f"| 3 | {m:.4f} [{m - 0.03:.4f}, {m + 0.03:.4f}] | 0.0300 |" in row
 
     # error bars on seed means, in the loss-vs-params figure
     fig = plots.loss_vs_params(groups)
