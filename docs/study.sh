@@ -130,6 +130,56 @@ for p in $phases; do
         sweep "$large" "1 2" $(best_size "$large" "$v" "${large_sizes[@]}") | grep "/${v}_"
       done; } | run_all
     ;;
+  5)  # post hoc, on MoD 12.5% at the large budget's optimum (seed 0): the predictor over
+      # 3000 steps and its ablation (each on a copy of the run), overflow and its
+      # calibration, and what the routed blocks do
+    P=$out/$large/mod_c12_$(best_size "$large" mod_c12 "${large_sizes[@]}")_s0
+    export P
+    mkdir -p "$out/predictor" "$out/routing"
+    predictor() {  # NAME [tool options]: NAME "default" trains in the run itself
+      local name=$1 dir=$P
+      shift
+      [ -e "$out/predictor/$name.done" ] && return 0
+      if [ "$name" != default ]; then
+        dir=$out/predictor/$name
+        rm -rf "$dir" && cp -r "$P" "$dir" && rm -rf "$dir/predictor"
+      fi
+      $py tools/train_predictor.py --run-dir "$dir" --steps 3000 --eval-every 100 \
+        --eval-batches 16 --init fresh "$@" >"$out/predictor/$name.log" 2>&1 &&
+        touch "$out/predictor/$name.done" && echo "done   predictor $name"
+    }
+    export -f predictor
+    printf '%s\n' default "hidden128 --hidden 128" "normed --input normed" \
+      "balanced --pos-weight balanced" | xargs -P "$jobs" -L 1 bash -c 'predictor "$@"' _
+    $py - "$out/predictor" "$P" >"$out/predictor/ablation.md" <<'EOF'
+import json, pathlib, sys
+root, run = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+print("| predictor | accuracy | always-skip | precision | recall | steps to 0.95 |")
+print("|---|---|---|---|---|---|")
+for name in ("default", "hidden128", "normed", "balanced"):
+    d = run if name == "default" else root / name
+    recs = [json.loads(x) for x in (d / "predictor" / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in recs if "val/predictor_acc" in r]
+    last = ev[-1]
+    first = next((r["step"] for r in ev if r["val/predictor_acc"] >= 0.95), None)
+    print(f"| {name} | {last['val/predictor_acc']:.4f} | {last['val/always_skip_acc']:.4f} "
+          f"| {last['val/precision']:.3f} | {last['val/recall']:.3f} | {first} |")
+EOF
+    $py tools/calibrate_routing.py --run-dir "$P" --json "$out/predictor/calibration.json" \
+      >"$out/predictor/calibration.txt"
+    $py tools/calibrate_routing.py --run-dir "$P" --search --dry-run \
+      --json "$out/predictor/calibration_search.json" >"$out/predictor/calibration_search.txt"
+    for r in "$P" "$out/$small"/mod_*_"$compare_size"_s?; do
+      $py tools/inspect_routing.py --run-dir "$r" --batches 16 \
+        --json "$out/routing/$(basename "$r").json" >"$out/routing/$(basename "$r").txt"
+    done
+    ;;
+  6)  # figures: the sweeps and the 4-variant comparison; the second corpus on its own
+    # shellcheck disable=SC2046
+    $py tools/plot.py --out docs/figures $(ls -d "$out/$small"/*_s? "$out/$large"/*_s?)
+    # shellcheck disable=SC2046
+    $py tools/plot.py --out docs/figures/manpages $(ls -d "$out"/man/*_s?)
+    ;;
   *)
     echo "phase $p: not in this script yet" >&2
     ;;
