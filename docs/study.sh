@@ -49,13 +49,15 @@ train() {
 }
 export -f train
 
-run_all() {  # lines of "CONFIG RUN_DIR SEED [overrides]" on stdin, JOBS at a time
+run_all() {  # lines of "CONFIG RUN_DIR SEED [overrides]" on stdin (no trailing blank: xargs -L
+  # would join the next line), JOBS at a time
   xargs -P "$jobs" -L 1 bash -c 'train "$@"' _
 }
 
-plan() {  # BUDGET SIZES...: configs for every variant at every size
+plan() {  # BUDGET SIZES...: configs for every variant at every size (once: a re-run keeps them)
   local budget=$1
   shift
+  [ -e "$out/configs/$budget/run_all.sh" ] && return 0
   $py tools/isoflop.py --budget "$budget" --sizes "$@" --out "$out/configs/$budget" \
     --variants baseline mod_c12 mod_c50 mod_c50_random >/dev/null
 }
@@ -77,7 +79,7 @@ compare() {  # BUDGET SEEDS DIR [overrides]: MoD 50% and MoD 50% random at compa
   shift 3
   for seed in $seeds; do
     for v in mod_c50 mod_c50_random; do
-      echo "$out/configs/$budget/${v}_$compare_size.yaml $dir/${v}_${compare_size}_s$seed $seed $*"
+      echo "$out/configs/$budget/${v}_$compare_size.yaml $dir/${v}_${compare_size}_s$seed $seed${*:+ $*}"
     done
   done
 }
