@@ -25,8 +25,10 @@ small_sizes=(2x32 2x48 2x64 2x96 3x96)
 large_sizes=(2x48 2x64 2x96 3x96)
 compare_size=3x96  # the 4-variant comparison (one routed block, as every 2-3 layer model here)
 export OMP_NUM_THREADS=1 PJRT_DEVICE=CPU CPU_NUM_DEVICES=1 py out
-export COMMON="train.device=cpu train.log_every=10 train.eval_every=250 train.eval_batches=32
-  data.val_fraction=0.05 checkpoint.keep=1"
+# The sizes' training FLOPs, and enough corpus (24 M characters) that no run sees a token twice.
+base=(train.batch_size=16 data.max_chars=24000000)
+export COMMON="train.device=cpu train.log_every=10 train.eval_every=100 train.eval_batches=16
+  data.val_fraction=0.03 checkpoint.keep=1"
 mkdir -p "$out"
 
 # One training run: CONFIG RUN_DIR SEED [overrides...]; skipped once it has finished.
@@ -59,7 +61,7 @@ plan() {  # BUDGET SIZES...: configs for every variant at every size (once: a re
   shift
   [ -e "$out/configs/$budget/run_all.sh" ] && return 0
   $py tools/isoflop.py --budget "$budget" --sizes "$@" --out "$out/configs/$budget" \
-    --variants baseline mod_c12 mod_c50 mod_c50_random >/dev/null
+    --variants baseline mod_c12 mod_c50 mod_c50_random --set "${base[@]}" >/dev/null
 }
 
 sweep() {  # BUDGET SEEDS SIZES...: baseline and MoD 12.5% at each size
@@ -115,7 +117,7 @@ for p in $phases; do
     ;;
   3)  # the 4-variant comparison on the manual pages, three seeds
     corpus=$out/corpus/manpages
-    [ -e "$corpus.done" ] || { $py tools/prepare_corpus.py --out "$corpus" --max-chars 2000000 && touch "$corpus.done"; }
+    [ -e "$corpus.done" ] || { $py tools/prepare_corpus.py --out "$corpus" --max-chars 8000000 && touch "$corpus.done"; }
     man_runs() {
       for seed in 0 1 2; do
         for v in baseline mod_c12; do
