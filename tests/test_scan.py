@@ -106,20 +106,27 @@ def test_eager_scan_layout_and_remat_match_the_unrolled_model():
 
 @pytest.mark.slow
 def test_xla_scan_and_remat_match_the_unrolled_model():
-    """On XLA: the scanned unit (one While loop) and both remat paths, against eager."""
+    """On XLA: the scanned unit (one While loop) with both partitions, and the unrolled
+    model's block remat (2 layers: a dense and a routed block, the smallest graph with both),
+    against eager."""
     tokens = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(1))
-    unrolled = build_model(_cfg().model, seed=0)
-    scanned = build_model(_cfg(**{"model.scan": "true"}).model, seed=0)
-    ref_loss, ref_grads, ref_stats = _loss_and_grads(unrolled, tokens, "cpu")
     dev = torch_xla.device()
-    for model, remat in ((unrolled, "block"), (scanned, "none"), (scanned, "block")):
-        loss, grads, stats = _loss_and_grads(model, tokens, dev, remat)
-        assert abs(loss - ref_loss) <= 1e-5, (remat, loss, ref_loss)
-        assert stats == pytest.approx(ref_stats, abs=1e-6)
-        if model is scanned:
-            grads = to_unrolled(grads, 2)
-        for n, g in ref_grads.items():
-            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-5, msg=f"{remat} {n}")
+    unrolled, scanned = _cfg(**{"model.num_layers": 2}), _cfg(**{"model.scan": "true"})
+    for cfg, remats in ((unrolled, ["block"]), (scanned, ["none", "block"])):
+        ref_loss, ref_grads, ref_stats = _loss_and_grads(
+            build_model(_cfg(**{"model.num_layers": cfg.model.num_layers}).model, seed=0),
+            tokens,
+            "cpu",
+        )
+        model = build_model(cfg.model, seed=0)
+        for remat in remats:
+            loss, grads, stats = _loss_and_grads(model, tokens, dev, remat)
+            assert abs(loss - ref_loss) <= 1e-5, (remat, loss, ref_loss)
+            assert stats == pytest.approx(ref_stats, abs=1e-6)
+            if cfg.model.scan:
+                grads = to_unrolled(grads, 2)
+            for n, g in ref_grads.items():
+                torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-5, msg=f"{remat} {n}")
 
 
 def _cpu_run(run_dir, data_cache, *over):
