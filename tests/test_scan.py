@@ -90,13 +90,12 @@ def test_scan_needs_whole_periods():
         _cfg(**{"train.remat": "everything"})
 
 
-@pytest.mark.parametrize("remat", ["none", "block"])
-def test_eager_scan_layout_and_remat_match_the_unrolled_model(remat):
+def test_eager_scan_layout_and_remat_match_the_unrolled_model():
     tokens = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
     unrolled = build_model(_cfg().model, seed=0)
     scanned = build_model(_cfg(**{"model.scan": "true"}).model, seed=0)
     ref_loss, ref_grads, ref_stats = _loss_and_grads(unrolled, tokens, "cpu")
-    for model in (unrolled, scanned):
+    for model, remat in ((unrolled, "block"), (scanned, "none"), (scanned, "block")):
         loss, grads, stats = _loss_and_grads(model, tokens, "cpu", remat)
         assert abs(loss - ref_loss) <= 1e-5 and stats == pytest.approx(ref_stats, abs=1e-6)
         if model is scanned:
@@ -107,20 +106,27 @@ def test_eager_scan_layout_and_remat_match_the_unrolled_model(remat):
 
 @pytest.mark.slow
 def test_xla_scan_and_remat_match_the_unrolled_model():
-    """On XLA: the scanned unit (one While loop) and both remat paths, against eager."""
+    """On XLA: the scanned unit (one While loop) with both partitions, and the unrolled
+    model's block remat (2 layers: a dense and a routed block, the smallest graph with both),
+    against eager."""
     tokens = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(1))
-    unrolled = build_model(_cfg().model, seed=0)
-    scanned = build_model(_cfg(**{"model.scan": "true"}).model, seed=0)
-    ref_loss, ref_grads, ref_stats = _loss_and_grads(unrolled, tokens, "cpu")
     dev = torch_xla.device()
-    for model, remat in ((unrolled, "block"), (scanned, "none"), (scanned, "block")):
-        loss, grads, stats = _loss_and_grads(model, tokens, dev, remat)
-        assert abs(loss - ref_loss) <= 1e-5, (remat, loss, ref_loss)
-        assert stats == pytest.approx(ref_stats, abs=1e-6)
-        if model is scanned:
-            grads = to_unrolled(grads, 2)
-        for n, g in ref_grads.items():
-            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-5, msg=f"{remat} {n}")
+    unrolled, scanned = _cfg(**{"model.num_layers": 2}), _cfg(**{"model.scan": "true"})
+    for cfg, remats in ((unrolled, ["block"]), (scanned, ["none", "block"])):
+        ref_loss, ref_grads, ref_stats = _loss_and_grads(
+            build_model(_cfg(**{"model.num_layers": cfg.model.num_layers}).model, seed=0),
+            tokens,
+            "cpu",
+        )
+        model = build_model(cfg.model, seed=0)
+        for remat in remats:
+            loss, grads, stats = _loss_and_grads(model, tokens, dev, remat)
+            assert abs(loss - ref_loss) <= 1e-5, (remat, loss, ref_loss)
+            assert stats == pytest.approx(ref_stats, abs=1e-6)
+            if cfg.model.scan:
+                grads = to_unrolled(grads, 2)
+            for n, g in ref_grads.items():
+                torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-5, msg=f"{remat} {n}")
 
 
 def _cpu_run(run_dir, data_cache, *over):
@@ -139,15 +145,16 @@ def _cpu_run(run_dir, data_cache, *over):
     return t, [h["loss"] for h in hist if "loss" in h]
 
 
-@pytest.mark.parametrize("first,then", [("false", "true"), ("true", "false")])
-def test_checkpoint_written_by_one_layout_resumes_in_the_other(tmp_path, data_cache, first, then):
+def test_checkpoints_resume_across_layouts(tmp_path, data_cache):
+    """unrolled step 1 -> scan step 2 -> unrolled step 3: each resumed step's loss equals the
+    uninterrupted unrolled run's (checkpoints, optimizer state included, convert both ways)."""
     _, straight = _cpu_run(tmp_path / "straight", data_cache, "train.steps=3")
     run = tmp_path / "run"
-    _cpu_run(run, data_cache, "train.steps=2", f"model.scan={first}")
-    resumed, losses = _cpu_run(run, data_cache, "train.steps=3", f"model.scan={then}")
-    assert resumed.model.cfg.scan == (then == "true") and len(losses) == 1
-    # step 3 after the layout change equals step 3 of the uninterrupted run
-    assert abs(losses[0] - straight[2]) <= 1e-5, (losses, straight)
+    _cpu_run(run, data_cache, "train.steps=1", "model.scan=false")
+    for step, scan in ((2, "true"), (3, "false")):
+        resumed, losses = _cpu_run(run, data_cache, f"train.steps={step}", f"model.scan={scan}")
+        assert resumed.model.cfg.scan == (scan == "true") and len(losses) == 1
+        assert abs(losses[0] - straight[step - 1]) <= 1e-5, (step, losses, straight)
 
 
 def test_a_scanned_model_decodes_like_the_unrolled_one():
