@@ -3,7 +3,10 @@
 A matmul of (m, n) by (n, p) counts 2*m*n*p FLOPs. Dense blocks process all T tokens, routed
 blocks k = round(C*T); attention scores and values add their own quadratic term over the
 tokens a block processes (the full square is counted, as it is computed). The input embedding
-is a gather (0 FLOPs); the output head counts 2*T*D*V. Backward counts twice the forward.
+is a gather (0 FLOPs); the output head counts 2*T*D*V. Backward counts twice the forward,
+except where no input gradient exists: the predictor runs on stop_gradient(x) (its backward is
+the weight gradients and fc2's input gradient, 2*T*(D*H + 2H)). Random routing's router
+(Gaussian weights on detached x, no backward) is not counted.
 """
 
 from __future__ import annotations
@@ -47,10 +50,21 @@ def forward_flops(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
     return out
 
 
+def backward_flops(cfg: ModelConfig, seq_len: int) -> int:
+    """Backward FLOPs for one sequence: 2x the forward where gradients flow through."""
+    fwd = forward_flops(cfg, seq_len)
+    out = 2 * (fwd["total"] - fwd["predictor"])
+    if cfg.mod.predictor:  # stop_gradient(x): no input gradient for fc1
+        h = cfg.mod.predictor_hidden
+        out += len(cfg.routed_layers) * 2 * seq_len * (cfg.d_model * h + 2 * h)
+    return out
+
+
 def flops_per_step(cfg: Config) -> int:
-    """Training FLOPs of one optimizer step: (forward + 2x backward) x global batch x accum."""
-    fwd = forward_flops(cfg.model, cfg.data.seq_len)["total"]
-    return 3 * fwd * cfg.train.batch_size * cfg.train.grad_accum
+    """Training FLOPs of one optimizer step: (forward + backward) x global batch x accum."""
+    t = cfg.data.seq_len
+    per_seq = forward_flops(cfg.model, t)["total"] + backward_flops(cfg.model, t)
+    return per_seq * cfg.train.batch_size * cfg.train.grad_accum
 
 
 def param_count(cfg: ModelConfig, exclude_embeddings: bool = False) -> int:

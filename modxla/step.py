@@ -36,7 +36,8 @@ def train_step(
             out = model(inputs)
             lm = lm_loss(out.logits, targets)
             loss = lm + out.aux_loss
-        (loss / accum).backward()
+        # Every op here is traced again each step on XLA: skip the no-op / 1 and 0 +.
+        (loss / accum if accum > 1 else loss).backward()
         stats = {
             "loss": loss,
             "lm_loss": lm,
@@ -45,7 +46,8 @@ def train_step(
         }
         stats.update(out.block_stats)  # routed_frac/blockN, predictor_acc/blockN (scan too)
         for k, v in stats.items():
-            sums[k] = sums.get(k, 0) + v.detach().float() / accum
+            v = v.detach().float()
+            sums[k] = sums[k] + v / accum if k in sums else (v / accum if accum > 1 else v)
     params = [p for p in model.parameters() if p.grad is not None]
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)

@@ -122,8 +122,12 @@ class MoDBlock(nn.Module):
         mask = None if routing == "topk" else attention_mask(valid, valid, pos, pos)
         delta = self.f(xs, pos, mask)  # (B, k, D)
         w = torch.ones_like(pos, dtype=x.dtype) if self.random else torch.gather(r, 1, idx)
-        w = w * valid.to(x.dtype)
+        if routing != "topk":  # top-k fills every slot: no empty ones to zero
+            w = w * valid.to(x.dtype)
         out = x.flatten(0, 1).index_add(0, rows, (delta * w[..., None]).flatten(0, 1))
         out = out.view(b, t, d)  # x + scatter_add of r * f, row by row
-        routed = torch.zeros_like(topk_mask).scatter(1, idx, valid.to(topk_mask.dtype))
+        if routing == "topk":  # the buffer holds exactly the top-k: no second scatter
+            routed = topk_mask
+        else:
+            routed = torch.zeros_like(topk_mask).scatter(1, idx, valid.to(topk_mask.dtype))
         return out, RoutingInfo(r, topk_mask, p, routed, idx, valid, decided)
