@@ -44,8 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default="configs/baseline.yaml")
     ap.add_argument("--mod", default="configs/mod_c12_every2.yaml")
     ap.add_argument("--steps", type=int, default=24, help="timed steps per variant")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="eager devices (cpu, cuda): run each model's forward and backward through\n"
+        "torch.compile (TorchInductor), which removes per-op launch overhead",
+    )
     ap.add_argument("overrides", nargs="*", help="applied to both configs")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options may follow the overrides
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     try:
@@ -60,6 +66,8 @@ def bench(args) -> int:
         "mod": load_config(args.mod, ["train.compile_cache=", *args.overrides]),
     }
     rt = setup_runtime(cfgs["baseline"])
+    if args.compile and rt.xla:
+        raise UserError("--compile is for eager devices (train.device=cpu|cuda); XLA compiles")
     if rt.xla:
         import torch_xla
         import torch_xla.core.xla_model as xm
@@ -79,6 +87,8 @@ def bench(args) -> int:
             shard_model(model, rt.mesh)
             step = torch_xla.compile(train_step, full_graph=True, name=f"step_{name}")
         opt = build_optimizer(model, cfg.optimizer)
+        if args.compile and not rt.xla:
+            model = torch.compile(model)  # same parameters; AdamW stays eager
         variants[name] = {"cfg": cfg, "model": model, "opt": opt, "step": step}
         variants[name] |= {"times": [], "cpu": []}
 
@@ -111,9 +121,11 @@ def bench(args) -> int:
     flop_ratio = flops["baseline"] / flops["mod"]
     m = cfgs["baseline"].model
     device = f"{xm.xla_device_hw(rt.device)} x{rt.num_devices}" if rt.xla else str(rt.device)
+    if rt.device.type == "cuda":
+        device = torch.cuda.get_device_name(rt.device)
     result = {
         "device": device,
-        "backend": "xla" if rt.xla else "eager",
+        "backend": "xla" if rt.xla else ("eager+torch.compile" if args.compile else "eager"),
         "threads": torch.get_num_threads(),
         "size": f"{m.num_layers} layers x d{m.d_model}, T{cfgs['baseline'].data.seq_len}, "
         f"B{cfgs['baseline'].train.batch_size}, V{m.vocab_size}",
