@@ -137,8 +137,9 @@ def test_predictor_sampling_and_plots_on_a_gcs_run(resumed_gcs_run, tmp_path):
 
     out = f"{url}/plots"
     assert plot.main(["--out", out, url]) == 0
-    pngs = fs.find(f"{root}/plots")
+    pngs = [p for p in fs.find(f"{root}/plots") if p.endswith(".png")]
     assert len(pngs) >= 3 and all(fs.size(p) > 5000 for p in pngs)
+    assert fs.exists(f"{root}/plots/runs.md") and fs.exists(f"{root}/plots/isoflop_fit.json")
     assert fs.cat_file(pngs[0])[:4] == b"\x89PNG"
     assert no_local_url_folder() and not (tmp_path / "gs:").exists()
 

@@ -114,7 +114,7 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
     # two variants only: the variant comparison (tests/test_plots.py) has nothing to show
     assert skipped == ["skipped variants_at_size: needs 3 or more variants at one size and budget"]
     figures = set(plots.FIGURES) - {"variants_at_size"}
-    assert set(written) == {*figures, "isoflop_fit.json"}
+    assert set(written) == {*figures, "isoflop_fit.json", "runs.md"}
     for name in figures:
         assert Path(written[name]).stat().st_size > 5000  # a real picture, not an empty file
     loaded = plots.group_runs(plots.load_runs(runs))

@@ -124,7 +124,8 @@ class MoDBlock(nn.Module):
         w = torch.ones_like(pos, dtype=x.dtype) if self.random else torch.gather(r, 1, idx)
         if routing != "topk":  # top-k fills every slot: no empty ones to zero
             w = w * valid.to(x.dtype)
-        out = x.flatten(0, 1).index_add(0, rows, (delta * w[..., None]).flatten(0, 1))
+        upd = (delta * w[..., None]).to(x.dtype)  # autocast: delta and r may be bf16, x is not
+        out = x.flatten(0, 1).index_add(0, rows, upd.flatten(0, 1))
         out = out.view(b, t, d)  # x + scatter_add of r * f, row by row
         if routing == "topk":  # the buffer holds exactly the top-k: no second scatter
             routed = topk_mask
