@@ -3,10 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modxla-installed
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist). Whole files go to one worker, so a module's compiled graphs
-# and session fixtures are built once per file's worker.
+# Test processes (pytest-xdist); an idle worker takes queued tests from a busy one (a few
+# module fixtures are then built in both).
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+XDIST := -n $(TEST_WORKERS) --dist worksteal
 # 8 virtual XLA CPU devices for SPMD (XLA_FLAGS device counts do not work with torch_xla).
 XLA_CPU := PJRT_DEVICE=CPU CPU_NUM_DEVICES=8
 

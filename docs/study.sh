@@ -178,11 +178,17 @@ EOF
         --json "$out/routing/$(basename "$r").json" >"$out/routing/$(basename "$r").txt"
     done
     ;;
-  6)  # figures: the sweeps and the 4-variant comparison; the second corpus on its own
+  6)  # figures and tables (docs/figures), and the post-hoc reports (docs/study/)
     # shellcheck disable=SC2046
-    $py tools/plot.py --out docs/figures $(ls -d "$out/$small"/*_s? "$out/$large"/*_s?)
+    $py tools/plot.py --out docs/figures $(ls -d "$out/$small"/*_s? "$out/$large"/*_s?) \
+      >docs/figures/plot.txt
+    mkdir -p docs/figures/manpages
     # shellcheck disable=SC2046
-    $py tools/plot.py --out docs/figures/manpages $(ls -d "$out"/man/*_s?)
+    $py tools/plot.py --out docs/figures/manpages $(ls -d "$out"/man/*_s?) \
+      >docs/figures/manpages/plot.txt
+    mkdir -p docs/study
+    cp "$out"/predictor/{ablation.md,calibration.txt,calibration_search.txt} docs/study/
+    cp "$out"/routing/*.txt docs/study/
     ;;
   *)
     echo "phase $p: not in this script yet" >&2
