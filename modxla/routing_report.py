@@ -79,7 +79,9 @@ def contributions(model: Transformer, batches) -> dict:
             r_all.append(info.router_logits.flatten())
             r_routed.append(r.flatten())
         r_all, r_routed = torch.cat(r_all).float(), torch.cat(r_routed).float()
+        member = torch.cat([i.topk_mask.flatten() for i in rec["info"]]) > 0
         out[str(layer)] = {
+            "threshold_acc": threshold_accuracy(r_all, member),
             "rf_over_x": float(torch.cat(rf).mean()),
             "f_over_x": float(torch.cat(f_rel).mean()),
             "r_all": _quantiles(r_all),
@@ -89,6 +91,21 @@ def contributions(model: Transformer, batches) -> dict:
             "routed_frac": float(torch.cat([i.routed_mask.flatten() for i in rec["info"]]).mean()),
         }
     return out
+
+
+def threshold_accuracy(r: torch.Tensor, member: torch.Tensor) -> float:
+    """Top-k accuracy of the best single threshold on each token's own router logit: what a
+    per-token rule can reach when it knows r_i exactly but not the other tokens' logits
+    (top-k's cut-off moves from sequence to sequence)."""
+    order = torch.argsort(r, descending=True)
+    m = member[order].float()
+    # routing the first j tokens (highest r): correct = members among them + non-members after
+    correct = (
+        torch.cat([m.new_zeros(1), m.cumsum(0)])
+        + (1 - m).sum()
+        - torch.cat([m.new_zeros(1), (1 - m).cumsum(0)])
+    )
+    return float(correct.max() / len(m))
 
 
 def _quantiles(v: torch.Tensor) -> dict[str, float]:
@@ -132,7 +149,7 @@ def print_report(res: dict) -> None:
     print(
         f"{'block':>5} {'|rf|/|x|':>9} {'|f|/|x|':>8} {'routed':>7} {'r<0 all':>8} "
         f"{'r<0 rtd':>8} {'r q05':>7} {'r q50':>7} {'r q95':>7} {'rtd q50':>8} "
-        f"{'loss off':>9} {'delta':>7}"
+        f"{'loss off':>9} {'delta':>7} {'thr acc':>8}"
     )
     for layer, b in res["blocks"].items():
         print(
@@ -140,9 +157,10 @@ def print_report(res: dict) -> None:
             f"{b['r_negative_all']:8.3f} {b['r_negative_routed']:8.3f} "
             f"{b['r_all']['q05']:7.3f} {b['r_all']['q50']:7.3f} {b['r_all']['q95']:7.3f} "
             f"{b['r_routed']['q50']:8.3f} {b['loss_off']:9.4f} "
-            f"{b['loss_off'] - loss['topk']:+7.4f}"
+            f"{b['loss_off'] - loss['topk']:+7.4f} {b['threshold_acc']:8.4f}"
         )
     print(f"validation NLL: top-k {loss['topk']:.4f}, all routed blocks off {loss['all_off']:.4f}")
+    print("thr acc: top-k accuracy of the best single threshold on a token's own router logit")
     for mode in ("predictor", "router"):
         if mode in loss:
             s = loss[mode]

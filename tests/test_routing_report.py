@@ -52,6 +52,7 @@ def test_inspect_routing_reports_every_routed_block(tiny_run, tmp_path, capsys):
         assert b["r_routed"]["q50"] > b["r_all"]["q50"]  # top-k picks the larger r
         assert b["r_all"]["q00"] <= b["r_all"]["q50"] <= b["r_all"]["q100"]
         assert abs(b["loss_off"] - loss["topk"]) > 1e-4  # each block changes the loss
+        assert 0.75 <= b["threshold_acc"] <= 1  # at least always-skip (1 - k/T)
     assert abs(loss["all_off"] - loss["topk"]) > 1e-3
     for mode in ("predictor", "router"):
         assert 0 <= loss[mode]["routed"] <= loss[mode]["decided"] + 1e-9
@@ -179,3 +180,20 @@ def test_weighted_bce_counts_the_routed_class_w_times(tiny_run):
     extra = weighted_bce(out.routing, 3.0) - weighted_bce(out.routing, 1.0)
     torch.testing.assert_close(extra, -2 * pos.mean())
     assert extra > 0
+
+
+def test_threshold_accuracy_is_the_best_single_cut():
+    from modxla.routing_report import threshold_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(200, generator=g)
+    # top-k of each "sequence" of 20 tokens: its cut-off moves, so no single cut is perfect
+    shift = torch.randn(10, 1, generator=g).expand(10, 20).flatten()
+    member = torch.zeros(200, dtype=torch.bool)
+    for s in range(10):
+        member[s * 20 + torch.topk((r + shift)[s * 20 : (s + 1) * 20], 5).indices] = True
+    brute = max(float(((r > c) == member).float().mean()) for c in [*r.tolist(), -1e9])
+    assert threshold_accuracy(r, member) == pytest.approx(brute)
+    assert 0.75 < brute < 1.0
+    separable = r > 0.3
+    assert threshold_accuracy(r, separable) == 1.0
