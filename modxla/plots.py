@@ -244,17 +244,30 @@ def _mean_curve(curves: list[list[tuple[float, float]]]):
     return xs, stats
 
 
+def _post_hoc(r: Run) -> list[tuple[int, float]]:
+    """The post-hoc predictor's accuracy curve: validation when it was evaluated, else the
+    training batches'."""
+    for key in ("val/predictor_acc", "predictor_acc/mean"):
+        curve = [(x["step"], x[key]) for x in r.predictor if key in x]
+        if curve:
+            return curve
+    return []
+
+
 def predictor_accuracy(groups: list[Group]):
+    """Post-hoc predictor accuracy vs step; the jointly trained predictors' only when no run
+    has a post-hoc one (a sweep's every MoD run has joint ones: too many curves)."""
     fig, ax = plt.subplots(figsize=(7.5, 4))
     drawn = False
+    any_post = any(_post_hoc(r) for g in groups for r in g.runs)
     for g in groups:
-        post = [[(x["step"], x["predictor_acc/mean"]) for x in r.predictor] for r in g.runs]
+        post = [_post_hoc(r) for r in g.runs]
         last = g.runs[0].train[-1] if g.runs[0].train else {}
         keys = [k for k in last if k.startswith("predictor_acc/")]
         joint = [
             [(x["step"], sum(x[k] for k in keys) / len(keys)) for x in r.train]
             for r in g.runs
-            if keys
+            if keys and not any_post
         ]
         for curves, how in ((post, "post hoc"), (joint, "joint")):
             curves = [c for c in curves if c]

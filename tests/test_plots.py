@@ -199,3 +199,18 @@ def test_variant_comparison_orders_variants_by_seed_mean(tmp_path):
     assert list(bars.lines[0].get_xdata()) == pytest.approx([2.40, 2.42, 2.45, 2.47])
     segs = bars.lines[2][0].get_segments()
     assert [s[1][0] - s[0][0] for s in segs] == pytest.approx([0.02] * 4)  # min-max of 2 seeds
+
+
+def test_post_hoc_predictor_curve_prefers_validation_records():
+    cfg = load_config("configs/tiny.yaml", [])
+    recs = [
+        {"step": 10, "predictor_loss": 0.3, "predictor_acc/mean": 0.90},
+        {"step": 10, "val/predictor_acc": 0.93, "val/always_skip_acc": 0.875},
+        {"step": 20, "predictor_loss": 0.2, "predictor_acc/mean": 0.94},
+        {"step": 20, "val/predictor_acc": 0.95, "val/always_skip_acc": 0.875},
+    ]
+    assert plots._post_hoc(plots.Run("r", cfg, predictor=recs)) == [(10, 0.93), (20, 0.95)]
+    train_only = [r for r in recs if "predictor_acc/mean" in r]
+    assert plots._post_hoc(plots.Run("r", cfg, predictor=train_only)) == [(10, 0.9), (20, 0.94)]
+    fig = plots.predictor_accuracy([plots.Group([plots.Run("r", cfg, predictor=recs)])])
+    assert list(fig.axes[0].lines[0].get_ydata()) == [0.93, 0.95]
