@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The small-scale study behind docs/results.md, from scratch:
-#   1. isoFLOP sweeps of the baseline and MoD 12.5% (every 2nd block) at two budgets,
-#      with sizes on both sides of each optimum;
-#   2. the 4-variant comparison (baseline, MoD 12.5%, MoD 50%, MoD 50% random) at one size;
-#   3. seeds: three at every point of the small budget, and at each variant's optimum of the
-#      large one;
-#   4. the 4-variant comparison again on a second corpus (the system's manual pages);
-#   5. post-hoc: predictor training over 3000 steps and its ablation, overflow calibration,
-#      what routed blocks do;
-#   6. figures and the isoFLOP fit.
-# Runs use eager PyTorch on the CPU (at these sizes it is ~3x faster than XLA:CPU), one
+# The small-scale study behind docs/results.md, from scratch. Phases:
+#   1. isoFLOP sweeps of the baseline and MoD 12.5% (every 2nd block) at two budgets, sizes on
+#      both sides of each optimum; MoD 50% and MoD 50% random at one size (seed 0);
+#   2. seeds 1 and 2 at each variant's optimum of the small budget and for the 4 variants;
+#   3. the 4 variants, three seeds, on a second corpus (the system's manual pages);
+#   4. (optional) seeds 1 and 2 at each variant's optimum of the large budget;
+#   5. post hoc: the predictor over 3000 steps and its ablation, overflow and its calibration,
+#      what the routed blocks do;
+#   6. figures, run tables and isoFLOP fits (docs/figures), post-hoc reports (docs/study);
+#   7. eager vs XLA:CPU step time at one of the study's sizes (docs/study).
+# Runs use eager PyTorch on the CPU (at these sizes ~2x faster than XLA:CPU, no compile), one
 # thread each, JOBS at a time. Finished runs are skipped, so the script can be re-run after
 # an interruption. PHASES selects steps, e.g. PHASES="1 2" bash docs/study.sh.
 set -euo pipefail
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 out=${OUT:-runs/study}
 jobs=${JOBS:-2}
-phases=${PHASES:-1 2 3 5 6}  # 4 (seeds at the large budget's optima) is optional
+phases=${PHASES:-1 2 3 5 6 7}  # 4 (seeds at the large budget's optima) is optional
 small=${SMALL:-1e12}
 large=${LARGE:-2e12}
 # Ascending in parameters. At these budgets the optimum sits among the smallest models.
@@ -190,8 +190,18 @@ EOF
     cp "$out"/predictor/{ablation.md,calibration.txt,calibration_search.txt} docs/study/
     cp "$out"/routing/*.txt docs/study/
     ;;
+  7)  # eager vs XLA:CPU step time at 3x96 (why the study runs eager)
+    mkdir -p docs/study
+    c=$out/configs/$small
+    for backend in eager xla; do
+      over=()
+      [ $backend = eager ] && over=(train.device=cpu)
+      $py tools/bench_step.py --baseline "$c/baseline_3x96.yaml" --mod "$c/mod_c12_3x96.yaml" \
+        --steps 40 "${over[@]}" >"docs/study/step_3x96_$backend.json"
+    done
+    ;;
   *)
-    echo "phase $p: not in this script yet" >&2
+    echo "phase $p: not in this script" >&2
     ;;
   esac
 done
