@@ -27,7 +27,7 @@ import sys
 import torch
 
 from modxla import rundir
-from modxla.errors import UserError, report
+from modxla.errors import UserError, report, say
 from modxla.inference import (
     InferenceError,
     calibration_path,
@@ -177,7 +177,7 @@ def run_calibration(
 ) -> dict:
     if not rundir.load_config(run_dir).model.routed_layers:  # before loading any weights
         raise InferenceError(f"{run_dir} has no routed blocks: nothing to calibrate")
-    cfg, model, path = load_run(run_dir, calibrated=False, unrolled=True, warn=_say)
+    cfg, model, path = load_run(run_dir, calibrated=False, unrolled=True, warn=say)
     val = validation_batches(cfg, 2 * batches)
     # interleaved: the split is in document order, and documents differ
     fit, held = (val[0::2], val[1::2]) if len(val) > 1 else (val, [])
@@ -190,12 +190,8 @@ def run_calibration(
     }
     if write:
         rundir.write_text(calibration_path(run_dir), json.dumps(res, indent=2))
-        _say(f"wrote {calibration_path(run_dir)}")
+        say(f"wrote {calibration_path(run_dir)}")
     return res
-
-
-def _say(msg: str) -> None:
-    print(f"[modxla] {msg}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

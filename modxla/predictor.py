@@ -49,7 +49,7 @@ from modxla.checkpoint import (
 )
 from modxla.config import Config, OptimizerConfig
 from modxla.data import BatchLoader, build_streams
-from modxla.errors import UserError, report
+from modxla.errors import UserError, report, say
 from modxla.inference import (
     evaluate_routing,
     merge_routing_results,
@@ -106,12 +106,6 @@ def weighted_bce(routing, pos_weight: float) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def _say(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(f"[modxla] {msg}", file=sys.stderr)
-
-
 def _is_predictor(name: str) -> bool:
     return ".predictor." in name
 
@@ -140,7 +134,7 @@ class PredictorTrainer:
         self.cfg: Config = copy.deepcopy(run_cfg)
         self.cfg.model.mod.predictor = True  # fresh predictors are added to such a model
         self._ablation(run_cfg)
-        self.base = latest_checkpoint(rundir.checkpoints(self.run_dir, run_cfg), warn=_say)
+        self.base = latest_checkpoint(rundir.checkpoints(self.run_dir, run_cfg), warn=say)
         if self.base is None:
             raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
 
@@ -160,7 +154,7 @@ class PredictorTrainer:
         self.ckpt = Checkpointer(predictor_ckpt_dir(self.run_dir), opts.keep, is_main=rt.is_main)
         if opts.restart and rt.is_main:
             self.ckpt.clear()  # asked for: a complete step is otherwise never rewritten
-        resume = None if opts.restart else latest_checkpoint(self.ckpt.base, warn=_say)
+        resume = None if opts.restart else latest_checkpoint(self.ckpt.base, warn=say)
         self._load_base(model)
         for name, p in model.named_parameters():
             p.requires_grad_(_is_predictor(name))
@@ -230,7 +224,7 @@ class PredictorTrainer:
             "fresh": "fresh predictors (new initialisation)",
             "continue": "continuing from the jointly trained predictors",
         }[self.init]
-        _say(f"{how}; frozen model from {self.base}")
+        say(f"{how}; frozen model from {self.base}")
 
     def _load_resume(self, path: str, model: Transformer) -> dict:
         template = {
@@ -247,7 +241,7 @@ class PredictorTrainer:
         model.load_state_dict(loaded["model"])
         self.step = int(loaded["meta"]["step"])
         self.loader.load_state_dict(loaded["meta"]["loader"])
-        _say(f"resuming predictor training from {path} (step {self.step})")
+        say(f"resuming predictor training from {path} (step {self.step})")
         return loaded["optim"]
 
     def save(self) -> None:
@@ -258,7 +252,7 @@ class PredictorTrainer:
             hook()
         state = {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "meta": meta}
         if self.ckpt.save(self.step, state) is not None:
-            _say(f"predictor checkpoint step {self.step}")
+            say(f"predictor checkpoint step {self.step}")
 
     def val_batches(self) -> list[torch.Tensor]:
         """The first --eval-batches validation batches (this host's rows)."""
@@ -309,7 +303,7 @@ class PredictorTrainer:
                 if self.stop_requested or (every and self.step % every == 0):
                     self.save()
                 if self.stop_requested:
-                    _say(f"stop requested: left at step {self.step}; run again to resume")
+                    say(f"stop requested: left at step {self.step}; run again to resume")
                     return
             self.save()  # skipped when this step is already complete
         finally:

@@ -24,7 +24,7 @@ import torch
 
 from modxla import rundir
 from modxla.calibration import causal_modes, routing_stats
-from modxla.errors import UserError, report
+from modxla.errors import UserError, report, say
 from modxla.inference import InferenceError, get_thresholds, load_run, validation_batches
 from modxla.model import MoDBlock, Transformer
 
@@ -173,13 +173,9 @@ def print_report(res: dict) -> None:
 def inspect_run(run_dir: str, batches: int) -> dict:
     if not rundir.load_config(run_dir).model.routed_layers:  # before loading any weights
         raise InferenceError(f"{run_dir} has no routed blocks: nothing to report")
-    cfg, model, path = load_run(run_dir, unrolled=True, warn=_say)
+    cfg, model, path = load_run(run_dir, unrolled=True, warn=say)
     res = routing_report(model, validation_batches(cfg, batches))
     return {"run_dir": str(run_dir), "checkpoint": path, **res}
-
-
-def _say(msg: str) -> None:
-    print(f"[modxla] {msg}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from modxla.checkpoint import latest_checkpoint as find_latest
 from modxla.checkpoint import load as load_checkpoint
 from modxla.config import Config, load_config
 from modxla.data import BatchLoader, build_streams
-from modxla.errors import UserError, report
+from modxla.errors import UserError, report, say
 from modxla.guard import DivergenceGuard, guarded_step
 from modxla.metrics import flops_per_step, mfu
 from modxla.model import build_model
@@ -28,12 +28,6 @@ from modxla.model.stacking import (
 from modxla.optim import build_optimizer, lr_at, restore_state, set_lr, state_template
 from modxla.runtime import peak_flops_per_device, setup_runtime
 from modxla.step import eval_step
-
-
-def _say(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(f"[modxla] {msg}", file=sys.stderr)
 
 
 def _grouped(loader: BatchLoader, accum: int):
@@ -92,7 +86,7 @@ class Trainer:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return None
-        path = find_latest(self.ckpt_dir, warn=_say)  # checksums verified: damaged -> older
+        path = find_latest(self.ckpt_dir, warn=say)  # checksums verified: damaged -> older
         if path is None and mode == "must":
             raise CheckpointError(f"resume: no complete checkpoint in {self.ckpt_dir}")
         return path
@@ -124,7 +118,7 @@ class Trainer:
         own = optimizer_names(model.state_dict())
         loaded["optim"] = convert_optimizer_state(loaded["optim"], names, own, unit)
         model.load_state_dict(convert_state(loaded["model"], unit, scan))
-        _say(f"resuming from {path} (step {loaded['meta']['step']})")
+        say(f"resuming from {path} (step {loaded['meta']['step']})")
         return loaded
 
     def _restore(self, loaded: dict) -> None:
@@ -149,9 +143,9 @@ class Trainer:
         state = {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
         path = self.ckpt.save(self.step, {**state, "meta": self._meta()})
         if path is None:
-            _say(f"checkpoint step {self.step} is already complete; not rewritten")
+            say(f"checkpoint step {self.step} is already complete; not rewritten")
         else:
-            _say(f"checkpoint step {self.step} -> {path}")
+            say(f"checkpoint step {self.step} -> {path}")
         return path
 
     def evaluate(self) -> torch.Tensor:
@@ -231,7 +225,7 @@ class Trainer:
             if self.stop_requested or (every and self.step % every == 0):
                 saved = self.save()
             if self.stop_requested:
-                _say(f"stop requested: left at step {self.step}, checkpoint {saved}")
+                say(f"stop requested: left at step {self.step}, checkpoint {saved}")
                 break
         else:
             if not (every and self.step % every == 0):
@@ -249,7 +243,7 @@ def train(cfg: Config, run_dir: str) -> list[dict]:
 
     def on_term(signum, frame):  # preemption: finish the step, save, exit cleanly
         if not trainer.stop_requested:
-            _say(f"signal {signum}: saving a checkpoint after this step")
+            say(f"signal {signum}: saving a checkpoint after this step")
         trainer.stop_requested = True  # a second signal changes nothing
 
     previous = signal.signal(signal.SIGTERM, on_term)
