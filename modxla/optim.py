@@ -34,6 +34,9 @@ def param_groups(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """AdamW. On XLA its step count lives on the device (capturable) and set_lr makes the
+    learning rate a device tensor: nothing that changes per step is a Python number, so the
+    traced step (modxla/replay.py) can be replayed without tracing it again."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in named if decays(n)], "weight_decay": cfg.weight_decay},
@@ -41,10 +44,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     ]
     kw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
     if cfg.moment_dtype == "float32":
-        # On XLA torch picks its per-tensor loop; the foreach path is bitwise equal there and
-        # ~25 ms faster to trace, which every lazy-tensor step pays again.
+        # torch's foreach AdamW is not capturable on XLA; the per-tensor one is.
         xla = any(p.device.type == "xla" for _, p in named)
-        return torch.optim.AdamW(groups, foreach=True if xla else None, **kw)
+        return torch.optim.AdamW(groups, capturable=xla, foreach=False if xla else None, **kw)
     return LowPrecisionAdamW(groups, moment_dtype=MOMENT_DTYPES[cfg.moment_dtype], **kw)
 
 
@@ -70,19 +72,19 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 st = self.state[p]
-                if not st:  # lazily, like torch's AdamW (step on the host: no recompiles)
-                    st["step"] = torch.zeros((), dtype=torch.float32)
+                if not st:  # lazily, like torch's AdamW; the step count on the device
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     st["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
                 st["step"] += 1
-                t = float(st["step"])
+                t = st["step"]
                 g = p.grad.float()
                 m = st["exp_avg"].float().mul_(b1).add_(g, alpha=1 - b1)
                 v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
                 if wd:
                     p.mul_(1 - lr * wd)
                 denom = (v / (1 - b2**t)).sqrt_().add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+                p.sub_(m / denom * (lr / (1 - b1**t)))
                 st["exp_avg"].copy_(m)
                 st["exp_avg_sq"].copy_(v)
 
@@ -115,14 +117,47 @@ def restore_state(opt: torch.optim.Optimizer, model: nn.Module, state: dict, sha
     """Load an optimizer state_dict; each moment is sharded like its parameter.
 
     `shard_like(tensor, spec_of_param_name)`: e.g. a Runtime's, bound to the model's specs.
+    The optimizer keeps its own `capturable` and step counts stay on the parameter's device,
+    whatever the checkpoint was written with.
     """
+    own = [g.get("capturable") for g in opt.param_groups]
     opt.load_state_dict(state)
+    for g, capturable in zip(opt.param_groups, own, strict=True):
+        if capturable is not None:
+            g["capturable"] = capturable
+        g["lr"] = float(g["lr"])  # set_lr makes it a device tensor again where needed
     for name, p in model.named_parameters():
+        st = opt.state.get(p, {})
+        if "step" in st:
+            st["step"] = st["step"].to(p.device, torch.float32)
         for key in ("exp_avg", "exp_avg_sq"):
-            if p in opt.state and key in opt.state[p]:
-                shard_like(opt.state[p][key], name)
+            if key in st:
+                shard_like(st[key], name)
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """opt.state_dict() with plain-float learning rates (a checkpoint's layout either way)."""
+    state = opt.state_dict()
+    for g in state["param_groups"]:
+        g["lr"] = float(g["lr"])
+    return state
+
+
+def step_state(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor a training step reads or updates in place, in a stable order: parameters,
+    buffers, optimizer state, device learning rates (for modxla.replay.TracedStep)."""
+    out = [*model.parameters(), *model.buffers()]
+    for p in model.parameters():
+        st = opt.state.get(p, {})
+        out += [st[k] for k in sorted(st) if isinstance(st[k], torch.Tensor)]
+    return out + [g["lr"] for g in opt.param_groups if isinstance(g["lr"], torch.Tensor)]
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """On XLA a fresh device scalar (device data, read by the compiled step as an input)."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        device = g["params"][0].device if g["params"] else None
+        if device is not None and device.type == "xla":
+            g["lr"] = torch.tensor(lr, dtype=torch.float32).to(device)
+        else:
+            g["lr"] = lr

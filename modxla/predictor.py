@@ -58,7 +58,7 @@ from modxla.inference import (
 )
 from modxla.logger import MetricsLogger
 from modxla.model import Transformer, build_model
-from modxla.optim import build_optimizer, restore_state, state_template
+from modxla.optim import build_optimizer, optimizer_state, restore_state, state_template
 from modxla.runtime import setup_runtime
 
 INITS = ("auto", "fresh", "continue")
@@ -250,7 +250,7 @@ class PredictorTrainer:
         meta = {"step": self.step, "loader": loader, "init": self.init}
         for hook in self.on_checkpoint:
             hook()
-        state = {"model": self.model.state_dict(), "optim": self.opt.state_dict(), "meta": meta}
+        state = {"model": self.model.state_dict(), "optim": optimizer_state(self.opt), "meta": meta}
         if self.ckpt.save(self.step, state) is not None:
             say(f"predictor checkpoint step {self.step}")
 

@@ -33,12 +33,20 @@ class Runtime:
     def is_main(self) -> bool:
         return self.process_index == 0
 
-    def compile(self, fn, name: str):
-        """One compiled graph per call site on XLA; the plain function elsewhere."""
+    def compile(self, fn, name: str, state=None):
+        """One compiled graph per call site on XLA; the plain function elsewhere.
+
+        `state()`: the tensors `fn` reads and updates in place (modxla.optim.step_state).
+        With it the step is traced once and then replayed (modxla/replay.py); without it,
+        every call is traced again."""
         if not self.xla:
             return fn
         import torch_xla
 
+        if state is not None:
+            from modxla.replay import TracedStep
+
+            return TracedStep(fn, state, name)
         return torch_xla.compile(fn, full_graph=True, name=name)
 
     def after_step(self, fn, *args) -> None:

@@ -25,7 +25,15 @@ from modxla.model.stacking import (
     is_stacked,
     optimizer_names,
 )
-from modxla.optim import build_optimizer, lr_at, restore_state, set_lr, state_template
+from modxla.optim import (
+    build_optimizer,
+    lr_at,
+    optimizer_state,
+    restore_state,
+    set_lr,
+    state_template,
+    step_state,
+)
 from modxla.runtime import peak_flops_per_device, setup_runtime
 from modxla.step import eval_step
 
@@ -74,7 +82,9 @@ class Trainer:
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
         self.peak = peak_flops_per_device(cfg, rt)
         self.guard = DivergenceGuard(cfg.train, self.step, rt.device)
-        self._train_step = rt.compile(guarded_step, "train_step")
+        self._train_step = rt.compile(
+            guarded_step, "train_step", state=lambda: step_state(self.model, self.opt)
+        )
         self._eval_step = rt.compile(eval_step, "eval_step")
 
     @property
@@ -140,7 +150,7 @@ class Trainer:
         self.guard.check()  # raises before anything is written
         for hook in self.on_checkpoint:  # then: metrics never run ahead of a checkpoint
             hook()
-        state = {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
+        state = {"model": self.model.state_dict(), "optim": optimizer_state(self.opt)}
         path = self.ckpt.save(self.step, {**state, "meta": self._meta()})
         if path is None:
             say(f"checkpoint step {self.step} is already complete; not rewritten")

@@ -82,14 +82,14 @@ def _decide(block: MoDBlock, x, routing: str) -> torch.Tensor:
         return block.predictor(x)[:, 0] > block.thresholds["predictor"]
     if block.random:
         raise ValueError("routing='router' needs a learned router")
-    return block.router(x)[:, 0, 0] > block.thresholds["router"]
+    return block.router_logits(x)[:, 0] > block.thresholds["router"]
 
 
 def _weight(block: MoDBlock, x) -> torch.Tensor:
     """r of x + r * f: the router logit, or 1 for random routing (as in MoDBlock.forward)."""
     if block.random:
         return torch.ones(x.shape[0], 1, 1, device=x.device, dtype=x.dtype)
-    return block.router(x)  # (B, 1, 1)
+    return block.router_logits(x)[..., None]  # (B, 1, 1)
 
 
 def _routed_rows(block: MoDBlock, cache: KVCache, i: int, x, pos, rows):
