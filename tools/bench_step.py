@@ -134,7 +134,9 @@ def bench(args) -> int:
         device = torch.cuda.get_device_name(rt.device)
     result = {
         "device": device,
-        "backend": ("xla" if args.replay else "xla, traced every step") if rt.xla else ("eager+torch.compile" if args.compile else "eager"),
+        "backend": ("xla" if args.replay else "xla, traced every step")
+        if rt.xla
+        else ("eager+torch.compile" if args.compile else "eager"),
         "threads": torch.get_num_threads(),
         "size": f"{m.num_layers} layers x d{m.d_model}, T{cfgs['baseline'].data.seq_len}, "
         f"B{cfgs['baseline'].train.batch_size}, V{m.vocab_size}",
