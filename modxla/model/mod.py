@@ -86,10 +86,12 @@ class MoDBlock(nn.Module):
         if self.random:
             w = torch.randn(x.shape[-1], device=x.device, dtype=x.dtype)  # fresh every step
             return x.detach() @ w
-        # A multiply and a sum, not a (B*T, D) x (D, 1) matmul: XLA:CPU fuses that matmul's
-        # weight gradient with a transpose of x into a strided loop (7.5 ms per block per step
-        # at B8 x T256 x d256; this: under 0.5 ms). Same FLOPs, same parameter.
-        return (x * self.router.weight[0].to(x.dtype)).sum(-1)  # (B, T)
+        if x.device.type == "xla":
+            # A multiply and a sum, not a (B*T, D) x (D, 1) matmul: XLA:CPU fuses that matmul's
+            # weight gradient with a transpose of x into a strided loop (7.5 ms per block and
+            # step at B8 x T256 x d256; this: under 0.5 ms). Same FLOPs, same parameter.
+            return (x * self.router.weight[0].to(x.dtype)).sum(-1)  # (B, T)
+        return self.router(x).squeeze(-1)
 
     def select(self, x: torch.Tensor, routing: str):
         """Router and predictor logits, the top-k target, and the buffer for this mode."""
