@@ -236,6 +236,7 @@ def test_prepare_corpus_renders_man_pages_to_plain_text(tmp_path, capsys):
         ("bench_data", ["train.batch_size=-1"], "error: train.batch_size: must be > 0"),
         ("bench_step", ["--baseline", "nope.yaml"], "error: config file not found: nope.yaml"),
         ("profile_step", ["--mod", "nope.yaml"], "error: config file not found: nope.yaml"),
+        ("profile_ops", ["--mod", "nope.yaml"], "error: config file not found: nope.yaml"),
         ("demo", ["model.mod.capacity=3"], "error: model.mod.capacity: must be in (0, 1]"),
         ("generate", ["--run-dir", "nowhere", "--prompt", "x"], "error: nowhere is not a run"),
     ],

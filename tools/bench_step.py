@@ -9,16 +9,16 @@ the figure is the model's compute alone (tools/bench_data.py measures the input 
 Each variant's quartiles are reported beside its median, and its process CPU time per step
 too: on a machine shared with other work, CPU time is disturbed less than wall time.
 
-On XLA every step is traced again in Python (~0.2-0.3 s of CPU at this size, whatever the
-batch) before the cached executable runs; that part does not shrink with the FLOPs, so the
-ratio to the FLOP ratio is lower at small batches. tools/profile_step.py splits the two.
+On XLA the step runs as the trainer runs it: traced once, then replayed (modxla/replay.py),
+so no per-step Python trace is timed; `--no-replay` traces every step again, as lazy-tensor
+code does by default (tools/profile_step.py splits that trace from the execution).
+tools/profile_ops.py shows where the execution's time goes, op by op.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -154,8 +154,6 @@ def bench(args) -> int:
         "compile_s": {n: round(v["compile_s"], 1) for n, v in variants.items()},
         "compiles": {n: v["compiles"] for n, v in variants.items()},
     }
-    if os.environ.get("BENCH_RAW"):
-        result["raw"] = {n: [round(x, 3) for x in v["times"]] for n, v in variants.items()}
     print(json.dumps(result, indent=2))
     return 0
 

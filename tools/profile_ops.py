@@ -62,19 +62,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile(args) -> int:
-    try:
-        from xprof.convert import raw_to_tool_data
-    except ImportError as e:
-        raise UserError(f"profile_ops reads traces with xprof: pip install xprof six ({e})") from e
     cfgs = {
         n: load_config(path, ["train.compile_cache=", *args.overrides])
         for n, path in (("baseline", args.baseline), ("mod", args.mod))
     }
+    try:
+        import xprof.convert.raw_to_tool_data  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"profile_ops reads traces with xprof: pip install xprof six ({e})") from e
     rt = setup_runtime(cfgs["baseline"])
     if not rt.xla:
         raise UserError("profile_ops profiles XLA: set PJRT_DEVICE (e.g. CPU)")
+    with _stdout_to_stderr():
+        result = _profile_variants(cfgs, rt, args.steps)
+    return _print(result, args.top)
+
+
+def _profile_variants(cfgs: dict, rt, steps: int) -> dict:
     import torch_xla.core.xla_model as xm
     import torch_xla.debug.profiler as xp
+    from xprof.convert import raw_to_tool_data
 
     port = 9012
     server = xp.start_server(port)  # noqa: F841 (serves until the process ends)
@@ -96,20 +103,29 @@ def profile(args) -> int:
         logdir = tempfile.mkdtemp(prefix=f"modxla_prof_{name}_")
         t0 = time.perf_counter()
         run(1)
-        duration = int((time.perf_counter() - t0) * 1000 * (args.steps + 2)) + 1000
-        tracer = threading.Thread(target=_trace, args=(xp, f"localhost:{port}", logdir, duration))
+        duration = int((time.perf_counter() - t0) * 1000 * (steps + 2)) + 1000
+        tracer = threading.Thread(target=xp.trace, args=(f"localhost:{port}", logdir, duration))
         tracer.start()
         time.sleep(0.5)
-        run(args.steps)
+        run(steps)
         tracer.join()
         ops, module = _ops(raw_to_tool_data, logdir)
-        result[name] = {"ops": {k: v / args.steps for k, v in ops.items()}, "module": module}
-    return _print(result, args.top)
+        result[name] = {"ops": {k: v / steps for k, v in ops.items()}, "module": module}
+    return result
 
 
-def _trace(xp, service: str, logdir: str, duration_ms: int) -> None:
-    with contextlib.redirect_stdout(sys.stderr):  # it prints; stdout is the JSON
-        xp.trace(service, logdir, duration_ms)
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """The profiler prints to file descriptor 1 (from C++ too); stdout is for the JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _ops(raw_to_tool_data, logdir: str) -> tuple[collections.Counter, str]:

@@ -3,11 +3,13 @@
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=1 python tools/profile_step.py [--steps 6] [key=value ...]
 
 On XLA (lazy tensors) every step is traced again in Python before the cached executable runs,
-so a step costs trace + execution. This runs the dense baseline, MoD, and MoD without its
-joint predictor, interleaved, the phases of modxla.step.train_step one by one, and prints
-JSON with medians in ms: CPU time of tracing the forward (incl. losses and block stats),
-backward, grad clipping and AdamW, then the CPU and wall time of executing the graph. CPU
-time is reported because a shared machine disturbs it less than wall time.
+so a step costs trace + execution; the trainer avoids that by replaying the step
+(modxla/replay.py), and this tool measures what the replay saves. This runs the dense
+baseline, MoD, and MoD without its joint predictor, interleaved, the phases of
+modxla.step.train_step one by one, and prints JSON with medians in ms: CPU time of tracing
+the forward (incl. losses and block stats), backward, grad clipping and AdamW, then the CPU
+and wall time of executing the graph. CPU time is reported because a shared machine
+disturbs it less than wall time.
 """
 
 from __future__ import annotations
