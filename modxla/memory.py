@@ -141,7 +141,10 @@ def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
     probabilities).
     A routed block keeps those for its k tokens and a few (B, T) router tensors. With 'block'
     remat a block keeps only its input; one block's full set is live again while it is
-    recomputed. The logits and their gradient (float32) are added once.
+    recomputed. The logits (float32) are live around the loss only, and the fused cross
+    entropy (modxla.model.transformer.lm_loss) writes their gradient over them: they count
+    where they exceed what the blocks keep. Against XLA:CPU's buffer assignment of the step
+    (tests/test_memory.py): 258.7 vs 258.0 MB without remat, 172.1 vs 155.2 MB with.
     """
     m, t = cfg.model, cfg.data.seq_len
     width = 2 if cfg.train.dtype == "bfloat16" else 4
@@ -165,8 +168,8 @@ def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
         kept = m.num_layers // unit * t * d + max(
             sum(per_block[i : i + unit]) for i in range(0, m.num_layers, unit)
         )
-    logits = 2 * t * m.vocab_size * 4  # logits and their gradient (float32)
-    return batch * (kept * width + logits + 4 * t * d * 4)
+    logits = t * m.vocab_size * 4
+    return batch * (max(kept * width, logits) + 4 * t * d * 4)
 
 
 def plan(cfg: Config, devices: int, hbm: int = 0) -> Plan:

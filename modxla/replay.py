@@ -16,6 +16,7 @@ warning. Non-tensor arguments and tensor shapes key the cache. The RNG seed adva
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,15 +127,7 @@ class TracedStep:
             check.consts = None  # checked: replay from now on
             graph = check
         else:
-            seed = _X._get_seed_info_id()
-            inputs = [
-                slots[tid]
-                if tid in slots
-                else ("seed", str(v.device))
-                if tid == seed
-                else ("const", v)
-                for tid, v in zip(ids, values, strict=True)
-            ]
+            inputs = [_source(tid, v, slots) for tid, v in zip(ids, values, strict=True)]
             consts = [v.cpu() for kind, v in inputs if kind == "const"]
             with _graph_name(self.name):
                 _X._xla_warm_up_cache(roots, [])  # compiles once; a cache hit when seen before
@@ -194,6 +187,15 @@ class TracedStep:
         return torch.utils._pytree.tree_unflatten(leaves, graph.spec)
 
 
+def _source(tid: int, value: torch.Tensor, slots: dict) -> tuple:
+    """Where a graph input comes from at replay: state, an argument, the RNG seed, or itself."""
+    if tid in slots:
+        return slots[tid]
+    if tid == _X._get_seed_info_id():
+        return ("seed", str(value.device))
+    return ("const", value)
+
+
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(
         x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
@@ -201,15 +203,12 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     )
 
 
-class _graph_name:
+@contextlib.contextmanager
+def _graph_name(name: str):
     """Names the graphs compiled inside (metrics and dumps show it)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self.saved = _X._get_current_graph_name()
-        _X._set_current_graph_name(self.name)
-
-    def __exit__(self, *exc):
-        _X._set_current_graph_name(self.saved)
+    saved = _X._get_current_graph_name()
+    _X._set_current_graph_name(name)
+    try:
+        yield
+    finally:
+        _X._set_current_graph_name(saved)
