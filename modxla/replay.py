@@ -152,18 +152,10 @@ class TracedStep:
         pending = [t for t, p in zip(live, flags, strict=True) if p]
         if pending:  # e.g. a learning rate written in place since the last step
             _X._xla_sync_multi(pending, devices=[], wait=True, sync_xla_data=True)
-        values = []
-        for kind, v in graph.inputs:
-            if kind == "state":
-                values.append(state[v])
-            elif kind == "arg":
-                values.append(tensors[v])
-            elif kind == "seed":
-                # torch_xla.compile syncs before the step, which advances the seed: so here
-                xm.set_rng_state((1012031 + xm.get_rng_state(v) * 7012063) % 2**64, v)
-                values.append(_X._get_base_seed_as_tensor(v))
-            else:
-                values.append(v)
+        values = [
+            _next_seed(v) if kind == "seed" else _pick(kind, v, state, tensors, [])
+            for kind, v in graph.inputs
+        ]
         results = _X._run_cached_graph(graph.hash, values)
         return self._finish(graph, state, tensors, results)
 
@@ -173,18 +165,20 @@ class TracedStep:
             torch._functionalize_replace(state[i], torch._from_functional_tensor(results[j]))
             torch._functionalize_commit_update(state[i])
         self._replayed = True
-        leaves = []
-        for kind, v in graph.outputs:
-            if kind == "graph":
-                leaves.append(results[v])
-            elif kind == "state":
-                leaves.append(state[v])
-            elif kind == "arg":
-                leaves.append(tensors[v])
-            else:
-                leaves.append(v)
+        leaves = [_pick(kind, v, state, tensors, results) for kind, v in graph.outputs]
         torch_xla.sync()  # nothing pending: advances the RNG seed and runs step closures
         return torch.utils._pytree.tree_unflatten(leaves, graph.spec)
+
+
+def _pick(kind: str, v, state: list, tensors: list, results: list):
+    """A graph input or result leaf from where it was captured (a constant is itself)."""
+    return v if kind == "const" else {"state": state, "arg": tensors, "graph": results}[kind][v]
+
+
+def _next_seed(device: str) -> torch.Tensor:
+    """torch_xla.compile syncs before a step, which advances the RNG seed: so does a replay."""
+    xm.set_rng_state((1012031 + xm.get_rng_state(device) * 7012063) % 2**64, device)
+    return _X._get_base_seed_as_tensor(device)
 
 
 def _source(tid: int, value: torch.Tensor, slots: dict) -> tuple:
