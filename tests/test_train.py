@@ -164,3 +164,24 @@ def test_bfloat16_autocast_trains(tmp_path, data_cache):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     assert next(t.model.parameters()).dtype == torch.float32  # fp32 master weights
+
+
+@pytest.mark.slow
+def test_scanned_model_trains_under_spmd(tmp_path, data_cache):
+    # torch_xla's scan backward under SPMD shards gradients with shard_as (torchax -> flax):
+    # a dependency nothing installed made this fail on a fresh clone.
+    run_dir = tmp_path / "run"
+    args = train_args(
+        run_dir,
+        data_cache,
+        "model.scan=true",
+        "model.num_layers=4",
+        "train.steps=4",
+        "train.log_every=1",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+    )
+    run(args, 4)
+    steps = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
