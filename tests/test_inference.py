@@ -168,7 +168,7 @@ def test_evaluate_routing_reports_the_trivial_baseline(tiny_cfg):
     batches = [torch.randint(0, 128, (4, 65)) for _ in range(2)]
     res = evaluate_routing(model, batches)
     assert res["topk"]["routed"] == pytest.approx(0.25)
-    assert res["topk"]["overflow"] == 0.0 and res["topk"]["normalized_ll"] == 1.0
+    assert res["topk"]["overflow"] == 0.0
     assert res["predictor"]["always_skip_accuracy"] == pytest.approx(0.75)
     for mode in ("predictor", "router"):
         assert 0 < res[mode]["routed"] <= 0.25 and res[mode]["nll"] > 0
@@ -262,7 +262,10 @@ def test_bench_decode_reports_both_variants(capsys):
     assert res["flop_ratio"] > 1
     for batch in ("B1", "B2"):
         r = res["results"][f"eager/{batch}"]
-        assert r["decode_ms_baseline"] > 0 and r["decode_ms_mod"] > 0 and r["speedup"] > 0
+        ratio = r["decode_ms_baseline"] / r["decode_ms_mod"]
+        assert r["speedup"] == pytest.approx(ratio, abs=2e-3)  # the medians' ratio
+        for q in ("quartiles_ms_baseline", "quartiles_ms_mod"):
+            assert r[q][0] <= r[q.replace("quartiles", "decode")] <= r[q][2]
         assert r["kv_bytes_mod"] < r["kv_bytes_baseline"]
         # k = round(0.125 * 32) = 4 slots of 32, plus 8-byte positions and a count
         assert r["routed_block_kv_over_dense"] == pytest.approx(4 / 32, rel=0.02)

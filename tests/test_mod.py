@@ -184,7 +184,8 @@ def test_bench_step_reports_quartiles_on_the_eager_path(capsys):
     seq = ["model.max_seq_len=32", "data.seq_len=32", "train.batch_size=2", "train.device=cpu"]
     assert main(["--steps", "3", *tiny, *seq]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["backend"] == "eager" and res["flop_ratio"] > 1 and res["speedup"] > 0
+    assert res["backend"] == "eager" and res["flop_ratio"] > 1
+    assert res["speedup"] == pytest.approx(res["baseline_step_s"] / res["mod_step_s"], rel=2e-3)
     for name in ("baseline", "mod"):
         for key in ("quartiles_s", "cpu_quartiles_s"):
             q1, med, q3 = res[key][name]
