@@ -94,8 +94,10 @@ class Gcloud:
         cmd = ["tpu-vm", "ssh", node, f"--worker={worker}", f"--command={command}", "--quiet"]
         return self.base(*cmd)
 
-    def ssh(self, node: str, worker: str, command: str, quiet: bool = False) -> Result:
-        return self.run(self.ssh_cmd(node, worker, command), quiet=quiet)
+    def ssh(
+        self, node: str, worker: str, command: str, quiet: bool = False, timeout=None
+    ) -> Result:
+        return self.run(self.ssh_cmd(node, worker, command), quiet=quiet, timeout=timeout)
 
 
 def config_value(key: str) -> str:

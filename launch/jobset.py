@@ -2,9 +2,12 @@
 
 Follows what xpk generates: hostNetwork + ClusterFirstWithHostNet (TPU hosts talk over the
 node network), exclusive placement per node pool, the gke-tpu-topology label from GKE's
-table. The image holds the pinned dependencies (Dockerfile at the repository root); the
-container checks the project out at --commit. Restarted pods resume by themselves
-(checkpoint.resume=auto).
+table, and xpk's failure policy: a pod that exits with a restart code of modxla.errors
+(stopped after saving, hung step) fails its Job by backoff and the JobSet restarts it (the
+run resumes); any other non-zero exit fails the Job by its podFailurePolicy and the JobSet
+fails with it, since a restart would repeat the crash. The image holds the project at
+--commit and its pinned dependencies (Dockerfile at the repository root), so a pod start
+installs nothing and needs no egress.
 """
 
 from __future__ import annotations
@@ -14,13 +17,20 @@ import shlex
 
 from launch import worker
 from launch.slices import GKE_ACCEL, LaunchError, Slice, check_multislice
+from modxla.errors import EXIT_BAD_INPUT, RESTART
+
+IMAGE_CODE = "/workspace/modxla"  # the Dockerfile's copy of the project, installed -e
+IMAGE_COMMIT = f"{IMAGE_CODE}/COMMIT"  # written at build time: docker build --build-arg COMMIT=
 
 
 def container_command(a) -> str:
+    """Run the image's code, refusing an image built from another commit (exit 2: the
+    podFailurePolicy fails the JobSet instead of restarting it)."""
     return (
-        f"set -e; git clone -q {shlex.quote(a.repo)} /workspace/modxla && cd /workspace/modxla "
-        f"&& git checkout -q {a.commit} && python3 -m pip install -q --no-deps -e . && "
-        f"exec {worker.train_command(a)}"
+        f"set -e; cd {IMAGE_CODE}; got=$(cat {IMAGE_COMMIT} 2>/dev/null || echo none); "
+        f'if [ "$got" != {shlex.quote(a.commit)} ]; then echo "error: image {a.image} holds '
+        f'commit $got, not {a.commit}: rebuild it with --build-arg COMMIT={a.commit}" >&2; '
+        f"exit {EXIT_BAD_INPUT}; fi; exec {worker.train_command(a, python='python3')}"
     )
 
 
@@ -50,6 +60,10 @@ metadata:
 spec:
   failurePolicy:
     maxRestarts: {a.retries}
+    rules:
+    - action: FailJobSet
+      onJobFailureReasons:
+      - PodFailurePolicy
   replicatedJobs:
   - name: slice
     replicas: {a.slices}
@@ -58,9 +72,17 @@ spec:
         parallelism: {sl.hosts}
         completions: {sl.hosts}
         backoffLimit: 0
+        podFailurePolicy:
+          rules:
+          - action: FailJob
+            onExitCodes:
+              containerName: train
+              operator: NotIn
+              values: [{", ".join(str(c) for c in sorted(RESTART))}]
         template:
           spec:
             restartPolicy: Never
+            terminationGracePeriodSeconds: {a.grace}
             hostNetwork: true
             dnsPolicy: ClusterFirstWithHostNet
             nodeSelector:

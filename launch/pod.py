@@ -1,13 +1,18 @@
 """`up`: create the slice, start training on every host, and watch it to the end.
 
-Preemption (queued resource SUSPENDING/SUSPENDED/FAILED/gone, or hosts unreachable past
+Preemption (queued resource SUSPENDING/SUSPENDED/FAILED/gone, or a host unreachable past
 --host-timeout) -> delete, recreate and resume, at most --retries times with exponential
-backoff. Crash (slice ACTIVE, a host's training exited non-zero) -> stop every host at once,
-no recreate, exit 1 with that host's log tail. The slice is deleted at the end unless --keep.
+backoff. A host exiting with a modxla.errors.RESTART code, or whose training vanished with
+the slice still ACTIVE (its VM restarted) -> restart training in place; it resumes. Crash (any
+other non-zero exit, the slice still ACTIVE after --crash-grace) -> stop every host at once,
+no recreate, exit 1 with that host's log tail. The slice is deleted at the end and on every
+error or Ctrl-C unless --keep; only when the launcher's own gcloud cannot reach the API is
+it left running.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,13 +20,26 @@ from concurrent.futures import ThreadPoolExecutor
 from launch import worker
 from launch.gcloud import Gcloud
 from launch.slices import Slice
+from modxla.errors import RESTART
 
+SETUP_SSH_TIMEOUT_S = worker.SETUP_TIMEOUT_S + 60  # the setup's own timeout ends it first
 LOST = {"SUSPENDING", "SUSPENDED", "FAILED", "GONE", "DELETING"}  # the slice is going away
 WAITING = {"CREATING", "ACCEPTED", "PROVISIONING", "WAITING_FOR_RESOURCES", "UNKNOWN"}
 
 
 class PodError(RuntimeError):
     """The job cannot go on: FAILED or timed out while waiting, crashed, out of retries."""
+
+
+class GcloudDown(PodError):
+    """The launcher's own gcloud keeps failing: the slice's state is unknown, so it is left."""
+
+
+def create_cmd(a, sl: Slice, g: Gcloud) -> list[str]:
+    cmd = g.create_cmd(sl)
+    if a.valid_until_duration:  # a request still queued by then expires by itself
+        cmd.append(f"--valid-until-duration={a.valid_until_duration}")
+    return cmd
 
 
 class Pod:
@@ -34,11 +52,34 @@ class Pod:
 
     # --- slice ---------------------------------------------------------------------------
 
+    def create(self) -> None:
+        r = self.g.run(create_cmd(self.a, self.sl, self.g))
+        if r.code and "ALREADY_EXISTS" not in r.text:
+            raise PodError(f"could not create {self.a.name}:\n{r.text[-3000:]}")
+
+    def state(self, since: list) -> str:
+        """g.state(); UNREACHABLE for longer than --host-timeout raises GcloudDown.
+        `since` (a one-item list) holds when it began to fail."""
+        state = self.g.state()
+        if state != "UNREACHABLE":
+            since[0] = None
+            return state
+        since[0] = since[0] if since[0] is not None else self.clock()
+        if self.clock() - since[0] > self.a.host_timeout:
+            delete = shlex.join(self.g.base("queued-resources", "delete", self.a.name, "--force"))
+            raise GcloudDown(
+                f"this machine's gcloud has failed for {self.a.host_timeout:.0f} s "
+                f"({self.g.last_error.strip()[-500:]}); queued resource {self.a.name} is left "
+                "as it is (not a preemption). Re-run the same `launch/tpu.py up ...` to "
+                f"re-attach, or delete it: {delete}"
+            )
+        return state
+
     def wait_active(self) -> str:
         """Poll the queued resource until ACTIVE; FAILED or the timeout raise, lost returns."""
-        t0, last, unreachable = self.clock(), None, None
+        t0, last, since = self.clock(), None, [None]
         while True:
-            state = self.g.state()
+            state = self.state(since)
             if state != last:
                 self.say(f"queued resource {self.a.name}: {state}")
                 last = state
@@ -47,25 +88,20 @@ class Pod:
             if state == "FAILED":
                 raise PodError(
                     f"queued resource {self.a.name} FAILED while waiting for capacity (see "
-                    f"`gcloud compute tpus queued-resources describe {self.a.name}`); it is "
-                    "left for inspection: delete it with `launch/tpu.py delete`"
+                    f"`gcloud compute tpus queued-resources describe {self.a.name}`)"
                 )
             if state in LOST - {"FAILED"}:
                 return state
-            unreachable = unreachable or self.clock() if state == "UNREACHABLE" else None
-            if unreachable and self.clock() - unreachable > self.a.host_timeout:
-                raise PodError(f"gcloud keeps failing: {self.g.last_error}")
             if self.clock() - t0 > self.a.wait_timeout:
                 raise PodError(
                     f"queued resource {self.a.name} not ACTIVE after {self.a.wait_timeout:.0f} s "
-                    f"(state {state}); delete it with `launch/tpu.py delete` or raise "
-                    "--wait-timeout"
+                    f"(state {state}); raise --wait-timeout"
                 )
             self.sleep(self.a.poll)
 
-    def on_every_node(self, command: str, what: str) -> None:
+    def on_every_node(self, command: str, what: str, timeout=None) -> None:
         for node in self.g.nodes():
-            r = self.g.ssh(node, "all", command)
+            r = self.g.ssh(node, "all", command, timeout=timeout)
             if r.code:
                 raise PodError(f"{what} failed on {node} (exit {r.code}):\n{r.text[-3000:]}")
 
@@ -86,39 +122,46 @@ class Pod:
     def statuses(self) -> dict[str, str] | None:
         """{host: status} from every node, or None when no node answered."""
         found: dict[str, str] = {}
-        answered = False
         for node in self.g.nodes():
             r = self.g.ssh(node, "all", worker.status_command(), quiet=True)
-            answered |= bool(worker.parse_status(r.out))
             found.update(worker.parse_status(r.out))
-        return found if answered else None
+        return found or None
 
     def watch(self) -> tuple[str, str | None]:
-        """('done'|'crashed'|'lost', host) once training ended or the slice went away."""
-        unreachable_since = None
+        """('done'|'crashed'|'restart'|'lost', host) once training ended, must restart, or
+        the slice went away."""
+        missing: dict[str, float] = {}  # host -> when it first failed to answer
+        since = [None]
         while True:
             self.sleep(self.a.poll)
-            state = self.g.state()
+            state = self.state(since)
             if state in LOST:
                 self.say(f"queued resource {self.a.name}: {state} (preempted)")
                 return "lost", None
-            st = self.statuses() if state == "ACTIVE" else None
-            if st is None:  # gcloud or ssh did not answer: retry until --host-timeout
-                unreachable_since = unreachable_since or self.clock()
-                if self.clock() - unreachable_since > self.a.host_timeout:
-                    self.say(f"hosts unreachable for {self.a.host_timeout:.0f} s: treating as lost")
-                    return "lost", None
+            if state != "ACTIVE":
+                missing.clear()  # our gcloud failed: the hosts' silence says nothing
                 continue
-            unreachable_since = None
-            for _, _, host in self.hosts:
-                s = st.get(host, "")
-                if s.startswith("exit ") and s != "exit 0":
-                    return "crashed", host
+            st = self.statuses() or {}
+            now = self.clock()
+            for _, _, h in self.hosts:
+                if h in st:
+                    missing.pop(h, None)
+                else:
+                    missing.setdefault(h, now)
+            gone = [h for h, t in missing.items() if now - t > self.a.host_timeout]
+            if gone:
+                self.say(f"{', '.join(gone)} unreachable for {self.a.host_timeout:.0f} s: lost")
+                return "lost", None
+            codes = {h: int(s.split()[1]) for h, s in st.items() if s.startswith("exit ")}
+            crashed = [h for h, c in codes.items() if c and c not in RESTART]
+            if crashed:
+                return "crashed", crashed[0]
+            if any(c in RESTART for c in codes.values()):
+                return "restart", next(h for h, c in codes.items() if c in RESTART)
+            if any(st.get(h) == "none" for _, _, h in self.hosts):
+                return "restart", next(h for _, _, h in self.hosts if st.get(h) == "none")
             if all(st.get(h) == "exit 0" for _, _, h in self.hosts):
                 return "done", None
-            if any(st.get(h) == "none" for _, _, h in self.hosts):
-                self.say("a host's training vanished (VM restarted?): treating as lost")
-                return "lost", None
 
     def fail_fast(self, host: str) -> str:
         """Stop every host at once; the crashed host's log tail."""
@@ -135,53 +178,79 @@ class Pod:
         return bool(st) and any(v == "running" for v in st.values())
 
     def up(self) -> int:
-        attempt = 0
+        try:
+            return self.run()
+        except GcloudDown:
+            raise  # the slice's state is unknown: never delete it blind
+        except BaseException:  # setup failed, timed out, FAILED, out of retries, Ctrl-C
+            self.finish()
+            raise
+
+    def run(self) -> int:
+        attempt, state = 0, self.g.state()
+        if state == "ACTIVE" and self.attached():
+            self.say("training is already running on the slice: watching it")
+        else:
+            attempt = self.bring_up(state, attempt)
         while True:
-            state = self.g.state()
-            if state == "ACTIVE" and attempt == 0 and self.attached():
-                self.say("training is already running on the slice: watching it")
-            else:
-                if state in LOST:
-                    if state != "GONE":
-                        self.g.delete()
-                    r = self.g.create(self.sl)
-                    if r.code and "ALREADY_EXISTS" not in r.text:
-                        raise PodError(f"could not create {self.a.name}:\n{r.text[-3000:]}")
-                elif state in WAITING | {"UNREACHABLE"}:
-                    pass  # created earlier, still coming up
-                state = self.wait_active()
-                if state != "ACTIVE":
-                    attempt = self.retry(attempt, f"lost while coming up ({state})")
-                    continue
-                self.on_every_node(worker.setup_command(self.a), "setup")
-                self.start()
-                self.say(
-                    f"training started on {len(self.hosts)} hosts; logs in {self.a.run_dir}/logs/"
-                )
             outcome, host = self.watch()
             if outcome == "done":
                 self.say("training finished")
                 self.finish()
                 return 0
             if outcome == "crashed":
-                tail = self.fail_fast(host)
-                self.say(f"host {host} crashed; stopped every host (no recreate). Its log:")
-                print(tail, file=sys.stderr)
-                self.finish()
-                return 1
+                # A preempted VM's training may die before the queued resource says so.
+                self.say(
+                    f"host {host} exited non-zero: checking the slice in {self.a.crash_grace:.0f} s"
+                )
+                self.sleep(self.a.crash_grace)
+                state = self.g.state()
+                if state not in LOST:
+                    tail = self.fail_fast(host)
+                    self.say(f"host {host} crashed; stopped every host (no recreate). Its log:")
+                    print(tail, file=sys.stderr)
+                    self.finish()
+                    return 1
+                self.say(f"queued resource {self.a.name}: {state} (preempted)")
+            if outcome == "restart":
+                attempt = self.count(attempt, f"host {host} stopped, the slice is intact")
+                self.say("restarting training in place; it resumes from its last checkpoint")
+                self.start()
+                continue
             attempt = self.retry(attempt, "preempted")
+            attempt = self.bring_up(self.g.state(), attempt)
 
-    def retry(self, attempt: int, why: str) -> int:
+    def bring_up(self, state: str, attempt: int) -> int:
+        """Create the slice unless it exists, wait until ACTIVE, set up and start training."""
+        while True:
+            if state in LOST:
+                if state != "GONE":
+                    self.g.delete()
+                self.create()
+            state = self.wait_active()  # WAITING or UNREACHABLE: created earlier, coming up
+            if state == "ACTIVE":
+                break
+            attempt = self.retry(attempt, f"lost while coming up ({state})")
+            state = self.g.state()
+        self.on_every_node(worker.setup_command(self.a), "setup", SETUP_SSH_TIMEOUT_S)
+        self.start()
+        self.say(f"training started on {len(self.hosts)} hosts; logs in {self.a.run_dir}/logs/")
+        return attempt
+
+    def count(self, attempt: int, why: str) -> int:
         attempt += 1
         if attempt > self.a.retries:
             raise PodError(
                 f"{why}, and out of retries ({self.a.retries}); the run resumes "
                 "from its last checkpoint when launched again"
             )
+        self.say(f"{why} (retry {attempt}/{self.a.retries})")
+        return attempt
+
+    def retry(self, attempt: int, why: str) -> int:
+        attempt = self.count(attempt, why)
         wait = min(self.a.retry_wait * 2 ** (attempt - 1), 3600)
-        self.say(
-            f"{why}: delete, recreate and resume (retry {attempt}/{self.a.retries}) in {wait:.0f} s"
-        )
+        self.say(f"delete, recreate and resume in {wait:.0f} s")
         self.g.delete()
         self.sleep(wait)
         return attempt
@@ -195,7 +264,7 @@ class Pod:
 
 def plan(a, sl: Slice, g: Gcloud) -> int:
     """--dry-run of `up`: the commands of one attempt, in order."""
-    g.create(sl)
+    g.run(create_cmd(a, sl, g))
     g.out(f"# poll until ACTIVE: {' '.join(g.base('queued-resources', 'describe', a.name))}")
     for node in g.nodes():
         g.ssh(node, "all", worker.setup_command(a))

@@ -22,6 +22,7 @@ Every host logs to ~/modxla-train.log on its VM, copied to <run-dir>/logs/. --pr
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from launch import worker  # noqa: E402
 from launch.gcloud import Gcloud, resolve_project_zone  # noqa: E402
 from launch.jobset import jobset  # noqa: E402
-from launch.pod import Pod, PodError, plan  # noqa: E402
+from launch.pod import SETUP_SSH_TIMEOUT_S, Pod, PodError, plan  # noqa: E402
 from launch.slices import (  # noqa: E402
     LaunchError,
     local_overrides,
@@ -58,7 +59,9 @@ def parse(argv):
     tier.add_argument("--reserved", action="store_true", help="capacity from a reservation")
     ap.add_argument("--config", default="configs/baseline.yaml")
     ap.add_argument("--run-dir", default="runs/tpu", help="gs://... for any multi-host job")
-    ap.add_argument("--repo", default="", help="git URL the workers clone (default: origin)")
+    ap.add_argument(
+        "--repo", default="", help="https git URL the workers clone (default: origin, as https)"
+    )
     ap.add_argument("--commit", default="", help="default: this checkout's HEAD (pushed)")
     ap.add_argument(
         "--allow-dirty",
@@ -66,17 +69,41 @@ def parse(argv):
         help="launch HEAD even with uncommitted changes or unpushed (the workers won't see them)",
     )
     ap.add_argument("--image", default="", help="jobset: the training image (see Dockerfile)")
+    ap.add_argument(
+        "--grace", type=int, default=600, help="jobset: seconds a SIGTERMed pod has to checkpoint"
+    )
     ap.add_argument("--retries", type=int, default=3, help="recreate+resume after preemption")
     ap.add_argument("--retry-wait", type=float, default=60.0, help="first backoff (doubles), s")
     ap.add_argument("--poll", type=float, default=60.0, help="seconds between state checks")
     ap.add_argument("--wait-timeout", type=float, default=6 * 3600, help="for ACTIVE, s")
     ap.add_argument("--host-timeout", type=float, default=900, help="hosts unreachable, s")
+    ap.add_argument(
+        "--crash-grace",
+        type=float,
+        default=60,
+        help="after a host exits non-zero, s to wait before a still-ACTIVE slice is a crash",
+    )
+    ap.add_argument(
+        "--valid-until-duration",
+        default="",
+        help="queued-resources create: drop the request if not ACTIVE by then (e.g. 6h)",
+    )
     ap.add_argument("--gcloud-timeout", type=float, default=300, help="per gcloud call, s")
     ap.add_argument("--keep", action="store_true", help="keep the slice after the run")
     ap.add_argument("--local-devices", type=int, default=8, help="for `local`")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("overrides", nargs="*", help="training config overrides, key=value")
     return ap.parse_intermixed_args(argv)
+
+
+def https_url(url: str) -> str:
+    """The https form of a git remote: a TPU VM has no ssh key for `git@host:owner/repo`."""
+    m = re.fullmatch(r"(?:ssh://)?git@([^:/]+)[:/](.+)", url)
+    if m:
+        return f"https://{m[1]}/{m[2]}"
+    if url.startswith(("https://", "http://")) or Path(url).is_absolute():
+        return url  # a local path: the fake VMs of the tests
+    raise LaunchError(f"--repo {url}: the workers clone over https; pass an https URL")
 
 
 def _git(*args: str) -> tuple[int, str]:
@@ -91,6 +118,7 @@ def resolve_checkout(a) -> None:
         if code or not url:
             raise LaunchError("--repo is required: this checkout has no `origin` remote")
         a.repo = url
+    a.repo = https_url(a.repo)
     if a.commit:
         return  # named explicitly: the user vouches that the workers can fetch it
     code, a.commit = _git("rev-parse", "HEAD")
@@ -142,7 +170,7 @@ def dispatch(a, out=print) -> int:
     if a.command == "delete":
         return g.delete().code
     if a.command == "setup":
-        pod.on_every_node(worker.setup_command(a), "setup")
+        pod.on_every_node(worker.setup_command(a), "setup", SETUP_SSH_TIMEOUT_S)
         return 0
     if a.command == "run":
         pod.start()
@@ -168,6 +196,9 @@ def main(argv: list[str] | None = None, out=print) -> int:
     except PodError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # `up` has deleted the slice (unless --keep)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

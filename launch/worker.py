@@ -14,7 +14,19 @@ import shlex
 REPO_DIR = "modxla"
 LOG, PID, EXIT, WHO = (f"$HOME/modxla-train.{x}" for x in ("log", "pid", "exit", "who"))
 LOCKFILE = "/tmp/libtpu_lockfile"  # left by a killed TPU process; blocks the next one
-DEPS = "python3 -m pip install -q 'torch==2.9.0' 'torch_xla[tpu]==2.9.0' -e ."
+# The TPU VM images' python3 is Ubuntu 22.04's 3.10, below what the pins need (jax 0.7.1 and
+# flax 0.12: Requires-Python >=3.11). uv makes a 3.11 venv without sudo or apt (a fresh VM's
+# unattended-upgrades holds the apt lock) and downloads that Python when the image lacks it.
+PYTHON = "3.11"
+VENV = "$HOME/modxla-venv"
+PY = f"{VENV}/bin/python"
+UV = "python3 -m uv"
+DEPS = (
+    f"python3 -m pip install -q --user 'uv>=0.5' && "
+    f"{{ test -x {PY} || {UV} venv -q --python {PYTHON} {VENV}; }} && "
+    f"{UV} pip install -q --python {PY} 'torch==2.9.0' 'torch_xla[tpu]==2.9.0' -e ."
+)
+SETUP_TIMEOUT_S = 1800  # several GB of wheels per host: more than one ssh call's timeout
 XLA_ENV = {
     "PJRT_DEVICE": "TPU",
     "LIBTPU_INIT_ARGS": "--xla_enable_async_collective_permute=true",
@@ -25,11 +37,13 @@ STATUS = "modxla-status"
 
 
 def setup_command(a) -> str:
-    """The project at the launch commit and its pinned dependencies."""
-    return (
+    """The project at the launch commit and its pinned dependencies in a Python 3.11 venv;
+    bounded by its own timeout (exit 124), not the launcher's ssh timeout."""
+    script = (
         f"set -e; test -d {REPO_DIR} || git clone -q {shlex.quote(a.repo)} {REPO_DIR}; "
         f"cd {REPO_DIR} && git fetch -q origin && git checkout -q {a.commit} && {DEPS}"
     )
+    return f"timeout {SETUP_TIMEOUT_S} bash -c {shlex.quote(script)}"
 
 
 def stop_command(grace_s: int = 30) -> str:
@@ -46,13 +60,15 @@ def train_args(a) -> list[str]:
     return ["-m", "modxla.train", "--config", a.config, "--run-dir", a.run_dir, *a.overrides]
 
 
-def train_command(a) -> str:
+def train_command(a, python: str = PY) -> str:
     """The training command of every host; a re-run resumes by itself (checkpoint.resume=auto).
 
-    No MEGASCALE_* here: queued resources with --node-count set them up on every worker.
+    `env` sets the variables, so the command also runs after `exec` (bash's exec takes
+    `NAME=value` as the program). No MEGASCALE_* here: queued resources with --node-count set
+    them up on every worker.
     """
     envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in XLA_ENV.items())
-    return f"{envs} {shlex.join(['python3', *train_args(a)])}"
+    return f"env {envs} {python} {shlex.join(train_args(a))}"  # python unquoted: $HOME
 
 
 def start_command(a, host: str) -> str:
@@ -61,12 +77,14 @@ def start_command(a, host: str) -> str:
 
     dest = shlex.quote(join(a.run_dir, LOGS, f"{host}.log"))
     upload = (
-        f"timeout {UPLOAD_TIMEOUT_S} python3 -c 'import sys; from modxla import rundir; "
+        f"timeout {UPLOAD_TIMEOUT_S} {PY} -c 'import sys; from modxla import rundir; "
         f"rundir.put_file(sys.argv[1], sys.argv[2])' {LOG} {dest} >/dev/null 2>&1"
     )
     script = (
         f"echo $$ > {PID}; echo {host} > {WHO}; up() {{ {upload}; }}; "
-        "trap 'up; exit 143' TERM; "
+        # TERM reaches the whole group: training saves and exits 143 (modxla.errors); bash
+        # runs the trap after its child ends, so the exit file still records that code
+        "trap : TERM; "
         f"( while sleep {LOG_UPLOAD_EVERY_S}; do up; done ) & loop=$!; "
         f"{train_command(a)} > {LOG} 2>&1; code=$?; "
         f"kill $loop 2>/dev/null; up; echo $code > {EXIT}"

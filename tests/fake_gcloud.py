@@ -10,6 +10,14 @@ Behaviours (state["script"]): create_error, waiting_polls (describes before ACTI
 fail_while_waiting, preempt_on_log (once a worker's training prints this, the slice is
 preempted once: state SUSPENDED, the VM's processes killed; see fake_python3.py), workers
 ({host: "crash" | "hang" | "succeed"}).
+
+Timed behaviours, on the virtual clock state["now"] (seconds, written by the test's sleep):
+active_after (s from create to ACTIVE), states ([[t, STATE], ...]: the queued resource
+created at or before t goes STATE at t), describe_fails_after (t: every queued-resources
+call fails, as when this machine's network is down), fake_vms (ssh runs nothing: each
+host's n-th start runs for run_s, default 5, then reports runs[host][n], the last one
+repeating: "exit N", "none", "running" or "silent" (missing from the status output)),
+ssh_fail (a command containing it exits 1).
 """
 
 from __future__ import annotations
@@ -87,6 +95,12 @@ def queued(args: list[str]) -> int:
     verb, name = args[0], args[1]
     with locked() as state:
         qrs = state.setdefault("qr", {})
+        script, now = state.get("script", {}), state.get("now", 0)
+        if now >= script.get("describe_fails_after", float("inf")):
+            print(
+                "ERROR: (gcloud) There was a problem refreshing your credentials", file=sys.stderr
+            )
+            return 1
         if verb == "create":
             if state.get("script", {}).get("create_error"):
                 print(f"ERROR: (gcloud) {state['script']['create_error']}", file=sys.stderr)
@@ -106,6 +120,7 @@ def queued(args: list[str]) -> int:
                 "node_names": nodes,
                 "nodes": {},
                 "hosts": hosts,
+                "created_at": now,
             }
             print(f"Create request issued for: [{name}]")
             return 0
@@ -117,11 +132,19 @@ def queued(args: list[str]) -> int:
             kill_vm_processes(qr)
             del qrs[name]
             return 0
-        script = state.get("script", {})
         qr["describes"] += 1
+        for t, forced in script.get("states", []):
+            if qr["created_at"] <= t <= now:
+                qr["state"] = forced
         if qr["state"] in ("ACCEPTED", "WAITING_FOR_RESOURCES"):
             if script.get("fail_while_waiting") and qr["describes"] >= 2:
                 qr["state"] = "FAILED"
+            elif "active_after" in script:
+                if now - qr["created_at"] >= script["active_after"]:
+                    qr["state"] = "ACTIVE"
+                    make_vms(state, name, qr)
+                else:
+                    qr["state"] = "WAITING_FOR_RESOURCES"
             elif qr["describes"] > script.get("waiting_polls", 1):
                 qr["state"] = "ACTIVE"
                 make_vms(state, name, qr)
@@ -139,8 +162,14 @@ def ssh(args: list[str]) -> int:
             print(f"ERROR: (gcloud.compute.tpus.tpu-vm.ssh) NOT_FOUND: {node}", file=sys.stderr)
             return 255
         targets = list(enumerate(qr["nodes"][node]))
-    if which != "all":
-        targets = [targets[int(which)]]
+        if which != "all":
+            targets = [targets[int(which)]]
+        script = state.get("script", {})
+        if script.get("ssh_fail") and script["ssh_fail"] in command:
+            print(f"fake: {script['ssh_fail']} failed", file=sys.stderr)
+            return 1
+        if script.get("fake_vms"):
+            return fake_vm(state, script, node, targets, command)
     shims = STATE / "shims"
     procs = []
     for w, home in targets:
@@ -169,6 +198,31 @@ def ssh(args: list[str]) -> int:
         sys.stdout.write(out)
         code = max(code, p.returncode)
     return code
+
+
+def fake_vm(state: dict, script: dict, node: str, targets: list, command: str) -> int:
+    """ssh to VMs that run nothing: starts are recorded, statuses follow script["runs"]."""
+    now, starts = state.get("now", 0), state.setdefault("starts", {})
+    for w, _ in targets:
+        host = f"{node}-w{w}"
+        if "nohup setsid" in command:
+            starts.setdefault(host, []).append(now)
+        elif "modxla-status" in command:
+            mine = starts.get(host, [])
+            outcomes = script.get("runs", {}).get(host, ["exit 0"])
+            if not mine:
+                status = "none"
+            elif now - mine[-1] < script.get("run_s", 5):
+                status = "running"
+            else:
+                status = outcomes[min(len(mine), len(outcomes)) - 1]
+            if status != "silent":
+                print(f"modxla-status {host} {status}")
+        elif "modxla-clean" in command:
+            print("modxla-clean")
+        elif "tail -n" in command:
+            print(f"fake log of {host}")
+    return 0
 
 
 def main(argv: list[str]) -> int:

@@ -8,10 +8,40 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+import fake_pip  # noqa: E402
+
 args = sys.argv[1:]
-if args[:2] == ["-m", "pip"]:
-    print("fake python3: pip skipped (the test venv has the dependencies)")
+VERSION = os.environ.get("FAKE_PYTHON_VERSION", "3.10")  # Ubuntu 22.04's, as on the TPU VM images
+
+
+def install(specs: list[str], python: str) -> None:
+    """pip's metadata checks, then nothing installed (the test venv has the dependencies)."""
+    specs = [s for s in specs if not s.startswith("-") or s == "-e"]
+    errors = fake_pip.check(specs, python)
+    for e in errors:
+        print(e, file=sys.stderr)
+    sys.exit(1 if errors else 0)
+
+
+if args == ["--version"]:
+    print(f"Python {VERSION}.0")
     sys.exit(0)
+if args[:3] == ["-m", "pip", "install"]:
+    install(args[3:], VERSION)
+if args[:3] == ["-m", "uv", "venv"]:  # uv fetches the Python it is asked for
+    python, target = args[args.index("--python") + 1], Path(os.path.expandvars(args[-1]))
+    (target / "bin").mkdir(parents=True, exist_ok=True)
+    (target / "bin" / "python").write_text(
+        f'#!/bin/sh\nFAKE_PYTHON_VERSION={python} exec python3 "$@"\n'
+    )
+    (target / "bin" / "python").chmod(0o755)
+    sys.exit(0)
+if args[:4] == ["-m", "uv", "pip", "install"]:
+    rest = args[4:]
+    python = rest.pop(rest.index("--python") + 1)
+    out = subprocess.run([python, "--version"], capture_output=True, text=True).stdout
+    install(rest, out.split()[1].rsplit(".", 1)[0])
 if args[:2] == ["-m", "modxla.train"]:
     home, host = Path(os.environ["HOME"]), os.environ["FAKE_WORKER"]
     leftover = int((home / "leftover.pid").read_text())

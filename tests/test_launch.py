@@ -93,7 +93,7 @@ def test_golden_shapes():
     _, text = dry(CASES["v5p_64_up.txt"])
     assert text.count("--worker=all") == 2  # setup, cleanup
     assert len(re.findall(r"--worker=\d", text)) == 8  # one detached start per host
-    assert "python3 -m modxla.train" in text and "nohup setsid" in text
+    assert "modxla-venv/bin/python -m modxla.train" in text and "nohup setsid" in text
     assert "rm -f $HOME/modxla-train.pid $HOME/modxla-train.exit /tmp/libtpu_lockfile" in text
     _, text = dry(CASES["multislice_2x_v5e_16_up.txt"])
     assert "--node-count=2 --node-prefix=mod" in text
@@ -112,7 +112,10 @@ def test_gke_topologies_match_the_table():
 def test_jobset_uses_the_host_network_and_the_commit():
     _, text = dry(CASES["multislice_2x_v5e_16_jobset.yaml"])
     assert "hostNetwork: true" in text and "dnsPolicy: ClusterFirstWithHostNet" in text
-    assert "git checkout -q 0123abcd" in text and "image: us-docker.pkg.dev/p/r/modxla:deps" in text
+    assert (
+        "holds commit $got, not 0123abcd" in text
+        and "image: us-docker.pkg.dev/p/r/modxla:deps" in text
+    )
     assert "cloud.google.com/gke-tpu-topology: 4x4" in text
 
 
@@ -164,7 +167,9 @@ def test_checkout_must_be_clean_and_pushed(monkeypatch, capsys):
     assert "commit abc123 is on no remote branch" in capsys.readouterr().err
     lines = []
     assert tpu.main([*base, "--allow-dirty"], out=lines.append) == 0
-    assert "git clone -q git@example:x.git modxla" in lines[2] and "checkout -q abc123" in lines[2]
+    assert (
+        "git clone -q https://example/x.git modxla" in lines[2] and "checkout -q abc123" in lines[2]
+    )
     answers["remote"] = (2, "")
     assert tpu.main(base, out=lambda _: None) == 2
     assert "--repo is required" in capsys.readouterr().err
