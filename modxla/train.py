@@ -15,7 +15,7 @@ from modxla.checkpoint import latest_checkpoint as find_latest
 from modxla.checkpoint import load as load_checkpoint
 from modxla.config import Config, load_config
 from modxla.data import BatchLoader, build_streams
-from modxla.errors import UserError, report, say
+from modxla.errors import EXIT_OK, EXIT_STOPPED, UserError, report, say
 from modxla.guard import DivergenceGuard, guarded_step
 from modxla.metrics import flops_per_step, mfu
 from modxla.model import build_model
@@ -242,8 +242,9 @@ class Trainer:
                 self.save()
 
 
-def train(cfg: Config, run_dir: str) -> list[dict]:
-    """Train `cfg` into `run_dir`; returns the logged records (also in metrics.jsonl)."""
+def train(cfg: Config, run_dir: str) -> bool:
+    """Train `cfg` into `run_dir` (records in metrics.jsonl); False if a signal stopped it
+    before train.steps."""
     from modxla.logger import MetricsLogger
 
     trainer = Trainer(cfg, run_dir)
@@ -258,7 +259,8 @@ def train(cfg: Config, run_dir: str) -> list[dict]:
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        return trainer.fit(logger)
+        trainer.fit(logger)
+        return trainer.step >= cfg.train.steps
     finally:
         signal.signal(signal.SIGTERM, previous)
         logger.close()
@@ -269,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="modxla-train",
         description="Train a MoD (or dense baseline) transformer; writes the run directory: "
         "config.yaml, metrics.jsonl, tb/, checkpoints/.",
+        epilog="Exit status: 0 finished, 2 bad input, 3 diverged, 143 stopped by SIGTERM after "
+        "saving its step (run it again to resume); see modxla/errors.py.",
     )
     ap.add_argument("--config", help="YAML experiment config (see configs/)")
     ap.add_argument(
@@ -288,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = [*args.overrides, *(["checkpoint.resume=must"] if args.resume else [])]
         cfg = load_config(args.config, overrides)
-        train(cfg, args.run_dir)
+        finished = train(cfg, args.run_dir)
     except UserError as e:
         return report(e)
-    return 0
+    # a run stopped by a signal saved its step: the launcher and the JobSet restart it (resume)
+    return EXIT_OK if finished else EXIT_STOPPED
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 
 from modxla import rundir
 from modxla.checkpoint import list_checkpoints, load, read_metadata
+from modxla.errors import EXIT_STOPPED
 from tests.conftest import ROOT, run, train_args
 from tests.gcs_emulator import RESUME_STEPS, gcs, signal_on
 
@@ -150,7 +151,7 @@ def test_sigterm_leaves_a_loadable_checkpoint_in_the_bucket(gcs_emulator, data_c
     every_step = ["train.log_every=1", "train.device=cpu"]
     args = train_args(url, data_cache, "train.steps=100000", *every_step)
     code, err, sent = signal_on(args, r"\| ([3-9]|\d\d+)/100000", signal.SIGTERM)
-    assert sent and code == 0, err[-3000:]
+    assert sent and code == EXIT_STOPPED, err[-3000:]
     assert "saving a checkpoint" in err
     found = list_checkpoints(f"{url}/checkpoints")
     assert len(found) == 1
