@@ -185,7 +185,8 @@ def test_bench_step_reports_quartiles_on_the_eager_path(capsys):
     assert main(["--steps", "3", *tiny, *seq]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["backend"] == "eager" and res["flop_ratio"] > 1
-    assert res["speedup"] == pytest.approx(res["baseline_step_s"] / res["mod_step_s"], rel=2e-3)
+    b, m, half = res["baseline_step_s"], res["mod_step_s"], 5e-5  # printed to 4 decimals
+    assert (b - half) / (m + half) - 5e-4 <= res["speedup"] <= (b + half) / (m - half) + 5e-4
     for name in ("baseline", "mod"):
         for key in ("quartiles_s", "cpu_quartiles_s"):
             q1, med, q3 = res[key][name]
