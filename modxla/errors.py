@@ -38,7 +38,7 @@ class UserError(Exception):
 class DivergenceError(UserError):
     """The loss went non-finite or far above its recent median; nothing was saved after it."""
 
-    exit_code = EXIT_DIVERGED  # not bad input: a launcher should not retry it from the same checkpoint
+    exit_code = EXIT_DIVERGED  # a launcher must not retry it from the same checkpoint
 
 
 def say(msg: str) -> None:
