@@ -59,6 +59,8 @@ class Gcloud:
             if a.slices == 1
             else [f"--node-count={a.slices}", f"--node-prefix={a.name}"]
         )
+        if a.valid_until_duration:  # a request still queued by then expires by itself
+            cmd.append(f"--valid-until-duration={a.valid_until_duration}")
         return cmd + (["--spot"] if a.spot else []) + (["--reserved"] if a.reserved else [])
 
     def create(self, sl: Slice) -> Result:

@@ -35,17 +35,11 @@ class GcloudDown(PodError):
     """The launcher's own gcloud keeps failing: the slice's state is unknown, so it is left."""
 
 
-def create_cmd(a, sl: Slice, g: Gcloud) -> list[str]:
-    cmd = g.create_cmd(sl)
-    if a.valid_until_duration:  # a request still queued by then expires by itself
-        cmd.append(f"--valid-until-duration={a.valid_until_duration}")
-    return cmd
-
-
 class Pod:
     def __init__(self, a, sl: Slice, g: Gcloud, sleep=time.sleep, clock=time.monotonic):
         self.a, self.sl, self.g, self.sleep, self.clock = a, sl, g, sleep, clock
         self.hosts = worker.host_names(g.nodes(), sl.hosts)
+        self.down_since = None  # when this machine's gcloud began to fail
 
     def say(self, msg: str) -> None:
         print(f"[launch] {msg}", file=sys.stderr, flush=True)
@@ -53,19 +47,19 @@ class Pod:
     # --- slice ---------------------------------------------------------------------------
 
     def create(self) -> None:
-        r = self.g.run(create_cmd(self.a, self.sl, self.g))
+        r = self.g.create(self.sl)
         if r.code and "ALREADY_EXISTS" not in r.text:
             raise PodError(f"could not create {self.a.name}:\n{r.text[-3000:]}")
 
-    def state(self, since: list) -> str:
-        """g.state(); UNREACHABLE for longer than --host-timeout raises GcloudDown.
-        `since` (a one-item list) holds when it began to fail."""
+    def state(self) -> str:
+        """g.state(); UNREACHABLE for longer than --host-timeout raises GcloudDown."""
         state = self.g.state()
         if state != "UNREACHABLE":
-            since[0] = None
+            self.down_since = None
             return state
-        since[0] = since[0] if since[0] is not None else self.clock()
-        if self.clock() - since[0] > self.a.host_timeout:
+        if self.down_since is None:
+            self.down_since = self.clock()
+        if self.clock() - self.down_since > self.a.host_timeout:
             delete = shlex.join(self.g.base("queued-resources", "delete", self.a.name, "--force"))
             raise GcloudDown(
                 f"this machine's gcloud has failed for {self.a.host_timeout:.0f} s "
@@ -77,9 +71,9 @@ class Pod:
 
     def wait_active(self) -> str:
         """Poll the queued resource until ACTIVE; FAILED or the timeout raise, lost returns."""
-        t0, last, since = self.clock(), None, [None]
+        t0, last = self.clock(), None
         while True:
-            state = self.state(since)
+            state = self.state()
             if state != last:
                 self.say(f"queued resource {self.a.name}: {state}")
                 last = state
@@ -131,10 +125,9 @@ class Pod:
         """('done'|'crashed'|'restart'|'lost', host) once training ended, must restart, or
         the slice went away."""
         missing: dict[str, float] = {}  # host -> when it first failed to answer
-        since = [None]
         while True:
             self.sleep(self.a.poll)
-            state = self.state(since)
+            state = self.state()
             if state in LOST:
                 self.say(f"queued resource {self.a.name}: {state} (preempted)")
                 return "lost", None
@@ -156,10 +149,11 @@ class Pod:
             crashed = [h for h, c in codes.items() if c and c not in RESTART]
             if crashed:
                 return "crashed", crashed[0]
-            if any(c in RESTART for c in codes.values()):
-                return "restart", next(h for h, c in codes.items() if c in RESTART)
-            if any(st.get(h) == "none" for _, _, h in self.hosts):
-                return "restart", next(h for _, _, h in self.hosts if st.get(h) == "none")
+            # a restart code, or training gone with the slice ACTIVE (its VM restarted)
+            restart = [h for h, c in codes.items() if c in RESTART]
+            restart += [h for _, _, h in self.hosts if st.get(h) == "none"]
+            if restart:
+                return "restart", restart[0]
             if all(st.get(h) == "exit 0" for _, _, h in self.hosts):
                 return "done", None
 
@@ -264,7 +258,7 @@ class Pod:
 
 def plan(a, sl: Slice, g: Gcloud) -> int:
     """--dry-run of `up`: the commands of one attempt, in order."""
-    g.run(create_cmd(a, sl, g))
+    g.create(sl)
     g.out(f"# poll until ACTIVE: {' '.join(g.base('queued-resources', 'describe', a.name))}")
     for node in g.nodes():
         g.ssh(node, "all", worker.setup_command(a))

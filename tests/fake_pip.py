@@ -38,11 +38,7 @@ def requires_python(req: str) -> str | None:
 
 def check(specs: list[str], python: str) -> list[str]:
     """The errors pip would print installing `specs` ('-e .' = the project) with `python`."""
-    errors, reqs = [], []
-    for spec in specs:
-        if spec in (".", "-e"):
-            continue
-        reqs.append(spec)
+    errors, reqs = [], [s for s in specs if s not in (".", "-e")]
     if "." in specs:
         needs, deps = project_requirements()
         if python not in SpecifierSet(needs):
