@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from modxla.config import Config
+from modxla.parallel import tpus
 from modxla.parallel.mesh import MeshError, check_batch, resolve_mesh_shape
 
 RUNTIME = {
@@ -73,16 +73,14 @@ class Slice:
 
 
 def parse_accelerator(name: str) -> Slice:
-    m = re.fullmatch(r"(v4|v5e|v5litepod|v5p|v6e)-(\d+)", name)
-    if not m or int(m.group(2)) & (int(m.group(2)) - 1):
+    try:
+        acc = tpus.parse_accelerator(name)
+    except tpus.AcceleratorError as e:
+        raise LaunchError(f"--{e}") from None
+    n = int(acc.name.rsplit("-", 1)[1])
+    if n & (n - 1):  # the topology rules below are for powers of two
         raise LaunchError(f"--accelerator {name!r}: expected v4-N, v5e-N, v5p-N or v6e-N")
-    family, n = m.group(1), int(m.group(2))
-    family = "v5litepod" if family == "v5e" else family
-    chips = n // 2 if family in ("v4", "v5p") else n  # v4/v5p count TensorCores, 2 per chip
-    if chips < 1:
-        raise LaunchError(f"--accelerator {name!r}: less than one chip")
-    per_host = 4 if family in ("v4", "v5p") or chips > 8 else chips
-    return Slice(f"{family}-{n}", family, chips, max(1, chips // per_host))
+    return Slice(acc.name, acc.family, acc.chips, acc.hosts)
 
 
 def validate(cfg: Config, sl: Slice, slices: int, run_dir: str) -> tuple[int, int, int]:

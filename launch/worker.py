@@ -73,11 +73,11 @@ def train_command(a, python: str = PY) -> str:
 
 def start_command(a, host: str) -> str:
     """Start training detached on one worker; `host` names its log under <run-dir>/logs/."""
-    from modxla.rundir import LOGS, join
+    from modxla.io.rundir import LOGS, join
 
     dest = shlex.quote(join(a.run_dir, LOGS, f"{host}.log"))
     upload = (
-        f"timeout {UPLOAD_TIMEOUT_S} {PY} -c 'import sys; from modxla import rundir; "
+        f"timeout {UPLOAD_TIMEOUT_S} {PY} -c 'import sys; from modxla.io import rundir; "
         f"rundir.put_file(sys.argv[1], sys.argv[2])' {LOG} {dest} >/dev/null 2>&1"
     )
     script = (

@@ -41,13 +41,6 @@ class DivergenceError(UserError):
     exit_code = EXIT_DIVERGED  # a launcher must not retry it from the same checkpoint
 
 
-def say(msg: str) -> None:
-    """A progress or status line on stderr, `[modxla] ...`, that does not break tqdm bars."""
-    from tqdm import tqdm
-
-    tqdm.write(f"[modxla] {msg}", file=sys.stderr)
-
-
 def report(e: UserError) -> int:
     """Print a user error the way every modxla command does; returns its exit status."""
     print(f"error: {e}", file=sys.stderr)

@@ -114,8 +114,8 @@ def read_metrics(run_dir):
 
 def cpu_trainer(tmp_path, data_cache, name, *over):
     """Train in-process on the native CPU device (no XLA compile); returns (trainer, losses)."""
-    from modxla.logger import MetricsLogger
-    from modxla.train import Trainer
+    from modxla.io.logger import MetricsLogger
+    from modxla.train.trainer import Trainer
 
     cfg = load_config(
         "configs/tiny.yaml",

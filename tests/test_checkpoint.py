@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modxla.checkpoint import (
+from modxla.config import load_config
+from modxla.errors import EXIT_STOPPED
+from modxla.io.checkpoint import (
     Checkpointer,
     CheckpointError,
     check_model_shapes,
@@ -21,8 +23,6 @@ from modxla.checkpoint import (
     load,
     read_metadata,
 )
-from modxla.config import load_config
-from modxla.errors import EXIT_STOPPED
 from tests.conftest import ROOT, TINY, read_metrics, run, train_args
 
 # --- unit level, CPU tensors -------------------------------------------------------------
@@ -151,9 +151,9 @@ def test_clear_errors(tmp_path):
 ROUND_TRIP = textwrap.dedent("""
     import sys, torch
     from modxla.config import load_config
-    from modxla.checkpoint import latest_checkpoint, read_metadata
-    from modxla.logger import MetricsLogger
-    from modxla.train import Trainer
+    from modxla.io.checkpoint import latest_checkpoint, read_metadata
+    from modxla.io.logger import MetricsLogger
+    from modxla.train.trainer import Trainer
 
     def states(t):
         model = {k: v.cpu() for k, v in t.model.state_dict().items()}
@@ -291,7 +291,7 @@ def test_resume_flag_needs_a_checkpoint_and_a_matching_model(tmp_path, data_cach
 def test_a_run_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(
     tmp_path, data_cache, capsys
 ):
-    from modxla.train import Trainer
+    from modxla.train.trainer import Trainer
     from tests.conftest import cpu_trainer
 
     over = ("train.steps=4", "checkpoint.every=2")

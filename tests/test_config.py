@@ -91,9 +91,9 @@ def test_the_old_routing_key_still_loads_as_router(tmp_path):
 
 
 def test_user_errors_share_one_base_class():
-    from modxla.checkpoint import CheckpointError
     from modxla.data import DataError
     from modxla.errors import UserError
+    from modxla.io.checkpoint import CheckpointError
     from modxla.parallel import MeshError
 
     for cls in (ConfigError, DataError, MeshError, CheckpointError):

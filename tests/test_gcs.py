@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from modxla import rundir
-from modxla.checkpoint import list_checkpoints, load, read_metadata
 from modxla.errors import EXIT_STOPPED
+from modxla.io import rundir
+from modxla.io.checkpoint import list_checkpoints, load, read_metadata
 from tests.conftest import ROOT, run, train_args
 from tests.gcs_emulator import RESUME_STEPS, gcs, signal_on
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from modxla.checkpoint import list_checkpoints, load
 from modxla.errors import DivergenceError
-from modxla.guard import guarded_step
+from modxla.io.checkpoint import list_checkpoints, load
 from modxla.model import build_model
-from modxla.optim import build_optimizer
+from modxla.train.guard import guarded_step
+from modxla.train.optim import build_optimizer
 from tests.conftest import cpu_trainer
 
 
@@ -57,8 +57,8 @@ def test_a_diverged_run_stops_before_writing_and_keeps_its_checkpoints(tmp_path,
     markers = {p: (Path(p) / "COMPLETE").read_bytes() for _, p in good}
 
     from modxla.config import load_config
-    from modxla.logger import MetricsLogger
-    from modxla.train import Trainer
+    from modxla.io.logger import MetricsLogger
+    from modxla.train.trainer import Trainer
     from tests.conftest import TINY
 
     cfg = load_config(

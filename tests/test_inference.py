@@ -7,12 +7,14 @@ import torch
 import torch_xla
 import torch_xla.debug.metrics as met
 
-from modxla.calibration import fit_thresholds
-from modxla.inference import evaluate_routing, generate, sample_next, set_thresholds
+from modxla.cli.generate import clip_to_context
+from modxla.inference.load import set_thresholds
+from modxla.inference.sample import generate, sample_next
 from modxla.model import build_model
 from modxla.model.decode import KVCache, decode_step
+from modxla.routing.calibration import fit_thresholds
+from modxla.routing.evaluate import evaluate_routing
 from tests.conftest import read_metrics, run, train_args
-from tools.generate import clip_to_context
 
 PROMPT, NEW = 32, 32
 

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from modxla.analysis.memory_plan import plan
 from modxla.config import load_config
-from modxla.memory import buffer_assignment, parse_accelerator, plan
 from modxla.model import build_model, lm_loss
-from modxla.optim import build_optimizer
+from modxla.parallel.tpus import parse_accelerator
+from modxla.train.optim import build_optimizer
+from modxla.xla.memory import buffer_assignment
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).parent.parent
@@ -32,14 +34,20 @@ def test_state_bytes_follow_the_mesh_and_the_moment_dtype():
     assert low.optimizer == p.optimizer // 2 and low.parameters == p.parameters
     remat = plan(load_config(None, [*over, "train.remat=block"]), 8)
     assert remat.activations < p.activations
-    assert parse_accelerator("v5p-64") == ("v5p", 32, 95 * 1024**3)
-    assert parse_accelerator("v5e-16")[1:] == (16, 16 * 1024**3)
+    v5p, v5e = parse_accelerator("v5p-64"), parse_accelerator("v5e-16")
+    assert (v5p.kind, v5p.chips, v5p.hbm_per_chip, v5p.hosts) == ("v5p", 32, 95 * 1024**3, 8)
+    assert (v5e.name, v5e.chips, v5e.hbm_per_chip, v5e.hosts) == (
+        "v5litepod-16",
+        16,
+        16 * 1024**3,
+        4,
+    )
     with pytest.raises(ValueError, match="expected e.g. v5p-64"):
         parse_accelerator("v5q-8")
 
 
 def test_plan_memory_cli(capsys, monkeypatch):
-    from tools.plan_memory import main  # in process: two interpreter starts saved
+    from modxla.cli.plan_memory import main  # in process: two interpreter starts saved
 
     monkeypatch.chdir(ROOT)
     assert main(["--config", "configs/mod_3b.yaml", "--accelerator", "v5p-64", "--json"]) == 0
@@ -88,10 +96,11 @@ def test_low_precision_moments_still_converge():
 XLA_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch_xla
     from modxla.config import load_config
-    from modxla.memory import compiled_memory, plan, reports
+    from modxla.xla.memory import compiled_memory, reports
+    from modxla.analysis.memory_plan import plan
     from modxla.model import build_model
-    from modxla.optim import build_optimizer, state_template
-    from modxla.step import train_step
+    from modxla.train.optim import build_optimizer, state_template
+    from modxla.train.step import train_step
     dump, out = sys.argv[1], {}
     for remat in ("none", "block"):
         cfg = load_config(None, sys.argv[2:] + [f"train.remat={remat}"])

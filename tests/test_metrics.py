@@ -5,8 +5,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from modxla.analysis.flops import flops_per_step, forward_flops, mfu, param_count, tpu_peak_flops
 from modxla.config import load_config
-from modxla.metrics import flops_per_step, forward_flops, mfu, param_count, tpu_peak_flops
 from modxla.model import build_model
 
 

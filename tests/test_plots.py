@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from modxla import isoflop_fit, plots
+from modxla.analysis import figures, isoflop, runs
+from modxla.analysis.flops import flops_per_step, param_count
+from modxla.analysis.runs import fit_summary
 from modxla.config import load_config, save_config
-from modxla.metrics import flops_per_step, param_count
-from modxla.plots_isoflop import fit_summary
 
 BUDGET = 3e12
 
@@ -18,22 +18,22 @@ def test_parabola_fit_recovers_a_known_optimum():
     x = np.linspace(5.2, 6.4, 7)  # log10(params)
     wiggle = 0.002 * np.array([1, -1, 1, -1, 1, -1, 1])  # noise the fit must see through
     loss = 2.0 + 0.5 * (x - 5.8) ** 2 + wiggle
-    fit = isoflop_fit.fit_parabola(10**x, loss)
+    fit = isoflop.fit_parabola(10**x, loss)
     assert fit["bracketed"]
     assert math.log10(fit["params"]) == pytest.approx(5.8, abs=0.01)
     assert fit["loss"] == pytest.approx(2.0, abs=0.003)
     # the optimum beyond the largest size: not bracketed, reported at the range's edge
-    edge = isoflop_fit.fit_parabola(10**x, 2.0 + 0.5 * (x - 7.0) ** 2)
+    edge = isoflop.fit_parabola(10**x, 2.0 + 0.5 * (x - 7.0) ** 2)
     assert not edge["bracketed"] and edge["params"] == pytest.approx(10**6.4)
     assert math.log10(edge["vertex_params"]) == pytest.approx(7.0)
-    down = isoflop_fit.fit_parabola(10**x, 2.0 - 0.5 * (x - 5.8) ** 2)  # a maximum, not an optimum
+    down = isoflop.fit_parabola(10**x, 2.0 - 0.5 * (x - 5.8) ** 2)  # a maximum, not an optimum
     assert not down["bracketed"] and down["vertex_params"] is None
     with pytest.raises(ValueError, match="3 distinct sizes"):
-        isoflop_fit.fit_parabola([1e5, 1e5, 2e5], [1, 2, 3])
+        isoflop.fit_parabola([1e5, 1e5, 2e5], [1, 2, 3])
 
 
 def test_budgets_cluster_within_two_percent():
-    assert isoflop_fit.budget_of([1e12, 1.01e12, 2e12, 0.995e12, 2.03e12, 4e12]) == [
+    assert isoflop.budget_of([1e12, 1.01e12, 2e12, 0.995e12, 2.03e12, 4e12]) == [
         0,
         0,
         1,
@@ -93,7 +93,7 @@ def test_seed_groups_average_and_the_isoflop_fit_finds_the_synthetic_optimum(tmp
                 true[name] = loss
                 run, cfg = _run(tmp_path, name, cap, layers, d, seed, loss + delta, 3.0 + seed)
                 paths.append(run)
-    groups = plots.group_runs(plots.load_runs(paths))
+    groups = runs.group_runs(runs.load_runs(paths))
     assert len(groups) == 8 and all(len(g.runs) == 3 for g in groups)
     g = next(g for g in groups if g.name == "base_4x128")
     assert g.final_loss.mean == pytest.approx(true["base_4x128_s0"])
@@ -119,16 +119,16 @@ def test_seed_groups_average_and_the_isoflop_fit_finds_the_synthetic_optimum(tmp
         assert [p["seeds"] for p in e["points"]] == [3, 3, 3, 3]
     base_fwd = summary[0]["optimum"]["fwd_flops"]
     assert 2e7 < base_fwd < 3e8  # between the sampled sizes' FLOPs per forward pass
-    table = isoflop_fit.markdown(summary)
+    table = isoflop.markdown(summary)
     assert "| 3e+12 | Baseline | 4 | 2.0000 | 562," in table and "| yes |" in table
-    rows = plots.runs_table(groups).splitlines()[2:]  # what render_all writes to runs.md
+    rows = runs.runs_table(groups).splitlines()[2:]  # what render_all writes to runs.md
     assert len(rows) == 8 and rows[0].startswith("| base_2x64 |")
     m = true["base_4x128_s0"]
     row = next(r for r in rows if r.startswith("| base_4x128 |"))
     assert f"| 3 | {m:.4f} [{m - 0.03:.4f}, {m + 0.03:.4f}] | 0.0300 |" in row
 
     # error bars on seed means, in the loss-vs-params figure
-    fig = plots.loss_vs_params(groups)
+    fig = figures.loss_vs_params(groups)
     ax = fig.axes[0]
     ys = sorted(y for c in ax.containers for y in c.lines[0].get_ydata())
     assert min(ys) == pytest.approx(min(true.values()))
@@ -141,20 +141,20 @@ def test_figures_are_readable(tmp_path):
         _run(tmp_path, f"r{i}", cap, 2, d, 0, 3.0, 3.5)[0]
         for i, (cap, d) in enumerate(((1.0, 64), (1.0, 128), (0.125, 64)))
     ]
-    groups = plots.group_runs(plots.load_runs(paths))
-    fig = plots.loss_vs_flops_and_clock(groups)
+    groups = runs.group_runs(runs.load_runs(paths))
+    fig = figures.loss_vs_flops_and_clock(groups)
     fig.canvas.draw()
     top = fig.axes[0]
     assert top.xaxis.get_offset_text().get_text() == ""  # no '1e-6' beside the axis
     labels = [t.get_text() for t in top.get_xticklabels() if t.get_text()]
     assert "1e12" in labels and all("e-" not in t for t in labels)
-    for f in (fig, plots.loss_vs_params(groups), plots.isoflop_ll(groups)):
+    for f in (fig, figures.loss_vs_params(groups), figures.isoflop_ll(groups)):
         f.canvas.draw()
         ax = next(a for a in f.axes if a.get_legend())
         # the legend sits right of every axes: it covers no curve
         left = ax.get_legend().get_window_extent().x0
         assert all(left >= a.get_window_extent().x1 for a in f.axes)
-    assert [plots.sci(v) for v in (0, 2e9, 1.5e12, 5e11, 3)] == ["0", "2e9", "1.5e12", "5e11", "3"]
+    assert [runs.sci(v) for v in (0, 2e9, 1.5e12, 5e11, 3)] == ["0", "2e9", "1.5e12", "5e11", "3"]
 
 
 def test_runs_on_two_corpora_are_never_one_group_or_one_fit(tmp_path):
@@ -163,14 +163,14 @@ def test_runs_on_two_corpora_are_never_one_group_or_one_fit(tmp_path):
         for src in ("stdlib", "corpus/man")
         for d in (64, 96, 128)
     ]
-    groups = plots.group_runs(plots.load_runs(paths))
+    groups = runs.group_runs(runs.load_runs(paths))
     assert sorted({g.variant for g in groups}) == ["Baseline on man", "Baseline on stdlib"]
     summary = fit_summary(groups)
     assert [(e["variant"], e["sizes"]) for e in summary] == [
         ("Baseline on man", 3),
         ("Baseline on stdlib", 3),
     ]
-    title = plots.isoflop_ll(groups).axes[0].get_title()
+    title = figures.isoflop_ll(groups).axes[0].get_title()
     assert title.endswith("FLOPs, man")  # normalized within one corpus
 
 
@@ -187,7 +187,7 @@ def test_variant_comparison_orders_variants_by_seed_mean(tmp_path):
         for v, x in variants.items()
         for s, d in ((0, -0.01), (1, 0.01))
     ]
-    ax = plots.variants_at_size(plots.group_runs(plots.load_runs(paths))).axes[0]
+    ax = figures.variants_at_size(runs.group_runs(runs.load_runs(paths))).axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels == [
         "MoD (12.5% capacity, every 2) (n=2)",
@@ -209,8 +209,8 @@ def test_post_hoc_predictor_curve_prefers_validation_records():
         {"step": 20, "predictor_loss": 0.2, "predictor_acc/mean": 0.94},
         {"step": 20, "val/predictor_acc": 0.95, "val/always_skip_acc": 0.875},
     ]
-    assert plots._post_hoc(plots.Run("r", cfg, predictor=recs)) == [(10, 0.93), (20, 0.95)]
+    assert figures._post_hoc(runs.Run("r", cfg, predictor=recs)) == [(10, 0.93), (20, 0.95)]
     train_only = [r for r in recs if "predictor_acc/mean" in r]
-    assert plots._post_hoc(plots.Run("r", cfg, predictor=train_only)) == [(10, 0.9), (20, 0.94)]
-    fig = plots.predictor_accuracy([plots.Group([plots.Run("r", cfg, predictor=recs)])])
+    assert figures._post_hoc(runs.Run("r", cfg, predictor=train_only)) == [(10, 0.9), (20, 0.94)]
+    fig = figures.predictor_accuracy([runs.Group([runs.Run("r", cfg, predictor=recs)])])
     assert list(fig.axes[0].lines[0].get_ydata()) == [0.93, 0.95]

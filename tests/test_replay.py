@@ -1,4 +1,4 @@
-"""A step traced once and replayed (modxla/replay.py) computes what tracing every step does."""
+"""A step traced once and replayed (modxla/xla/replay.py) computes what tracing every step does."""
 
 import json
 import textwrap
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch_xla
 
-from modxla.replay import TracedStep
+from modxla.xla.replay import TracedStep
 from tests.conftest import run, tiny_overrides
 
 pytestmark = pytest.mark.slow  # compiles XLA graphs
@@ -18,9 +18,9 @@ MESH_SCRIPT = textwrap.dedent("""
     import torch_xla.core.xla_model as xm
     from modxla.config import load_config
     from modxla.model import build_model
-    from modxla.optim import build_optimizer, set_lr, step_state
-    from modxla.runtime import compile_count, setup_runtime
-    from modxla.step import train_step
+    from modxla.train.optim import build_optimizer, set_lr, step_state
+    from modxla.xla.runtime import compile_count, setup_runtime
+    from modxla.train.step import train_step
 
     cfg = load_config(None, sys.argv[2:])
     rt = setup_runtime(cfg)  # SPMD over the 8 devices, as the trainer runs

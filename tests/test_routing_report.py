@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from modxla.calibration import fit_thresholds, routing_stats
-from modxla.calibration import main as calibrate_main
-from modxla.inference import get_thresholds, load_run, set_thresholds, validation_batches
-from modxla.routing_report import contributions, switched_off
-from modxla.routing_report import main as inspect_main
+from modxla.cli.calibrate_routing import main as calibrate_main
+from modxla.cli.inspect_routing import main as inspect_main
+from modxla.inference.load import get_thresholds, load_run, set_thresholds, validation_batches
+from modxla.routing.calibration import fit_thresholds
+from modxla.routing.evaluate import routing_stats
+from modxla.routing.report import contributions, switched_off
 from tests.conftest import cpu_trainer, read_metrics
 
 OVER = (
@@ -145,7 +146,7 @@ def test_clear_errors_for_bad_run_dirs(tiny_run, tmp_path, capsys):
 
 
 def test_predictor_tool_logs_a_validation_curve_and_ablates(tiny_run, tmp_path):
-    from modxla.predictor import PredictorOptions, train_predictors
+    from modxla.routing.predictor import PredictorOptions, train_predictors
 
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run[0], run_dir)  # its predictor/ stays out of the shared run
@@ -168,7 +169,7 @@ def test_predictor_tool_logs_a_validation_curve_and_ablates(tiny_run, tmp_path):
 
 
 def test_weighted_bce_counts_the_routed_class_w_times(tiny_run):
-    from modxla.predictor import weighted_bce
+    from modxla.routing.predictor import weighted_bce
 
     run_dir, batches = tiny_run
     out = _model(run_dir)(batches[0][:, :-1])
@@ -183,7 +184,7 @@ def test_weighted_bce_counts_the_routed_class_w_times(tiny_run):
 
 
 def test_threshold_accuracy_is_the_best_single_cut():
-    from modxla.routing_report import threshold_accuracy
+    from modxla.routing.evaluate import threshold_accuracy
 
     g = torch.Generator().manual_seed(0)
     r = torch.randn(200, generator=g)

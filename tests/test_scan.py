@@ -7,15 +7,10 @@ import torch
 import torch_xla
 
 from modxla.config import ConfigError, load_config
+from modxla.io.layout import to_stacked, to_unrolled
 from modxla.model import build_model, lm_loss
-from modxla.model.stacking import (
-    convert_optimizer_state,
-    optimizer_names,
-    to_stacked,
-    to_unrolled,
-)
-from modxla.optim import build_optimizer
 from modxla.parallel.sharding import param_spec
+from modxla.train.optim import build_optimizer, convert_optimizer_state, optimizer_names
 from tests.conftest import tiny_overrides
 
 
@@ -130,8 +125,8 @@ def test_xla_scan_and_remat_match_the_unrolled_model():
 
 
 def _cpu_run(run_dir, data_cache, *over):
-    from modxla.logger import MetricsLogger
-    from modxla.train import Trainer
+    from modxla.io.logger import MetricsLogger
+    from modxla.train.trainer import Trainer
 
     common = [
         "model.vocab_size=384", "model.max_seq_len=64", "data.seq_len=32",
@@ -158,7 +153,7 @@ def test_checkpoints_resume_across_layouts(tmp_path, data_cache):
 
 
 def test_a_scanned_model_decodes_like_the_unrolled_one():
-    from modxla.inference import generate
+    from modxla.inference.sample import generate
 
     over = {"model.num_layers": 4, "data.seq_len": 48}
     unrolled = build_model(_cfg(**over).model, seed=3).eval()

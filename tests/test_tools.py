@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from modxla import plots
+from modxla.analysis import figures, runs
+from modxla.analysis.flops import flops_per_step
+from modxla.cli import isoflop
 from modxla.config import ConfigError, load_config, save_config
-from modxla.metrics import flops_per_step
 from tests.conftest import cpu_trainer
-from tools import isoflop
 
 SIZES = ["2x64", "4x128", "6x192"]
 
@@ -101,7 +101,7 @@ def _fake_run(root, name, capacity, d_model, loss0, with_predictor=False, budget
 
 
 def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
-    runs = [
+    dirs = [
         _fake_run(tmp_path, "base_s", 1.0, 64, 3.3),
         _fake_run(tmp_path, "base_m", 1.0, 96, 3.15),
         _fake_run(tmp_path, "base_l", 1.0, 128, 3.2),
@@ -110,14 +110,14 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
     ]
     out = tmp_path / "plots"
     skipped = []
-    written = plots.render_all(runs, out, warn=skipped.append)
+    written = figures.render_all(dirs, out, warn=skipped.append)
     # two variants only: the variant comparison (tests/test_plots.py) has nothing to show
     assert skipped == ["skipped variants_at_size: needs 3 or more variants at one size and budget"]
-    figures = set(plots.FIGURES) - {"variants_at_size"}
-    assert set(written) == {*figures, "isoflop_fit.json", "runs.md"}
-    for name in figures:
+    drawn = set(figures.FIGURES) - {"variants_at_size"}
+    assert set(written) == {*drawn, "isoflop_fit.json", "runs.md"}
+    for name in drawn:
         assert Path(written[name]).stat().st_size > 5000  # a real picture, not an empty file
-    loaded = plots.group_runs(plots.load_runs(runs))
+    loaded = runs.group_runs(runs.load_runs(dirs))
     smooth = "Training loss (EMA 0.9 over logged steps)"
     labels = {
         "loss_vs_params": [("Parameters", "Final loss (validation, else last train losses)")],
@@ -135,10 +135,10 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
         "predictor_accuracy": [("Training step", "Top-k prediction accuracy")],
         "isoflop_fit": [("Parameters", "Final validation loss")],
     }
-    for name in figures:
-        fig = plots.FIGURES[name](loaded)
+    for name in drawn:
+        fig = figures.FIGURES[name](loaded)
         assert [(a.get_xlabel(), a.get_ylabel()) for a in fig.axes] == labels[name]
-    iso = plots.isoflop_ll(loaded).axes[0]
+    iso = figures.isoflop_ll(loaded).axes[0]
     lines = {c.get_label(): c.lines[0].get_xydata() for c in iso.containers}
     assert set(lines) == {"Baseline", "MoD (12.5%) using top-k", "MoD (12.5%) using predictor"}
     assert min(y for _, y in lines["Baseline"]) == pytest.approx(1.0)  # normalized to the best
@@ -163,9 +163,9 @@ def test_a_bug_in_a_figure_is_not_reported_as_skipped(tmp_path, monkeypatch):
     def broken(runs):
         return {}["missing"]  # a programming error, not missing data
 
-    monkeypatch.setitem(plots.FIGURES, "loss_vs_params", broken)
+    monkeypatch.setitem(figures.FIGURES, "loss_vs_params", broken)
     with pytest.raises(KeyError):
-        plots.render_all([run], tmp_path / "p", warn=lambda m: None)
+        figures.render_all([run], tmp_path / "p", warn=lambda m: None)
 
 
 def test_isoflop_default_base_config_is_found_from_any_folder(tmp_path, monkeypatch):
@@ -233,18 +233,26 @@ def test_prepare_corpus_renders_man_pages_to_plain_text(tmp_path, capsys):
 @pytest.mark.parametrize(
     "module, argv, message",
     [
-        ("bench_data", ["train.batch_size=-1"], "error: train.batch_size: must be > 0"),
-        ("bench_step", ["--baseline", "nope.yaml"], "error: config file not found: nope.yaml"),
-        ("profile_step", ["--mod", "nope.yaml"], "error: config file not found: nope.yaml"),
-        ("profile_ops", ["--mod", "nope.yaml"], "error: config file not found: nope.yaml"),
-        ("demo", ["model.mod.capacity=3"], "error: model.mod.capacity: must be in (0, 1]"),
-        ("generate", ["--run-dir", "nowhere", "--prompt", "x"], "error: nowhere is not a run"),
+        ("modxla.cli.bench_data", ["train.batch_size=-1"], "error: train.batch_size: must be > 0"),
+        (
+            "tools.bench_step",
+            ["--baseline", "nope.yaml"],
+            "error: config file not found: nope.yaml",
+        ),
+        ("tools.profile_step", ["--mod", "nope.yaml"], "error: config file not found: nope.yaml"),
+        ("tools.profile_ops", ["--mod", "nope.yaml"], "error: config file not found: nope.yaml"),
+        ("tools.demo", ["model.mod.capacity=3"], "error: model.mod.capacity: must be in (0, 1]"),
+        (
+            "modxla.cli.generate",
+            ["--run-dir", "nowhere", "--prompt", "x"],
+            "error: nowhere is not a run",
+        ),
     ],
 )
 def test_tools_refuse_bad_input_without_a_traceback(module, argv, message, capsys):
     import importlib
 
-    tool = importlib.import_module(f"tools.{module}")
+    tool = importlib.import_module(module)
     assert tool.main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -266,13 +274,13 @@ def test_demo_shows_the_xla_deprecation_line_once(monkeypatch):
 
 
 def _predictor_main(run_dir, *args):
-    from modxla.predictor import main
+    from modxla.cli.train_predictor import main
 
     return main(["--run-dir", str(run_dir), "--log-every", "1", "--eval-batches", "2", *args])
 
 
 def _pred_weight(path):
-    from modxla.checkpoint import load
+    from modxla.io.checkpoint import load
 
     key = "blocks.1.predictor.fc1.weight"
     return load(path, {"model": {key: torch.zeros(32, 64)}})["model"][key]
@@ -282,7 +290,8 @@ def _pred_weight(path):
 def test_predictor_tool_adds_fresh_predictors_to_a_model_trained_without(
     tmp_path, data_cache, capsys
 ):
-    from modxla.inference import evaluate_routing, load_run
+    from modxla.inference.load import load_run
+    from modxla.routing.evaluate import evaluate_routing
 
     t, _ = cpu_trainer(tmp_path, data_cache, "run", "train.steps=4", "model.mod.predictor=false")
     run_dir = tmp_path / "run"

@@ -12,8 +12,8 @@ from tests.conftest import ROOT, TINY, cpu_trainer, read_metrics, run, train_arg
 PARAMS_SCRIPT = textwrap.dedent("""
     import sys, torch
     from modxla.config import load_config
-    from modxla.train import Trainer
-    from modxla.logger import MetricsLogger
+    from modxla.train.trainer import Trainer
+    from modxla.io.logger import MetricsLogger
     cfg = load_config("configs/tiny.yaml", sys.argv[2:])
     t = Trainer(cfg, sys.argv[1])
     hist = t.fit(MetricsLogger(t.run_dir, cfg.train.steps, 0, enabled=False))
@@ -86,7 +86,7 @@ def test_train_cli_compiles_once_and_loss_falls(tmp_path, data_cache):
     assert required <= steps[-1].keys()
     compiles = [r["compiles"] for r in steps]
     # Step 1 builds AdamW's state, step 2 captures the graph to replay, step 3 checks it
-    # (modxla/replay.py); nothing new after that, evaluations included.
+    # (modxla/xla/replay.py); nothing new after that, evaluations included.
     assert compiles[2] == compiles[-1], compiles
     assert steps[0]["routed_frac/block1"] == pytest.approx(4 / 32)  # k = round(0.125 * 32)
     first = sum(r["lm_loss"] for r in steps[:3]) / 3
@@ -111,7 +111,7 @@ def test_mesh_and_batch_errors():
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
-    from modxla.train import main
+    from modxla.cli.train import main
 
     assert main(["--run-dir", str(tmp_path / "r"), "mesh.data=3"]) == 2  # 8 devices here
     err = capsys.readouterr().err

@@ -4,7 +4,7 @@
     python tools/bench_decode.py --backends cuda      # eager PyTorch on a GPU
 
 Both models decode the same random tokens, one position at a time over the whole context
-(S = model.max_seq_len), with `modxla.model.decode.decode_step` as tools/generate.py runs it.
+(S = model.max_seq_len), with `modxla.model.decode.decode_step` as modxla-generate runs it.
 Steps alternate baseline, MoD, baseline, ... so both see the same machine load. Each
 repetition decodes S tokens with fresh caches; the figure per repetition is its mean time per
 token (a routed block's cost differs from token to token, so a per-token median would hide

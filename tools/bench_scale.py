@@ -48,9 +48,9 @@ def _setup(overrides: list[str]):
 
     from modxla.config import load_config
     from modxla.model import build_model
-    from modxla.optim import build_optimizer
-    from modxla.runtime import setup_runtime
-    from modxla.step import train_step
+    from modxla.train.optim import build_optimizer
+    from modxla.train.step import train_step
+    from modxla.xla.runtime import setup_runtime
 
     cfg = load_config(None, [*BASE, *overrides])
     rt = setup_runtime(cfg)
@@ -78,8 +78,8 @@ def _setup(overrides: list[str]):
 
 def worker(overrides: list[str], dump_dir: str) -> dict:
     """One configuration: compile time of steps 1-2 and the step's compiled memory."""
-    from modxla.memory import compiled_memory, reports
-    from modxla.optim import MOMENT_DTYPES
+    from modxla.train.optim import MOMENT_DTYPES
+    from modxla.xla.memory import compiled_memory, reports
 
     cfg, model, one = _setup(overrides)
     t1 = one()[0]

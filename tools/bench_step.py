@@ -5,7 +5,7 @@
 
 Both models live in one process on the same devices; steps alternate baseline, MoD, ...
 and the medians are compared with the analytic FLOP ratio. Batches are random tokens, so
-the figure is the model's compute alone (tools/bench_data.py measures the input pipeline).
+the figure is the model's compute alone (modxla-bench-data measures the input pipeline).
 Each variant's quartiles are reported beside its median, and its process CPU time per step
 too: on a machine shared with other work, CPU time is disturbed less than wall time.
 
@@ -26,13 +26,13 @@ import time
 import torch
 from tqdm import tqdm
 
+from modxla.analysis.flops import flops_per_step
 from modxla.config import load_config
 from modxla.errors import UserError, report
-from modxla.metrics import flops_per_step
 from modxla.model import build_model
-from modxla.optim import build_optimizer, step_state
-from modxla.runtime import compile_count, setup_runtime
-from modxla.step import train_step
+from modxla.train.optim import build_optimizer, step_state
+from modxla.train.step import train_step
+from modxla.xla.runtime import compile_count, setup_runtime
 
 
 def _quartiles(xs: list[float]) -> list[float]:

@@ -1,8 +1,8 @@
-"""The `modxla-calibrate-routing` command (modxla/calibration.py; --help explains)."""
+"""`modxla-calibrate-routing` from a checkout (modxla/cli/calibrate_routing.py)."""
 
 import sys
 
-from modxla.calibration import main
+from modxla.cli.calibrate_routing import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -96,7 +96,14 @@ def run_demo(args) -> None:
         args.devices,
     )
     sh(
-        ["-m", "modxla.predictor", "--run-dir", run, "--steps", str(args.predictor_steps)],
+        [
+            "-m",
+            "modxla.cli.train_predictor",
+            "--run-dir",
+            run,
+            "--steps",
+            str(args.predictor_steps),
+        ],
         args.devices,
     )
     for routing in ("predictor", "router"):

@@ -1,8 +1,8 @@
-"""Sample text from a run (the `modxla-generate` command; modxla/cli/generate.py)."""
+"""`modxla-generate` from a checkout (modxla/cli/generate.py)."""
 
 import sys
 
-from modxla.cli.generate import clip_to_context, main  # noqa: F401
+from modxla.cli.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

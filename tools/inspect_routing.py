@@ -1,8 +1,8 @@
-"""The `modxla-inspect-routing` command (modxla/routing_report.py; --help explains)."""
+"""`modxla-inspect-routing` from a checkout (modxla/cli/inspect_routing.py)."""
 
 import sys
 
-from modxla.routing_report import main
+from modxla.cli.inspect_routing import main
 
 if __name__ == "__main__":
     sys.exit(main())

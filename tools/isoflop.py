@@ -1,8 +1,8 @@
-"""isoFLOP sweeps (the `modxla-isoflop` command; modxla/cli/isoflop.py, --help explains)."""
+"""`modxla-isoflop` from a checkout (modxla/cli/isoflop.py)."""
 
 import sys
 
-from modxla.cli.isoflop import TOLERANCE, VARIANTS, main, plan, size_overrides  # noqa: F401
+from modxla.cli.isoflop import main
 
 if __name__ == "__main__":
     sys.exit(main())

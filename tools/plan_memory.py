@@ -1,84 +1,8 @@
-"""Per-device memory of a config's train step on a TPU slice, before paying for the slice.
+"""`modxla-plan-memory` from a checkout (modxla/cli/plan_memory.py)."""
 
-    python tools/plan_memory.py --config configs/mod_3b.yaml --accelerator v5p-64 \\
-        [mesh.fsdp=-1 mesh.data=1 train.remat=block optimizer.moment_dtype=bfloat16 ...]
-
-Prints parameters, gradients, optimizer state (AdamW moments), activations and their total
-per device for the mesh the config resolves to on that slice (mesh axes of -1 are filled from
-the chip count), with the chip's HBM and whether the step fits. Parameters and gradients are
-float32; moments take optimizer.moment_dtype; activations follow train.dtype and train.remat
-(see modxla.memory.activation_bytes). The estimate is checked against XLA's own buffer
-assignment of the compiled step on CPU (tests/test_memory.py); leave headroom for XLA's
-scratch buffers and collectives on TPU (about 10%).
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 
-from modxla.config import ConfigError, load_config
-from modxla.memory import GiB, parse_accelerator, plan
-from modxla.parallel.mesh import MeshError
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="plan_memory",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--config", help="YAML experiment config (default: built-in defaults)")
-    ap.add_argument(
-        "--accelerator",
-        required=True,
-        help="TPU slice: v5p-N / v4-N (N TensorCores, 2 per chip), v5e-N / v6e-N (N chips)",
-    )
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.remat=block")
-    args = ap.parse_args(argv)
-    try:
-        kind, chips, hbm = parse_accelerator(args.accelerator)
-        cfg = load_config(args.config, [*args.overrides, "train.compile_cache="])
-        p = plan(cfg, chips, hbm)
-    except (ValueError, ConfigError, MeshError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report = {
-        "accelerator": args.accelerator,
-        "chips": chips,
-        "mesh": dict(zip(("data", "fsdp", "tensor"), p.mesh, strict=True)),
-        "remat": cfg.train.remat,
-        "dtype": cfg.train.dtype,
-        "moment_dtype": cfg.optimizer.moment_dtype,
-        "params_total": p.params_total,
-        "per_device_bytes": {
-            "parameters": p.parameters,
-            "gradients": p.gradients,
-            "optimizer": p.optimizer,
-            "activations": p.activations,
-            "total": p.total,
-        },
-        "hbm_bytes": hbm,
-        "fits": p.fits,
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    m = report["mesh"]
-    print(
-        f"{args.accelerator}: {chips} chips of {kind} ({hbm / GiB:.0f} GiB HBM each), mesh "
-        f"data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}; "
-        f"{p.params_total / 1e9:.2f}B parameters; remat={cfg.train.remat}, "
-        f"dtype={cfg.train.dtype}, moments={cfg.optimizer.moment_dtype}"
-    )
-    for name, value in report["per_device_bytes"].items():
-        print(f"  {name:<12} {value / GiB:9.2f} GiB per device")
-    verdict = "fits" if p.fits else "does NOT fit"
-    print(f"  {verdict} in {hbm / GiB:.0f} GiB ({100 * p.total / hbm:.0f}% of HBM)")
-    return 0
-
+from modxla.cli.plan_memory import main
 
 if __name__ == "__main__":
     sys.exit(main())

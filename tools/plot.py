@@ -1,4 +1,4 @@
-"""The paper's figures from run directories (the `modxla-plot` command; modxla/cli/plot.py)."""
+"""`modxla-plot` from a checkout (modxla/cli/plot.py)."""
 
 import sys
 

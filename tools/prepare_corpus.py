@@ -1,4 +1,4 @@
-"""Manual pages as a plain-text corpus (the `modxla-prepare-corpus` command; --help explains)."""
+"""`modxla-prepare-corpus` from a checkout (modxla/cli/prepare_corpus.py)."""
 
 import sys
 

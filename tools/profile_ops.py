@@ -40,9 +40,9 @@ import torch  # noqa: E402
 from modxla.config import load_config  # noqa: E402
 from modxla.errors import UserError, report  # noqa: E402
 from modxla.model import build_model  # noqa: E402
-from modxla.optim import build_optimizer, step_state  # noqa: E402
-from modxla.runtime import setup_runtime  # noqa: E402
-from modxla.step import train_step  # noqa: E402
+from modxla.train.optim import build_optimizer, step_state  # noqa: E402
+from modxla.train.step import train_step  # noqa: E402
+from modxla.xla.runtime import setup_runtime  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ On XLA (lazy tensors) every step is traced again in Python before the cached exe
 so a step costs trace + execution; the trainer avoids that by replaying the step
 (modxla/replay.py), and this tool measures what the replay saves. This runs the dense
 baseline, MoD, and MoD without its joint predictor, interleaved, the phases of
-modxla.step.train_step one by one, and prints JSON with medians in ms: CPU time of tracing
+modxla.train.step.train_step one by one, and prints JSON with medians in ms: CPU time of tracing
 the forward (incl. losses and block stats), backward, grad clipping and AdamW, then the CPU
 and wall time of executing the graph. CPU time is reported because a shared machine
 disturbs it less than wall time.
@@ -26,8 +26,8 @@ from tqdm import tqdm
 from modxla.config import load_config
 from modxla.errors import UserError, report
 from modxla.model import build_model, lm_loss
-from modxla.optim import build_optimizer
-from modxla.runtime import setup_runtime
+from modxla.train.optim import build_optimizer
+from modxla.xla.runtime import setup_runtime
 
 PHASES = ("trace_fwd", "trace_bwd", "trace_clip", "trace_opt", "exec_cpu", "exec_wall")
 

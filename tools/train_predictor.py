@@ -1,13 +1,8 @@
-"""Train the causal routing predictors of a finished run, post hoc, on a frozen model.
-
-    python tools/train_predictor.py --run-dir runs/demo [--steps 300] [--init auto]
-
-The same as the `modxla-train-predictor` command (modxla/predictor.py; --help explains).
-"""
+"""`modxla-train-predictor` from a checkout (modxla/cli/train_predictor.py)."""
 
 import sys
 
-from modxla.predictor import main
+from modxla.cli.train_predictor import main
 
 if __name__ == "__main__":
     sys.exit(main())

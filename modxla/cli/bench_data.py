@@ -7,21 +7,19 @@ Tokenization runs cold (a fresh cache directory) on the embedded standard-librar
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 
+from modxla.cli.common import parser
 from modxla.config import load_config
 from modxla.data import BatchLoader, build_streams, resolve_tokenizer
 from modxla.errors import UserError, report
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="modxla-bench-data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    ap = parser("modxla-bench-data", __doc__)
     ap.add_argument("--config", default="configs/tiny.yaml", help="relative to the repo too")
     ap.add_argument("--chars", type=int, default=5_000_000, help="corpus characters to read")
     ap.add_argument("--batches", type=int, default=2000, help="loader batches to time")

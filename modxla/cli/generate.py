@@ -1,9 +1,9 @@
 """Sample text from a trained run with causal routing and a static-shape KV cache.
 
-    python tools/generate.py --run-dir runs/demo --prompt "def main(" [--max-tokens 64]
+    modxla-generate --run-dir runs/demo --prompt "def main(" [--max-tokens 64]
 
 Routing is causal: `predictor` (the predictor MLPs decide; train them first with
-tools/train_predictor.py) or `router` (the aux-loss-calibrated router logit decides). The
+modxla-train-predictor) or `router` (the aux-loss-calibrated router logit decides). The
 newest predictor checkpoint is used if there is one, else the newest training checkpoint.
 
 On the CPU (the default) a routed block does no attention or MLP work for a token it skips,
@@ -14,13 +14,14 @@ the prompt's start) is clipped to fit, with a note on stderr.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
+from modxla.cli.common import parser
 from modxla.data import EOS_ID, load_tokenizer
 from modxla.errors import UserError, report
-from modxla.inference import InferenceError, generate, load_run, tokenizer_path
+from modxla.inference.load import InferenceError, load_run, tokenizer_path
+from modxla.inference.sample import generate
 
 
 def clip_to_context(prompt: list[int], max_tokens: int, max_seq_len: int):
@@ -46,7 +47,7 @@ def clip_to_context(prompt: list[int], max_tokens: int, max_seq_len: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = parser("modxla-generate", __doc__)
     ap.add_argument("--run-dir", required=True, help="a run directory: path or URL (gs://...)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, model, path = load_run(args.run_dir)
         if args.routing == "predictor" and not cfg.model.mod.predictor:
             raise UserError(
-                f"{args.run_dir} has no predictors: add them with tools/train_predictor.py, "
+                f"{args.run_dir} has no predictors: add them with modxla-train-predictor, "
                 "or pass --routing router"
             )
         if args.routing == "router" and cfg.model.mod.router == "random":

@@ -5,7 +5,7 @@
         [--seeds 0 1 2] [--set train.device=cpu data.source=corpus/man]
 
 Sizes are LAYERSxD_MODEL (head size 32). Steps come from the analytic FLOPs per step
-(modxla.metrics); a run whose whole steps cannot land within 2% of the budget is refused.
+(modxla.analysis.flops); a run whose whole steps cannot land within 2% of the budget is refused.
 Writes one ready-to-run config per run and run_all.sh with the commands.
 
 --seeds: one run per seed, named VARIANT_SIZE_sN when more than one seed is given (one seed
@@ -19,14 +19,14 @@ data.seq_len or train.batch_size is budgeted for); train.steps and train.seed ar
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from pathlib import Path
 
+from modxla.analysis.flops import flops_per_step, param_count
+from modxla.cli.common import parser
 from modxla.config import Config, ConfigError, load_config, save_config
 from modxla.errors import UserError, report
-from modxla.metrics import flops_per_step, param_count
 
 VARIANTS = {
     "baseline": ["model.mod.capacity=1.0"],
@@ -109,9 +109,7 @@ def plan(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="modxla-isoflop", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    ap = parser("modxla-isoflop", __doc__)
     ap.add_argument("--budget", type=float, required=True, help="training FLOPs per run")
     ap.add_argument("--sizes", nargs="+", required=True, help="LAYERSxD_MODEL, e.g. 4x128")
     ap.add_argument("--variants", nargs="+", default=["baseline", "mod_c12"])

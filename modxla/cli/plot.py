@@ -17,18 +17,18 @@ smoothed by an exponential moving average over the logged steps.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from modxla import rundir
+from modxla.analysis.figures import render_all
+from modxla.analysis.isoflop import markdown
+from modxla.cli.common import parser
 from modxla.errors import UserError, report
-from modxla.isoflop_fit import markdown
-from modxla.plots import render_all
+from modxla.io import rundir
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = parser("modxla-plot", __doc__)
     ap.add_argument("--out", required=True, help="output folder (path or URL) for the PNG files")
     ap.add_argument("runs", nargs="+", help="run directories (paths or URLs)")
     args = ap.parse_args(argv)

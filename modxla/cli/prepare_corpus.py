@@ -17,7 +17,6 @@ page is cut to land on the cap exactly. --out DIR writes one .txt per page (one 
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import glob
 import gzip
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from modxla.cli.common import parser
 from modxla.errors import UserError, report
 
 DEFAULT_PAGES = "/usr/share/man/man1/*.gz"
@@ -148,11 +148,7 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="modxla-prepare-corpus",
-        description=__doc__,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    ap = parser("modxla-prepare-corpus", __doc__)
     ap.add_argument("--out", required=True, help="folder of .txt files, or a FILE.jsonl")
     ap.add_argument("--pages", default=DEFAULT_PAGES, help=f"glob (default {DEFAULT_PAGES})")
     ap.add_argument(

@@ -8,17 +8,17 @@ the config; point data.tokenizer at the result to use it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
+from modxla.cli.common import parser
 from modxla.config import load_config
 from modxla.data import load_documents, train_tokenizer
 from modxla.errors import UserError, report
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = parser("modxla-train-tokenizer", __doc__)
     ap.add_argument("--config", help="YAML config (defaults when omitted)")
     ap.add_argument("--out", required=True, help="output .model path")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")

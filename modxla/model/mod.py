@@ -79,7 +79,7 @@ class MoDBlock(nn.Module):
             if cfg.mod.predictor
             else None
         )
-        # causal decision: logit > threshold; 0 unless calibrated (modxla/calibration.py)
+        # causal decision: logit > threshold; 0 unless calibrated (modxla/routing/calibration.py)
         self.thresholds = {"predictor": 0.0, "router": 0.0}
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from modxla.config import ModelConfig
 from modxla.model.layers import DenseBlock, RMSNorm
 from modxla.model.mod import ROUTING_MODES, MoDBlock, RoutingInfo
-from modxla.model.stacking import block_terms, run_block, stack_blocks, stack_terms
+from modxla.model.scan import block_terms, run_block, stack_blocks, stack_terms
 
 
 @dataclass
@@ -140,7 +140,7 @@ class Transformer(nn.Module):
         """All periods in one XLA While loop; routed blocks' terms come back stacked (P,)."""
         from torch_xla.experimental.scan import scan
 
-        from modxla.model.stacking import scan_remat_partition
+        from modxla.model.scan import scan_remat_partition
 
         params = dict(self.layers.named_parameters())  # (P, ...) each
         pos = positions.expand(self._periods(), *positions.shape)  # (P, B, T), not copied

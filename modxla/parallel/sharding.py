@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from modxla.model.layers import BlockDelta
-from modxla.model.stacking import STACKED
+from modxla.model.scan import STACKED
 
 COLUMN = ("tensor", "fsdp")
 ROW = ("fsdp", "tensor")

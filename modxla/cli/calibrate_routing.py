@@ -20,123 +20,23 @@ batches, as the split is in document order) when the split has them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-import torch
-
-from modxla import rundir
-from modxla.errors import UserError, report, say
-from modxla.inference import (
+from modxla.cli.common import parser
+from modxla.errors import UserError, report
+from modxla.inference.load import (
     InferenceError,
     calibration_path,
     load_run,
-    set_thresholds,
     validation_batches,
 )
-from modxla.model import Transformer, lm_loss
-
-SEARCH = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
-
-
-def causal_modes(model: Transformer) -> tuple[str, ...]:
-    """The causal routing modes this model has: predictor (if trained), router (if learned)."""
-    mod = model.cfg.mod
-    return tuple(
-        m for m, ok in (("predictor", mod.predictor), ("router", mod.router == "learned")) if ok
-    )
+from modxla.io import rundir
+from modxla.io.logger import say
+from modxla.routing.calibration import calibrate
 
 
-@torch.no_grad()
-def routing_stats(model: Transformer, batches, routing: str) -> dict:
-    """NLL, and per routed block: the share of tokens the routing wanted (`decided`) and got
-    (`routed`), the overflow rate (sequences wanting more than k) and mean tokens dropped."""
-    keys = ("decided", "routed", "overflow", "dropped")
-    per = {str(layer): dict.fromkeys(keys, 0.0) for layer in model.cfg.routed_layers}
-    nll = 0.0
-    for batch in batches:
-        out = model(batch[:, :-1], routing=routing)
-        nll += float(lm_loss(out.logits, batch[:, 1:]))
-        for layer, info in zip(model.cfg.routed_layers, out.routing, strict=True):
-            k, t = info.idx.shape[1], info.routed_mask.shape[1]
-            d = info.decided.float()  # (B,)
-            s = per[str(layer)]
-            s["decided"] += float(d.mean()) / t
-            s["routed"] += float(info.routed_mask.mean())
-            s["overflow"] += float((d > k).float().mean())
-            s["dropped"] += float((d - k).clamp(min=0).mean())
-    n = len(batches)
-    per = {layer: {k: v / n for k, v in s.items()} for layer, s in per.items()}
-    mean = {k: sum(s[k] for s in per.values()) / len(per) for k in keys}
-    return {"nll": nll / n, **mean, "blocks": per}
-
-
-@torch.no_grad()
-def causal_logits(model: Transformer, batches, routing: str, layer: int) -> torch.Tensor:
-    """All tokens' `routing` logits (N,) at routed block `layer`, in a forward with that
-    causal routing (so the block's input is the one causal routing gives it)."""
-    n = model.cfg.routed_layers.index(layer)
-    got = []
-    for batch in batches:
-        info = model(batch[:, :-1], routing=routing).routing[n]
-        logits = info.predictor_logits if routing == "predictor" else info.router_logits
-        got.append(logits.flatten().float())
-    return torch.cat(got)
-
-
-def fit_thresholds(model: Transformer, batches, fraction: float, modes=None) -> dict:
-    """Per block and mode, the (1 - fraction) quantile of the logits, so that `logit > t`
-    routes `fraction` of the tokens of `batches`. Blocks are fitted in order, each with the
-    thresholds of the blocks before it set (they change its input)."""
-    out = {str(layer): {} for layer in model.cfg.routed_layers}
-    for mode in modes or causal_modes(model):
-        for layer in model.cfg.routed_layers:
-            set_thresholds(model, out)
-            logits = causal_logits(model, batches, mode, layer)
-            out[str(layer)][mode] = float(torch.quantile(logits, 1.0 - fraction))
-    return out
-
-
-def evaluate(model: Transformer, batches, topk: bool = True) -> dict:
-    """topk NLL and each causal mode's routing_stats with the thresholds set on the model."""
-    res = {"topk": {"nll": routing_stats(model, batches, "topk")["nll"]}} if topk else {}
-    for m in causal_modes(model):
-        res[m] = routing_stats(model, batches, m)
-    return res
-
-
-def calibrate(
-    model: Transformer, fit: list, held: list, fraction: float | None = None, search=False
-) -> dict:
-    """Fit thresholds on `fit`, report before/after on `held`; leaves them set on the model."""
-    modes = causal_modes(model)
-    if not modes:
-        raise InferenceError("the model has neither predictors nor a learned router")
-    cap = model.cfg.mod.capacity
-    candidates = [f * cap for f in SEARCH] if search else [fraction or cap]
-    set_thresholds(model, {})
-    before = evaluate(model, held)
-    tried = []
-    for frac in candidates:
-        thr = fit_thresholds(model, fit, frac)
-        set_thresholds(model, thr)
-        nll = sum(routing_stats(model, fit, m)["nll"] for m in modes) / len(modes)
-        tried.append({"fraction": frac, "fit_nll": nll, "thresholds": thr})
-        set_thresholds(model, {})
-    best = min(tried, key=lambda t: t["fit_nll"])
-    set_thresholds(model, best["thresholds"])
-    return {
-        "fraction": best["fraction"],
-        "capacity": cap,
-        "thresholds": best["thresholds"],
-        "search": tried if search else [],
-        "before": before,
-        "after": evaluate(model, held, topk=False),
-    }
-
-
-def print_table(res: dict) -> None:
+def print_calibration(res: dict) -> None:
     print(
         f"routed-fraction target {res['fraction']:.4f} (capacity {res['capacity']}); "
         f"fitted on {res['fit_batches']} batches, reported on {res['eval_batches']} "
@@ -195,11 +95,7 @@ def run_calibration(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="modxla-calibrate-routing",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = parser("modxla-calibrate-routing", __doc__)
     ap.add_argument("--run-dir", required=True, help="a run directory (path or gs:// URL)")
     ap.add_argument(
         "--batches", type=int, default=8, help="validation batches to fit on (N more: report)"
@@ -225,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except UserError as e:
         return report(e)
-    print_table(res)
+    print_calibration(res)
     if args.json:
         rundir.write_text(args.json, json.dumps(res, indent=2))
     return 0

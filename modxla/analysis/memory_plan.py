@@ -1,70 +1,17 @@
-"""Memory of a train step: XLA's own buffer assignment, and an analytic per-device plan.
-
-`compiled_memory` reads what XLA allocated for a compiled module (the buffer-assignment
-report that `XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text` writes): entry parameters,
-outputs, constants and the preallocated temp buffer (activations and scratch, after XLA's heap
-simulation). `plan` predicts the same split per device for a config, mesh, remat and dtype,
-without building anything on a device (tools/plan_memory.py prints it).
+"""Per-device memory of a train step, predicted from a config, mesh, remat and dtype without
+building anything on a device (modxla-plan-memory prints it; tests check it against
+modxla.xla.memory.compiled_memory, XLA's own buffer assignment).
 """
 
 from __future__ import annotations
 
-import glob
 import math
-import os
-import re
 from dataclasses import asdict, dataclass
 
 import torch
 
 from modxla.config import Config
 from modxla.model.mod import capacity_k
-
-GiB = 1024**3
-HBM_PER_CHIP = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
-_ALLOC = re.compile(r"^allocation \d+: size (\d+), (.*)$")
-
-
-def dump_flags(dump_dir: str) -> str:
-    """XLA_FLAGS value that makes XLA write buffer assignments (set before torch_xla starts)."""
-    return f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$"
-
-
-def buffer_assignment(path: str) -> dict[str, int]:
-    """Bytes by kind (parameter, output, temp, constant) in one buffer-assignment report."""
-    out = {"parameter": 0, "output": 0, "temp": 0, "constant": 0}
-    with open(path) as f:
-        for line in f:
-            m = _ALLOC.match(line)
-            if m is None:
-                continue
-            size, kinds = int(m.group(1)), m.group(2)
-            if "parameter" in kinds:
-                out["parameter"] += size  # an aliased (donated) output shares this buffer
-            elif "preallocated-temp" in kinds:
-                out["temp"] += size
-            elif "constant" in kinds:
-                out["constant"] += size
-            elif "thread-local" not in kinds:
-                out["output"] += size
-    out["total"] = sum(out.values())
-    return out
-
-
-def reports(dump_dir: str) -> set[str]:
-    return set(glob.glob(os.path.join(dump_dir, "*buffer-assignment.txt")))
-
-
-def compiled_memory(dump_dir: str, before: set[str] = frozenset()) -> dict[str, int]:
-    """The largest module compiled since `before` (a `reports()` snapshot): the train step."""
-    new = sorted(reports(dump_dir) - set(before))
-    if not new:
-        raise RuntimeError(f"no XLA buffer assignment in {dump_dir}: was XLA_FLAGS set?")
-    return max((buffer_assignment(p) for p in new), key=lambda r: r["total"])
-
-
-# ---------------------------------------------------------------------------------------------
-# The analytic plan.
 
 
 @dataclass
@@ -92,20 +39,6 @@ class Plan:
         d = asdict(self)
         d.update(total=self.total, fits=self.fits)
         return d
-
-
-def parse_accelerator(name: str) -> tuple[str, int, int]:
-    """'v5p-64' -> ('v5p', chips, HBM bytes per chip). v5p/v4 names count TensorCores (2 per
-    chip); v5e/v6e names count chips."""
-    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
-    if m is None:
-        raise ValueError(f"accelerator {name!r}: expected e.g. v5p-64, v5e-16, v6e-8, v4-32")
-    kind = "v5e" if m.group(1) == "v5litepod" else m.group(1)
-    n = int(m.group(2))
-    chips = n // 2 if kind in ("v4", "v5p") else n
-    if chips < 1:
-        raise ValueError(f"accelerator {name!r}: fewer than one chip")
-    return kind, chips, HBM_PER_CHIP[kind]
 
 
 def _sharded_numel(shape, spec, mesh: dict[str, int]) -> int:
@@ -172,14 +105,13 @@ def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
 
 def plan(cfg: Config, devices: int, hbm: int = 0) -> Plan:
     """Per-device memory of cfg's train step on `devices` chips with cfg's mesh and remat."""
-    from modxla.optim import MOMENT_DTYPES
     from modxla.parallel.mesh import AXES, check_batch, resolve_mesh_shape
 
     shape = resolve_mesh_shape(cfg.mesh, devices)
     check_batch(cfg.train.batch_size, shape)
     mesh = dict(zip(AXES, shape, strict=True))
     per_dev, total = param_bytes_per_device(cfg, mesh)
-    moment = MOMENT_DTYPES[cfg.optimizer.moment_dtype].itemsize
+    moment = getattr(torch, cfg.optimizer.moment_dtype).itemsize  # float32 | bfloat16
     batch = cfg.train.batch_size // (shape[0] * shape[1])
     return Plan(
         parameters=per_dev * 4,

@@ -1,41 +1,36 @@
-"""The training loop: python -m modxla.train --config FILE --run-dir DIR [key=value ...]."""
+"""The trainer: one run's state (model, optimizer, data position, checkpoints) and its loop."""
 
 from __future__ import annotations
 
-import argparse
 import signal
-import sys
 import time
 
 import torch
 
-from modxla import rundir
-from modxla.checkpoint import Checkpointer, CheckpointError, check_model_shapes, read_metadata
-from modxla.checkpoint import latest_checkpoint as find_latest
-from modxla.checkpoint import load as load_checkpoint
-from modxla.config import Config, load_config
+from modxla.analysis.flops import flops_per_step, mfu
+from modxla.config import Config
 from modxla.data import BatchLoader, build_streams
-from modxla.errors import EXIT_OK, EXIT_STOPPED, UserError, report, say
-from modxla.guard import DivergenceGuard, guarded_step
-from modxla.metrics import flops_per_step, mfu
+from modxla.io import rundir
+from modxla.io.checkpoint import Checkpointer, CheckpointError, check_model_shapes, read_metadata
+from modxla.io.checkpoint import latest_checkpoint as find_latest
+from modxla.io.checkpoint import load as load_checkpoint
+from modxla.io.layout import convert_state, is_stacked
+from modxla.io.logger import say
 from modxla.model import build_model
-from modxla.model.stacking import (
-    convert_optimizer_state,
-    convert_state,
-    is_stacked,
-    optimizer_names,
-)
-from modxla.optim import (
+from modxla.train.guard import DivergenceGuard, guarded_step
+from modxla.train.optim import (
     build_optimizer,
-    lr_at,
+    convert_optimizer_state,
+    optimizer_names,
     optimizer_state,
     restore_state,
     set_lr,
     state_template,
     step_state,
 )
-from modxla.runtime import peak_flops_per_device, setup_runtime
-from modxla.step import eval_step
+from modxla.train.schedule import lr_at
+from modxla.train.step import eval_step
+from modxla.xla.runtime import peak_flops_per_device, setup_runtime
 
 
 def _grouped(loader: BatchLoader, accum: int):
@@ -245,7 +240,7 @@ class Trainer:
 def train(cfg: Config, run_dir: str) -> bool:
     """Train `cfg` into `run_dir` (records in metrics.jsonl); False if a signal stopped it
     before train.steps."""
-    from modxla.logger import MetricsLogger
+    from modxla.io.logger import MetricsLogger
 
     trainer = Trainer(cfg, run_dir)
     # records logged after the checkpoint we resume from are dropped (they are logged again)
@@ -264,40 +259,3 @@ def train(cfg: Config, run_dir: str) -> bool:
     finally:
         signal.signal(signal.SIGTERM, previous)
         logger.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="modxla-train",
-        description="Train a MoD (or dense baseline) transformer; writes the run directory: "
-        "config.yaml, metrics.jsonl, tb/, checkpoints/.",
-        epilog="Exit status: 0 finished, 2 bad input, 3 diverged, 143 stopped by SIGTERM after "
-        "saving its step (run it again to resume); see modxla/errors.py.",
-    )
-    ap.add_argument("--config", help="YAML experiment config (see configs/)")
-    ap.add_argument(
-        "--run-dir",
-        required=True,
-        help="the run directory: a local path or a URL such as gs://bucket/runs/x (every host "
-        "of a pod must see the same one)",
-    )
-    ap.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest complete checkpoint, failing if there is none "
-        "(without it, checkpoint.resume=auto resumes when one exists)",
-    )
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
-    args = ap.parse_args(argv)
-    try:
-        overrides = [*args.overrides, *(["checkpoint.resume=must"] if args.resume else [])]
-        cfg = load_config(args.config, overrides)
-        finished = train(cfg, args.run_dir)
-    except UserError as e:
-        return report(e)
-    # a run stopped by a signal saved its step: the launcher and the JobSet restart it (resume)
-    return EXIT_OK if finished else EXIT_STOPPED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,25 +1,15 @@
-"""AdamW with decoupled weight decay (none on norms and biases) and warmup + cosine decay."""
+"""AdamW with decoupled weight decay (none on norms and biases), its state as checkpoint
+tensors, and its state converted between the unrolled and scanned layouts."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from modxla.config import OptimizerConfig
+from modxla.io.layout import convert_state, is_stacked
 
 MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def lr_at(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def decays(name: str) -> bool:
@@ -161,3 +151,38 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
             g["lr"] = torch.tensor(lr, dtype=torch.float32).to(device)
         else:
             g["lr"] = lr
+
+
+def optimizer_names(param_names) -> list[str]:
+    """Parameter names in build_optimizer's order (decayed first), given model order."""
+    names = list(param_names)
+    return [n for n in names if decays(n)] + [n for n in names if not decays(n)]
+
+
+def convert_optimizer_state(
+    osd: dict, src_names: list[str], dst_names: list[str], unit: int
+) -> dict:
+    """An AdamW state dict over `src_names` -> one over `dst_names` (both in optimizer order).
+
+    Moments are stacked or split like their parameters; the step count is shared by all.
+    """
+    scan = is_stacked(dst_names)
+    if is_stacked(src_names) == scan:
+        return osd
+    by_key: dict[str, dict] = {}
+    for i, st in osd["state"].items():
+        for key, value in st.items():
+            by_key.setdefault(key, {})[src_names[int(i)]] = value
+    step = next(iter(by_key.pop("step").values())) if "step" in by_key else None
+    moved = {key: convert_state(vals, unit, scan) for key, vals in by_key.items()}
+    state = {}
+    for i, name in enumerate(dst_names):
+        if all(name in vals for vals in moved.values()) and moved:
+            state[i] = {key: vals[name] for key, vals in moved.items()}
+            if step is not None:
+                state[i]["step"] = step.clone()
+    n_decay = sum(decays(n) for n in dst_names)
+    groups = [dict(g) for g in osd["param_groups"]]
+    groups[0]["params"] = list(range(n_decay))
+    groups[1]["params"] = list(range(n_decay, len(dst_names)))
+    return {"state": state, "param_groups": groups}

@@ -3,13 +3,10 @@
 For `every: N` the repeating unit is N blocks (N-1 dense, then one routed block); without
 routed blocks it is one dense block. A scanned model stores each parameter of the unit once,
 stacked over the P = num_layers / N periods: `layers.{j}.<rest>[p]` is the unrolled model's
-`blocks.{p * N + j}.<rest>`. `to_stacked` / `to_unrolled` convert state dicts between the two
-layouts (checkpoints written by either load into the other).
+`blocks.{p * N + j}.<rest>` (modxla.io.layout converts state dicts between the two layouts).
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +15,6 @@ from torch import nn
 from modxla.model.mod import RoutingInfo
 
 STACKED = "layers."
-_UNROLLED = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_STACKED = re.compile(r"^layers\.(\d+)\.(.+)$")
 TERMS = ("router_bce", "predictor_bce", "routed_frac", "predictor_acc")
 
 
@@ -140,58 +135,6 @@ def stack_blocks(blocks: list[nn.Module], unit: int) -> Period:
     return period
 
 
-def is_stacked(keys) -> bool:
-    return any(k.startswith(STACKED) for k in keys)
-
-
-def to_stacked(state: dict, unit: int) -> dict:
-    """Unrolled state dict (`blocks.{i}.*`) -> stacked (`layers.{j}.*` of shape (P, ...))."""
-    out, groups = {}, {}
-    for key, value in state.items():
-        m = _UNROLLED.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        i = int(m.group(1))
-        groups.setdefault(f"{STACKED}{i % unit}.{m.group(2)}", {})[i // unit] = value
-    for key, by_period in groups.items():
-        out[key] = torch.stack([by_period[p] for p in range(len(by_period))])
-    return _ordered(out)
-
-
-def to_unrolled(state: dict, unit: int) -> dict:
-    """Stacked state dict (`layers.{j}.*`) -> unrolled (`blocks.{p * unit + j}.*`)."""
-    out = {}
-    for key, value in state.items():
-        m = _STACKED.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        j, rest = int(m.group(1)), m.group(2)
-        for p in range(value.shape[0]):
-            out[f"blocks.{p * unit + j}.{rest}"] = value[p].clone()
-    return _ordered(out)
-
-
-def _ordered(state: dict) -> dict:
-    """Model order: embed, then blocks/layers by index (stable within one), then the rest."""
-
-    def rank(key: str):
-        m = _UNROLLED.match(key) or _STACKED.match(key)
-        if key.startswith("embed."):
-            return (0, 0)
-        return (1, int(m.group(1))) if m else (2, 0)
-
-    return dict(sorted(state.items(), key=lambda kv: rank(kv[0])))
-
-
-def convert_state(state: dict, unit: int, scan: bool) -> dict:
-    """A model state dict in either layout -> the layout `scan` asks for."""
-    if is_stacked(state) == scan:
-        return state
-    return to_stacked(state, unit) if scan else to_unrolled(state, unit)
-
-
 def save_inputs_partition(joint_module, _joint_inputs, *, num_fwd_outputs, **_):
     """AOTAutograd partition that saves only the unit's inputs: the backward recomputes the
     whole unit (its carry and weight slice are all a period keeps, P x (B, T, D) in all)."""
@@ -217,42 +160,3 @@ def scan_remat_partition(remat: str):
     from functorch.compile import min_cut_rematerialization_partition
 
     return min_cut_rematerialization_partition if remat == "none" else save_inputs_partition
-
-
-def optimizer_names(param_names) -> list[str]:
-    """Parameter names in build_optimizer's order (decayed first), given model order."""
-    from modxla.optim import decays
-
-    names = list(param_names)
-    return [n for n in names if decays(n)] + [n for n in names if not decays(n)]
-
-
-def convert_optimizer_state(
-    osd: dict, src_names: list[str], dst_names: list[str], unit: int
-) -> dict:
-    """An AdamW state dict over `src_names` -> one over `dst_names` (both in optimizer order).
-
-    Moments are stacked or split like their parameters; the step count is shared by all.
-    """
-    scan = is_stacked(dst_names)
-    if is_stacked(src_names) == scan:
-        return osd
-    by_key: dict[str, dict] = {}
-    for i, st in osd["state"].items():
-        for key, value in st.items():
-            by_key.setdefault(key, {})[src_names[int(i)]] = value
-    step = next(iter(by_key.pop("step").values())) if "step" in by_key else None
-    moved = {key: convert_state(vals, unit, scan) for key, vals in by_key.items()}
-    state = {}
-    for i, name in enumerate(dst_names):
-        if all(name in vals for vals in moved.values()) and moved:
-            state[i] = {key: vals[name] for key, vals in moved.items()}
-            if step is not None:
-                state[i]["step"] = step.clone()
-    from modxla.optim import decays
-
-    n_decay = sum(decays(n) for n in dst_names)
-    groups = [dict(g) for g in osd["param_groups"]]
-    groups[0]["params"] = list(range(n_decay))
-    groups[1]["params"] = list(range(n_decay, len(dst_names)))
-    return {"state": state, "param_groups": groups}

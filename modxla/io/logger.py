@@ -1,6 +1,7 @@
-"""Metrics sink: metrics.jsonl, TensorBoard and a progress bar, written from step closures.
+"""What a run tells its user: status lines (`say`), and the metrics sink (metrics.jsonl,
+TensorBoard and a progress bar, written from step closures).
 
-The files are staged through `modxla.rundir.Staging`: written in place for a local run
+The files are staged through `modxla.io.rundir.Staging`: written in place for a local run
 directory, kept locally and uploaded whole by `sync()` (at every checkpoint) and `close()` for
 a URL such as gs://.
 """
@@ -9,10 +10,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 from tqdm import tqdm
 
-from modxla.rundir import Staging
+from modxla.io.rundir import Staging
+
+
+def say(msg: str) -> None:
+    """A progress or status line on stderr, `[modxla] ...`, that does not break tqdm bars."""
+    tqdm.write(f"[modxla] {msg}", file=sys.stderr)
 
 
 class MetricsLogger:

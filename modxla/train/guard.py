@@ -24,7 +24,7 @@ import torch
 
 from modxla.config import TrainConfig
 from modxla.errors import DivergenceError
-from modxla.step import train_step
+from modxla.train.step import train_step
 
 MIN_HISTORY = 5  # logged losses before the median test starts
 

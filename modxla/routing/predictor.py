@@ -1,65 +1,33 @@
-"""Post-hoc training of the causal routing predictors on a frozen model.
-
-    modxla-train-predictor --run-dir runs/demo [--steps 300] [--init auto|fresh|continue]
-
-Loads the run's newest (checksum-verified) training checkpoint, freezes everything but the
-predictor MLP of each routed block, and trains those on top-k membership (BCE) over the run's
-training data, on the same pieces as training: the runtime (SPMD mesh, compiled step), the
-host-sharded loader, sharded checkpoints with resume, SIGTERM = checkpoint and stop.
-
-Predictors to start from (--init): `fresh` initialises new ones (the only choice for a model
-trained with model.mod.predictor: false: they are added to it); `continue` starts from the
-jointly trained ones; `auto` continues when the run has predictors, else fresh. The output
-and eval.json say which one ran.
-
-Writes <run>/predictor/: config.yaml (the run's config with predictors), metrics.jsonl and
-tb/, checkpoints/step_N (the whole model with its predictors: evaluation and sampling load
-it), and eval.json: log-likelihood with topk, predictor and router routing on the
-validation split, next to the predictor's top-k accuracy and the always-skip baseline.
-
-For an accuracy curve, `--eval-every N` logs to metrics.jsonl every N steps, on the
---eval-batches first validation batches (this host's rows): val/predictor_acc (top-k
-accuracy), val/precision and val/recall of the routed class, val/always_skip_acc (1 - C),
-and val/predictor_acc/blockN. Ablations (fresh predictors only, or matching the run's):
-`--hidden N` (MLP width), `--input x|normed` (the block's input or its RMS-normalized input,
-saved as model.mod.predictor_input), `--pos-weight W|balanced` (BCE weight of the routed
-class; balanced = (1-C)/C; the logged predictor_loss is then the weighted one).
-"""
+"""Post-hoc training of the causal routing predictors on a frozen model (modxla-train-predictor)."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
 import signal
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from modxla import rundir
-from modxla.checkpoint import (
+from modxla.config import Config, OptimizerConfig
+from modxla.data import BatchLoader, build_streams
+from modxla.errors import UserError
+from modxla.inference.load import predictor_ckpt_dir
+from modxla.io import rundir
+from modxla.io.checkpoint import (
     Checkpointer,
     CheckpointError,
     latest_checkpoint,
     load,
     read_metadata,
 )
-from modxla.config import Config, OptimizerConfig
-from modxla.data import BatchLoader, build_streams
-from modxla.errors import UserError, report, say
-from modxla.inference import (
-    evaluate_routing,
-    merge_routing_results,
-    predictor_ckpt_dir,
-    predictor_quality,
-)
-from modxla.logger import MetricsLogger
+from modxla.io.logger import MetricsLogger, say
 from modxla.model import Transformer, build_model
-from modxla.optim import build_optimizer, optimizer_state, restore_state, state_template
-from modxla.runtime import setup_runtime
+from modxla.routing.evaluate import evaluate_routing, merge_routing_results, predictor_quality
+from modxla.train.optim import build_optimizer, optimizer_state, restore_state, state_template
+from modxla.xla.runtime import setup_runtime
 
 INITS = ("auto", "fresh", "continue")
 
@@ -353,79 +321,3 @@ def train_predictors(run_dir: str, opts: PredictorOptions) -> dict:
     if trainer.rt.is_main:
         rundir.write_text(rundir.join(trainer.out_dir, rundir.EVAL), json.dumps(result, indent=2))
     return result
-
-
-def print_table(result: dict) -> None:
-    init = result["predictor_init"]
-    print(f"predictors: {init} ({'new initialisation' if init == 'fresh' else 'joint weights'})")
-    print(f"{'routing':<10} {'nll':>8} {'norm. LL':>9} {'routed':>8} {'overflow':>9}")
-    for mode in ("topk", "predictor", "router"):
-        if mode in result:
-            r = result[mode]
-            print(
-                f"{mode:<10} {r['nll']:8.4f} {r['normalized_ll']:9.4f} {r['routed']:8.3f} "
-                f"{r['overflow']:9.3f}"
-            )
-    p = result["predictor"]
-    print(
-        f"predictor vs top-k: accuracy {p['topk_accuracy']:.4f} (always-skip "
-        f"{p['always_skip_accuracy']:.4f}), precision {p['precision']:.3f}, "
-        f"recall {p['recall']:.3f}"
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="modxla-train-predictor",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    d = PredictorOptions()
-    ap.add_argument("--run-dir", required=True, help="a run directory written by modxla-train")
-    ap.add_argument("--steps", type=int, default=d.steps, help="predictor training steps")
-    ap.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (constant)")
-    ap.add_argument("--log-every", type=int, default=d.log_every)
-    ap.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    ap.add_argument("--init", choices=INITS, default=d.init, help="predictors to start from")
-    ap.add_argument(
-        "--restart", action="store_true", help="delete earlier predictor checkpoints, start over"
-    )
-    ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="0 = at end")
-    ap.add_argument(
-        "--eval-every", type=int, default=0, help="log validation accuracy, precision, recall"
-    )
-    ap.add_argument("--hidden", type=int, default=0, help="predictor MLP width (fresh only)")
-    ap.add_argument(
-        "--input", choices=("x", "normed"), default="", help="predictor input (fresh only)"
-    )
-    ap.add_argument("--pos-weight", default="", help="routed-class BCE weight, or 'balanced'")
-    args = ap.parse_args(argv)
-    for name in ("steps", "log_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.lr <= 0 or args.checkpoint_every < 0 or args.eval_every < 0 or args.hidden < 0:
-        ap.error("--lr must be > 0; --checkpoint-every, --eval-every, --hidden >= 0")
-    opts = PredictorOptions(
-        steps=args.steps,
-        lr=args.lr,
-        log_every=args.log_every,
-        eval_batches=args.eval_batches,
-        init=args.init,
-        restart=args.restart,
-        checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every,
-        hidden=args.hidden,
-        input=args.input,
-        pos_weight=args.pos_weight,
-    )
-    try:
-        result = train_predictors(args.run_dir, opts)
-    except UserError as e:
-        return report(e)
-    if result:
-        print_table(result)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

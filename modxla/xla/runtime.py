@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from modxla.analysis.flops import measure_matmul_peak, tpu_peak_flops
 from modxla.config import Config, ConfigError
-from modxla.metrics import measure_matmul_peak, tpu_peak_flops
 from modxla.parallel.mesh import check_batch, resolve_mesh_shape
 
 
@@ -36,15 +36,15 @@ class Runtime:
     def compile(self, fn, name: str, state=None):
         """One compiled graph per call site on XLA; the plain function elsewhere.
 
-        `state()`: the tensors `fn` reads and updates in place (modxla.optim.step_state).
-        With it the step is traced once and then replayed (modxla/replay.py); without it,
+        `state()`: the tensors `fn` reads and updates in place (modxla.train.optim.step_state).
+        With it the step is traced once and then replayed (modxla/xla/replay.py); without it,
         every call is traced again."""
         if not self.xla:
             return fn
         import torch_xla
 
         if state is not None:
-            from modxla.replay import TracedStep
+            from modxla.xla.replay import TracedStep
 
             return TracedStep(fn, state, name)
         return torch_xla.compile(fn, full_graph=True, name=name)

@@ -1,7 +1,7 @@
 """isoFLOP fits: per training budget and variant, loss vs parameters as a parabola in
 log10(parameters) (the paper's Fig. 3, left), its optimum, and whether the sweep brackets it.
 
-Pure numbers here (numpy); modxla.plots draws them.
+Pure numbers here (numpy); modxla.analysis.figures draws them.
 """
 
 from __future__ import annotations

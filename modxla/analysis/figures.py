@@ -1,7 +1,7 @@
 """The paper's figures from run directories (config.yaml + metrics.jsonl [+ predictor/]).
 
 Run directories and the output folder are paths or URLs (gs://...), read and written through
-modxla.rundir. Runs whose configs differ only in train.seed form one group (modxla.plot_runs):
+modxla.io.rundir. Runs whose configs differ only in train.seed form one group (analysis.runs):
 every figure shows the group's mean over seeds, with error bars (or a band) from the lowest to
 the highest seed.
 """
@@ -16,24 +16,28 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from modxla import rundir  # noqa: E402
-from modxla.plot_runs import (  # noqa: E402, F401  (re-exported: the figures' inputs)
+from modxla.analysis.runs import (  # noqa: E402
     EMA,
     SPREAD,
     Group,
     MissingData,
     Run,
     Stat,
+    fit_summary,
     group_runs,
     load_runs,
     runs_table,
     sci,
 )
+from modxla.io import rundir  # noqa: E402
 
 SCI = FuncFormatter(sci)
+MARKERS = "osD^v<>p"
+STYLES = ["-", "--", "-.", ":"]
 
 
 def _save(fig, out: str, name: str) -> str:
@@ -290,10 +294,66 @@ def predictor_accuracy(groups: list[Group]):
     return fig
 
 
-def isoflop_fit(groups: list[Group]):
-    from modxla.plots_isoflop import isoflop_figure  # one module per figure family
-
-    return isoflop_figure(groups)
+def isoflop_figure(groups: list[Group]):
+    summary = fit_summary(groups)
+    fitted = [e for e in summary if "optimum" in e]
+    if not fitted:
+        raise MissingData("needs 3 sizes of one variant at one budget")
+    budgets = sorted({e["budget_flops"] for e in fitted})
+    variants = sorted({e["variant"] for e in fitted})
+    color = {b: plt.cm.viridis(i / max(1, len(budgets) - 1) * 0.85) for i, b in enumerate(budgets)}
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for e in fitted:
+        c, v = color[e["budget_flops"]], variants.index(e["variant"])
+        pts = e["points"]
+        ax.errorbar(
+            [p["params"] for p in pts],
+            [p["loss"] for p in pts],
+            yerr=[
+                [p["loss"] - p["loss_min"] for p in pts],
+                [p["loss_max"] - p["loss"] for p in pts],
+            ],
+            fmt=MARKERS[v % len(MARKERS)],
+            color=c,
+            capsize=3,
+        )
+        lo, hi = np.log10(e["params_range"])
+        x = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 100)
+        ax.plot(10**x, np.polyval(e["optimum"]["coef"], x), STYLES[v % len(STYLES)], color=c)
+        o = e["optimum"]
+        ax.plot(
+            o["params"],
+            o["loss"],
+            "*",
+            ms=14,
+            color=c,
+            mfc=c if o["bracketed"] else "none",
+            mec="k" if o["bracketed"] else c,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("Parameters")
+    ax.set_ylabel("Final validation loss")
+    handles = [Line2D([], [], color=color[b], lw=2, label=f"{sci(b)} FLOPs") for b in budgets]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color="gray",
+            ls=STYLES[i % len(STYLES)],
+            marker=MARKERS[i % len(MARKERS)],
+            label=v,
+        )
+        for i, v in enumerate(variants)
+    ]
+    handles += [
+        Line2D(
+            [], [], ls="", marker="*", ms=10, color="gray", mec="k", label="optimum (bracketed)"
+        ),
+        Line2D([], [], ls="", marker="*", ms=10, mfc="none", color="gray", label="not bracketed"),
+    ]
+    fit = "parabola in log(params) on seed means"
+    legend_outside(ax, handles=handles, title=f"{fit}\n{SPREAD}", title_fontsize=7)
+    return fig
 
 
 FIGURES = {
@@ -301,7 +361,7 @@ FIGURES = {
     "loss_vs_flops_wallclock": loss_vs_flops_and_clock,
     "flops_and_steps_per_s": throughput_bars,
     "isoflop_loglikelihood": isoflop_ll,
-    "isoflop_fit": isoflop_fit,
+    "isoflop_fit": isoflop_figure,
     "variants_at_size": variants_at_size,
     "predictor_accuracy": predictor_accuracy,
 }
@@ -310,8 +370,6 @@ FIGURES = {
 def render_all(run_dirs, out: str, warn=print) -> dict[str, str]:
     """Every figure the runs have data for, as PNG files in `out`, isoflop_fit.json, and
     runs.md (a table of the run groups)."""
-    from modxla.plots_isoflop import fit_summary
-
     runs = load_runs(run_dirs)
     runs = [r for r in runs if r.train] or runs
     groups = group_runs(runs)

@@ -11,11 +11,11 @@ import re
 import statistics
 from dataclasses import dataclass, field
 
-from modxla import rundir
+from modxla.analysis.flops import flops_per_step, forward_flops, param_count
+from modxla.analysis.isoflop import budget_of, summarize
 from modxla.config import Config, to_dict
 from modxla.errors import UserError
-from modxla.isoflop_fit import budget_of
-from modxla.metrics import flops_per_step, forward_flops, param_count
+from modxla.io import rundir
 
 EMA = 0.9  # smoothing of the logged training loss in the curve panels
 SPREAD = "error bars: min-max over seeds"
@@ -233,3 +233,44 @@ def runs_table(groups: list[Group]) -> str:
             f"| {loss.std:.4f} | {sps.mean:.1f} |"
         )
     return "\n".join(rows) + "\n"
+
+
+def _budget_values(groups: list[Group]) -> dict[int, float]:
+    """Budget index -> the median training FLOPs of its groups (the budget's name)."""
+    totals: dict[int, list[float]] = {}
+    for g in groups:
+        totals.setdefault(g.budget, []).append(g.total_flops)
+    return {b: statistics.median(v) for b, v in totals.items()}
+
+
+def fit_summary(groups: list[Group]) -> list[dict]:
+    """isoflop_fit.json: per (budget, variant) the fitted optimum, plus the points it used."""
+    values = _budget_values(groups)
+    points = []
+    for g in groups:
+        s = g.final_loss
+        points.append(
+            {
+                "budget": values[g.budget],
+                "variant": g.variant,
+                "params": g.params,
+                "loss": s.mean,
+                "fwd_flops": g.fwd_flops,
+                "loss_min": s.lo,
+                "loss_max": s.hi,
+                "loss_std": s.std,
+                "seeds": s.n,
+                "run": g.name,
+            }
+        )
+    summary = summarize(points)
+    for e in summary:
+        e["points"] = [
+            {
+                k: p[k]
+                for k in ("run", "params", "loss", "loss_min", "loss_max", "loss_std", "seeds")
+            }
+            for p in sorted(points, key=lambda p: p["params"])
+            if p["budget"] == e["budget_flops"] and p["variant"] == e["variant"]
+        ]
+    return summary

@@ -1,0 +1,1 @@
+"""Using a trained run: load its model, tokenizer and thresholds; sample text."""

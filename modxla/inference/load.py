@@ -1,0 +1,133 @@
+"""Loading a trained run: its model (the predictor checkpoint when there is one), routing
+thresholds, tokenizer and validation batches."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+from modxla.config import Config, ConfigError
+from modxla.errors import UserError
+from modxla.io import rundir
+from modxla.io.checkpoint import CheckpointError, latest_checkpoint
+from modxla.io.checkpoint import load as load_checkpoint
+from modxla.io.layout import to_unrolled
+from modxla.model import Transformer, build_model
+
+PREDICTOR_DIR = rundir.PREDICTOR
+
+
+class InferenceError(UserError, ValueError):
+    """A request the model cannot serve: an empty prompt, too many tokens, no routed blocks."""
+
+
+def predictor_ckpt_dir(run_dir: str) -> str:
+    return rundir.join(run_dir, rundir.PREDICTOR, rundir.CHECKPOINTS)
+
+
+def calibration_path(run_dir: str) -> str:
+    return rundir.join(run_dir, rundir.PREDICTOR, rundir.CALIBRATION)
+
+
+def load_run(
+    run_dir: str,
+    prefer_predictor: bool = True,
+    warn=print,
+    calibrated: bool = True,
+    unrolled: bool = False,
+) -> tuple[Config, Transformer, str]:
+    """The run's config and model (CPU, eval mode) with the newest weights.
+
+    With `prefer_predictor`, a checkpoint written by modxla-train-predictor wins over the
+    training one (it holds the same frozen model plus the trained predictors). With
+    `calibrated`, the causal routing thresholds of <run>/predictor/calibration.json are set
+    when they were fitted on the checkpoint loaded (else ignored, with a warning). A scanned
+    model is unrolled when asked or when thresholds are set (they are per block).
+    """
+    run_dir = str(run_dir)  # a path or URL
+    try:
+        cfg = rundir.load_config(run_dir)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    path = latest_checkpoint(predictor_ckpt_dir(run_dir), warn) if prefer_predictor else None
+    pred_dir = rundir.join(run_dir, rundir.PREDICTOR)
+    # predictors even when the run was trained without them (absent in older runs)
+    if path and rundir.exists(rundir.join(pred_dir, rundir.CONFIG)):
+        cfg = rundir.load_config(pred_dir)
+    path = path or latest_checkpoint(rundir.checkpoints(run_dir, cfg), warn)
+    if path is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
+    model = build_model(cfg.model)
+    state = load_checkpoint(path, {"model": model.state_dict()})
+    model.load_state_dict(state["model"])
+    cal = read_calibration(run_dir, path, warn) if calibrated else None
+    if cfg.model.scan and (unrolled or cal):
+        cfg = copy.deepcopy(cfg)
+        cfg.model.scan = False
+        state = to_unrolled(model.state_dict(), cfg.model.scan_unit)
+        model = build_model(cfg.model)
+        model.load_state_dict(state)
+    if cal:
+        set_thresholds(model, cal["thresholds"])
+    return cfg, model.eval(), path
+
+
+def read_calibration(run_dir: str, checkpoint: str, warn=print) -> dict | None:
+    """The run's calibration.json when it was fitted on `checkpoint`, else None."""
+    path = calibration_path(run_dir)
+    if not rundir.exists(path):
+        return None
+    cal = json.loads(rundir.read_text(path))
+    if cal.get("checkpoint") != checkpoint:
+        warn(
+            f"{path} was fitted on {cal.get('checkpoint')}, not {checkpoint}: ignored "
+            "(run modxla-calibrate-routing again)"
+        )
+        return None
+    return cal
+
+
+def set_thresholds(model: Transformer, thresholds: dict) -> None:
+    """Causal routing thresholds per routed block: {"<layer>": {"predictor": t, "router": t}};
+    blocks or modes not named keep 0 (logit > 0)."""
+    if model.cfg.scan:
+        raise InferenceError("routing thresholds need an unrolled model (model.scan: false)")
+    for layer in model.cfg.routed_layers:
+        block = model.blocks[layer]
+        block.thresholds = {"predictor": 0.0, "router": 0.0}
+        block.thresholds.update({m: float(t) for m, t in thresholds.get(str(layer), {}).items()})
+
+
+def get_thresholds(model: Transformer) -> dict:
+    """{"<layer>": {"predictor": t, "router": t}} as set on the blocks."""
+    return {str(i): dict(model.blocks[i].thresholds) for i in model.cfg.routed_layers}
+
+
+def tokenizer_path(run_dir: str) -> str:
+    """A local file with the run's tokenizer (downloaded when the run is on a URL)."""
+    path = rundir.join(str(run_dir), rundir.TOKENIZER)
+    if not rundir.isfile(path):
+        raise CheckpointError(f"{run_dir} has no {rundir.TOKENIZER}")
+    return rundir.local_copy(path, suffix=".model")
+
+
+def validation_batches(cfg: Config, n: int, offset: int = 0) -> list[torch.Tensor]:
+    """Up to `n` batches (B, T+1) of the run's validation split in order, from batch `offset`
+    (fewer when the split is smaller; an error when it holds none)."""
+    from modxla.data import build_streams
+
+    streams = build_streams(cfg.data, cfg.model.vocab_size, progress=False)
+    seqs = streams.sequences("val", cfg.data.seq_len)  # (N, T+1)
+    b = cfg.train.batch_size
+    total = len(seqs) // b
+    if total == 0:
+        raise InferenceError(
+            f"the validation split holds {len(seqs)} sequences, fewer than one batch of {b} "
+            "(raise data.val_fraction)"
+        )
+    return [
+        torch.from_numpy(seqs[i * b : (i + 1) * b].astype("int64"))
+        for i in range(offset, min(total, offset + n))
+    ]
