@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ from modxla.analysis import figures, runs
 from modxla.analysis.flops import flops_per_step
 from modxla.cli import isoflop
 from modxla.config import ConfigError, load_config, save_config
-from tests.conftest import cpu_trainer
+from modxla.errors import EXIT_STOPPED
+from tests.conftest import cpu_trainer, read_metrics
 
 SIZES = ["2x64", "4x128", "6x192"]
 
@@ -334,3 +337,41 @@ def test_predictor_tool_offers_fresh_or_continue_on_a_joint_run(tmp_path, data_c
     assert (got["fresh"] - joint).abs().max() > 1e-3
     assert _predictor_main(run_dir, "--init", "continue", "--steps", "2") == 2
     assert "pass --restart" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predictor_tool_resumes_and_stops_like_the_trainer(
+    tmp_path, data_cache, capsys, monkeypatch
+):
+    from modxla.routing import predictor
+
+    cpu_trainer(tmp_path, data_cache, "run", "train.steps=4")
+    run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "predictor" / "checkpoints"
+    assert _predictor_main(run_dir, "--steps", "6", "--resume") == 2  # nothing to resume
+    assert "resume: no complete checkpoint in" in capsys.readouterr().err
+    assert _predictor_main(run_dir, "--restart", "--resume") == 2
+    assert "exclude each other" in capsys.readouterr().err
+    real, calls = predictor.predictor_step, []
+
+    def sigterm_at_step_3(*a, **kw):  # the signal a preempted host gets, mid-step
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(predictor, "predictor_step", sigterm_at_step_3)
+    assert _predictor_main(run_dir, "--steps", "6") == EXIT_STOPPED  # was 0, with no table
+    out = capsys.readouterr()
+    assert "stop requested: left at step 3" in out.err and "predictors:" not in out.out
+    assert not (run_dir / "predictor" / "eval.json").exists()
+    assert [p.name for p in ckpts.iterdir()] == ["step_00000003"]
+    monkeypatch.setattr(predictor, "predictor_step", real)
+    assert _predictor_main(run_dir, "--steps", "6", "--resume") == 0
+    out = capsys.readouterr()
+    assert "resuming predictor training from" in out.err and "(step 3)" in out.err
+    assert "predictors: continue" in out.out and (run_dir / "predictor" / "eval.json").exists()
+    recs = read_metrics(run_dir / "predictor")
+    assert [r["step"] for r in recs if "predictor_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert _predictor_main(run_dir, "--steps", "6", "--restart") == 0  # deleted, from step 0
+    assert "resuming" not in capsys.readouterr().err
+    assert [p.name for p in ckpts.iterdir()] == ["step_00000006"]

@@ -5,12 +5,15 @@
 Loads the run's newest (checksum-verified) training checkpoint, freezes everything but the
 predictor MLP of each routed block, and trains those on top-k membership (BCE) over the run's
 training data, on the same pieces as training: the runtime (SPMD mesh, compiled step), the
-host-sharded loader, sharded checkpoints with resume, SIGTERM = checkpoint and stop.
+host-sharded loader, and the trainer's loop: sharded checkpoints into <run>/predictor/,
+resumed from the newest complete one when there is one (--resume: fail when there is none;
+--restart: delete them and start over), SIGTERM = save the step and exit 143 (run the same
+command again to resume).
 
 Predictors to start from (--init): `fresh` initialises new ones (the only choice for a model
 trained with model.mod.predictor: false: they are added to it); `continue` starts from the
 jointly trained ones; `auto` continues when the run has predictors, else fresh. The output
-and eval.json say which one ran.
+and eval.json say which one ran; resuming checkpoints of another --init is refused.
 
 Writes <run>/predictor/: config.yaml (the run's config with predictors), metrics.jsonl and
 tb/, checkpoints/step_N (the whole model with its predictors: evaluation and sampling load
@@ -31,11 +34,11 @@ from __future__ import annotations
 import sys
 
 from modxla.cli.common import parser
-from modxla.errors import UserError, report
+from modxla.errors import EXIT_OK, EXIT_STOPPED, UserError, report
 from modxla.routing.predictor import INITS, PredictorOptions, train_predictors
 
 
-def print_table(result: dict) -> None:
+def print_eval(result: dict) -> None:
     init = result["predictor_init"]
     print(f"predictors: {init} ({'new initialisation' if init == 'fresh' else 'joint weights'})")
     print(f"{'routing':<10} {'nll':>8} {'norm. LL':>9} {'routed':>8} {'overflow':>9}")
@@ -55,7 +58,12 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = parser("modxla-train-predictor", __doc__)
+    ap = parser(
+        "modxla-train-predictor",
+        __doc__,
+        epilog="Exit status: 0 done (eval.json written), 2 bad input, 143 stopped by SIGTERM "
+        "after saving its step (run it again to resume); see modxla/errors.py.",
+    )
     d = PredictorOptions()
     ap.add_argument("--run-dir", required=True, help="a run directory written by modxla-train")
     ap.add_argument("--steps", type=int, default=d.steps, help="predictor training steps")
@@ -65,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", choices=INITS, default=d.init, help="predictors to start from")
     ap.add_argument(
         "--restart", action="store_true", help="delete earlier predictor checkpoints, start over"
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest predictor checkpoint, failing if there is none",
     )
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="0 = at end")
     ap.add_argument(
@@ -88,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_batches=args.eval_batches,
         init=args.init,
         restart=args.restart,
+        resume=args.resume,
         checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every,
         hidden=args.hidden,
@@ -98,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         result = train_predictors(args.run_dir, opts)
     except UserError as e:
         return report(e)
-    if result:
-        print_table(result)
-    return 0
+    if result is None:  # stopped by a signal after saving its step: run again to resume
+        return EXIT_STOPPED
+    print_eval(result)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import signal
 from dataclasses import dataclass
 
 import torch
@@ -16,16 +15,11 @@ from modxla.data import BatchLoader, build_streams
 from modxla.errors import UserError
 from modxla.inference.load import predictor_ckpt_dir
 from modxla.io import rundir
-from modxla.io.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    latest_checkpoint,
-    load,
-    read_metadata,
-)
+from modxla.io.checkpoint import CheckpointError, latest_checkpoint, load, read_metadata
 from modxla.io.logger import MetricsLogger, say
 from modxla.model import Transformer, build_model
 from modxla.routing.evaluate import evaluate_routing, merge_routing_results, predictor_quality
+from modxla.train.loop import Loop
 from modxla.train.optim import build_optimizer, optimizer_state, restore_state, state_template
 from modxla.xla.runtime import setup_runtime
 
@@ -40,6 +34,7 @@ class PredictorOptions:
     eval_batches: int = 8
     init: str = "auto"  # auto | fresh | continue (see the module docstring)
     restart: bool = False  # delete earlier predictor checkpoints of this run first
+    resume: bool = False  # continue from a predictor checkpoint, failing if there is none
     checkpoint_every: int = 0  # 0 = at the end (and on SIGTERM)
     keep: int = 2
     eval_every: int = 0  # steps between logged validation evals; 0 = only at the end
@@ -78,12 +73,14 @@ def _is_predictor(name: str) -> bool:
     return ".predictor." in name
 
 
-class PredictorTrainer:
+class PredictorTrainer(Loop):
     """The frozen model with trainable predictors, its optimizer, data and checkpoints."""
 
     def __init__(self, run_dir: str, opts: PredictorOptions) -> None:
         if opts.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}, got {opts.init!r}")
+        if opts.restart and opts.resume:
+            raise UserError("--restart and --resume exclude each other")
         # run-dir file access: config.yaml in, predictor/ out (kept to these lines)
         self.run_dir = str(run_dir)  # a path or URL (gs://...)
         self.out_dir = rundir.join(self.run_dir, rundir.PREDICTOR)
@@ -118,11 +115,11 @@ class PredictorTrainer:
             rt.process_count,
         )
         model = build_model(self.cfg.model, seed=self.cfg.train.seed)  # fresh predictors
-        self.step = 0
-        self.ckpt = Checkpointer(predictor_ckpt_dir(self.run_dir), opts.keep, is_main=rt.is_main)
+        ckpt_dir = predictor_ckpt_dir(self.run_dir)
+        super().__init__(rt, ckpt_dir, opts.steps, opts.checkpoint_every, opts.keep)
         if opts.restart and rt.is_main:
             self.ckpt.clear()  # asked for: a complete step is otherwise never rewritten
-        resume = None if opts.restart else latest_checkpoint(self.ckpt.base, warn=say)
+        resume = self.find_resume("never" if opts.restart else "must" if opts.resume else "auto")
         self._load_base(model)
         for name, p in model.named_parameters():
             p.requires_grad_(_is_predictor(name))
@@ -138,8 +135,6 @@ class PredictorTrainer:
         step = functools.partial(predictor_step, pos_weight=self.pos_weight)
         self._step = rt.compile(step, "predictor_step")
         self._eval_copy = None  # a CPU model for evals during XLA training
-        self.stop_requested = False
-        self.on_checkpoint: list = []  # called before each save (the logger uploads its files)
         if rt.is_main:
             rundir.makedirs(self.out_dir)
             rundir.save_config(self.cfg, self.out_dir)  # what loads the checkpoints
@@ -212,15 +207,11 @@ class PredictorTrainer:
         say(f"resuming predictor training from {path} (step {self.step})")
         return loaded["optim"]
 
-    def save(self) -> None:
+    def state(self) -> dict:
         # one batch per step; the device feed reads ahead of the loader's own counter
         loader = {**self.loader.state_dict(), "batch": self.step}
         meta = {"step": self.step, "loader": loader, "init": self.init}
-        for hook in self.on_checkpoint:
-            hook()
-        state = {"model": self.model.state_dict(), "optim": optimizer_state(self.opt), "meta": meta}
-        if self.ckpt.save(self.step, state) is not None:
-            say(f"predictor checkpoint step {self.step}")
+        return {"model": self.model.state_dict(), "optim": optimizer_state(self.opt), "meta": meta}
 
     def val_batches(self) -> list[torch.Tensor]:
         """The first --eval-batches validation batches (this host's rows)."""
@@ -250,32 +241,25 @@ class PredictorTrainer:
         rec |= {f"val/predictor_acc/block{n}": a for n, a in q["blocks"].items()}
         return rec
 
-    def fit(self, logger) -> None:
+    def fit(self, logger) -> bool:
+        """Train the predictors to --steps; False when a signal stopped it first."""
         rt, opts = self.rt, self.opts
         batches = rt.feed(self.loader, 0)
-        every = opts.checkpoint_every
         val = self.val_batches() if opts.eval_every else []
 
         def record(step: int, stats: dict) -> None:
             logger.log({"step": step, **{k: float(v) for k, v in stats.items()}})
 
-        try:
-            while self.step < opts.steps:
-                stats = self._step(self.model, self.opt, next(batches))
-                self.step += 1
-                if self.step % opts.log_every == 0 or self.step == opts.steps:
-                    rt.after_step(record, self.step, stats)
-                rt.sync()
-                if val and (self.step % opts.eval_every == 0 or self.step == opts.steps):
-                    logger.log({"step": self.step, **self.eval_record(val)})
-                if self.stop_requested or (every and self.step % every == 0):
-                    self.save()
-                if self.stop_requested:
-                    say(f"stop requested: left at step {self.step}; run again to resume")
-                    return
-            self.save()  # skipped when this step is already complete
-        finally:
-            self.ckpt.close()
+        def step(n: int) -> None:
+            stats = self._step(self.model, self.opt, next(batches))
+            if n % opts.log_every == 0 or n == opts.steps:
+                rt.after_step(record, n, stats)
+
+        def evaluate(n: int) -> None:  # reads the weights: after the step ran
+            if val and (n % opts.eval_every == 0 or n == opts.steps):
+                logger.log({"step": n, **self.eval_record(val)})
+
+        return self.run(step, after=evaluate)
 
     def evaluate(self) -> dict:
         """Routing evaluation on this host's rows of the validation batches, merged."""
@@ -298,25 +282,21 @@ class PredictorTrainer:
         }
 
 
-def train_predictors(run_dir: str, opts: PredictorOptions) -> dict:
-    """Train (or resume) the predictors of a run, then evaluate routing; returns eval.json."""
+def train_predictors(run_dir: str, opts: PredictorOptions) -> dict | None:
+    """Train (or resume) the predictors of a run, then evaluate routing; returns eval.json,
+    or None when a signal stopped the training (its step is saved: run it again)."""
     trainer = PredictorTrainer(run_dir, opts)
     logger = MetricsLogger(
         trainer.out_dir, opts.steps, trainer.step, trainer.rt.is_main, desc="predictor"
     )
     trainer.on_checkpoint.append(logger.sync)
-
-    def on_term(signum, frame):  # preemption: finish the step, save, exit cleanly
-        trainer.stop_requested = True
-
-    previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        trainer.fit(logger)
+        with trainer.stop_on_sigterm():
+            finished = trainer.fit(logger)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         logger.close()
-    if trainer.stop_requested:
-        return {}
+    if not finished:
+        return None
     result = trainer.evaluate()
     if trainer.rt.is_main:
         rundir.write_text(rundir.join(trainer.out_dir, rundir.EVAL), json.dumps(result, indent=2))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 
 import torch
@@ -11,13 +10,13 @@ from modxla.analysis.flops import flops_per_step, mfu
 from modxla.config import Config
 from modxla.data import BatchLoader, build_streams
 from modxla.io import rundir
-from modxla.io.checkpoint import Checkpointer, CheckpointError, check_model_shapes, read_metadata
-from modxla.io.checkpoint import latest_checkpoint as find_latest
+from modxla.io.checkpoint import check_model_shapes, read_metadata
 from modxla.io.checkpoint import load as load_checkpoint
 from modxla.io.layout import convert_state, is_stacked
 from modxla.io.logger import say
 from modxla.model import build_model
 from modxla.train.guard import DivergenceGuard, guarded_step
+from modxla.train.loop import Loop
 from modxla.train.optim import (
     build_optimizer,
     convert_optimizer_state,
@@ -38,7 +37,7 @@ def _grouped(loader: BatchLoader, accum: int):
         yield torch.stack([next(loader) for _ in range(accum)])  # (A, B/P, T+1)
 
 
-class Trainer:
+class Trainer(Loop):
     """Holds the state one run shares between steps, evaluation and checkpoints."""
 
     def __init__(self, cfg: Config, run_dir: str) -> None:
@@ -55,16 +54,12 @@ class Trainer:
         self.loader = BatchLoader(
             self.train_seqs, cfg.train.batch_size, cfg.data.seed, rt.process_index, rt.process_count
         )
-        self.stop_requested = False  # set by SIGTERM: checkpoint, then leave the loop
         self.ckpt_dir = rundir.checkpoints(self.run_dir, cfg)
-        self.on_checkpoint: list = []  # called before each save (the logger uploads its files)
-        self.ckpt = Checkpointer(
-            self.ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save, rt.is_main
-        )
-        self.step = 0
+        c = cfg.checkpoint
+        super().__init__(rt, self.ckpt_dir, cfg.train.steps, c.every, c.keep, c.async_save)
         model = build_model(cfg.model, seed=cfg.train.seed)
         model.remat = cfg.train.remat
-        resume = self._find_resume()
+        resume = self.find_resume(cfg.checkpoint.resume)
         restored = self._load(resume, model) if resume else None
         self.model = model.to(rt.device)
         self.specs = rt.shard_model(self.model)
@@ -86,15 +81,6 @@ class Trainer:
     def data_position(self) -> int:
         """Global batches the finished steps consumed (the device feed reads ahead of it)."""
         return self.step * self.cfg.train.grad_accum
-
-    def _find_resume(self) -> str | None:
-        mode = self.cfg.checkpoint.resume
-        if mode == "never":
-            return None
-        path = find_latest(self.ckpt_dir, warn=say)  # checksums verified: damaged -> older
-        if path is None and mode == "must":
-            raise CheckpointError(f"resume: no complete checkpoint in {self.ckpt_dir}")
-        return path
 
     def _meta(self) -> dict:
         """Step, data position and RNG state: what a resumed run needs besides the tensors."""
@@ -140,18 +126,15 @@ class Trainer:
         torch.set_rng_state(meta["torch_rng"])
         self.rt.set_rng_state(meta["xla_rng"])
 
-    def save(self) -> str | None:
-        """Checkpoint the current step, unless a step since the last check diverged."""
-        self.guard.check()  # raises before anything is written
-        for hook in self.on_checkpoint:  # then: metrics never run ahead of a checkpoint
-            hook()
-        state = {"model": self.model.state_dict(), "optim": optimizer_state(self.opt)}
-        path = self.ckpt.save(self.step, {**state, "meta": self._meta()})
-        if path is None:
-            say(f"checkpoint step {self.step} is already complete; not rewritten")
-        else:
-            say(f"checkpoint step {self.step} -> {path}")
-        return path
+    def before_save(self) -> None:
+        self.guard.check()  # a step since the last check diverged: raise, write nothing
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optim": optimizer_state(self.opt),
+            "meta": self._meta(),
+        }
 
     def evaluate(self) -> torch.Tensor:
         """Mean validation loss over the first `eval_batches` fixed validation batches."""
@@ -163,8 +146,8 @@ class Trainer:
         losses = [self._eval_step(self.model, b, cfg.dtype) for b in rt.feed(batches, 0)]
         return torch.stack(losses).mean()
 
-    def _due(self, every: int) -> bool:
-        return bool(every) and (self.step % every == 0 or self.step == self.cfg.train.steps)
+    def _due(self, every: int, step: int) -> bool:
+        return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
 
     def fit(self, logger) -> list[dict]:
         cfg, rt, guard = self.cfg, self.rt, self.guard
@@ -195,19 +178,9 @@ class Trainer:
         if self.val_seqs is not None and self.step == 0:
             rt.after_step(record_eval, 0, self.evaluate())
         batches = rt.feed(_grouped(self.loader, cfg.train.grad_accum), 1)
-        try:
-            self._loop(batches, record, record_eval)
-        finally:
-            self.ckpt.close()
-        guard.check()  # a divergence seen at a log step: stop with its message
-        return history
 
-    def _loop(self, batches, record, record_eval) -> None:
-        cfg, rt, guard = self.cfg, self.rt, self.guard
-        every = cfg.checkpoint.every
-        saved = None
-        while self.step < cfg.train.steps:
-            lr = lr_at(self.step, cfg.optimizer, cfg.train.steps)
+        def step(n: int) -> None:  # train step n, log and evaluate at it
+            lr = lr_at(n - 1, cfg.optimizer, cfg.train.steps)
             set_lr(self.opt, lr)
             stats, guard.health = self._train_step(
                 self.model,
@@ -219,22 +192,14 @@ class Trainer:
                 guard.limit,
                 guard.skip,
             )
-            self.step += 1
-            if self._due(cfg.train.log_every):
-                rt.after_step(record, self.step, stats, guard.health, lr)
-            if self.val_seqs is not None and self._due(cfg.train.eval_every):
-                rt.after_step(record_eval, self.step, self.evaluate())
-            rt.sync()  # runs pending closures
-            if guard.problem:
-                break
-            if self.stop_requested or (every and self.step % every == 0):
-                saved = self.save()
-            if self.stop_requested:
-                say(f"stop requested: left at step {self.step}, checkpoint {saved}")
-                break
-        else:
-            if not (every and self.step % every == 0):
-                self.save()
+            if self._due(cfg.train.log_every, n):
+                rt.after_step(record, n, stats, guard.health, lr)
+            if self.val_seqs is not None and self._due(cfg.train.eval_every, n):
+                rt.after_step(record_eval, n, self.evaluate())
+
+        self.run(step, stop=lambda: guard.problem)
+        guard.check()  # a divergence seen at a log step: stop with its message
+        return history
 
 
 def train(cfg: Config, run_dir: str) -> bool:
@@ -246,16 +211,9 @@ def train(cfg: Config, run_dir: str) -> bool:
     # records logged after the checkpoint we resume from are dropped (they are logged again)
     logger = MetricsLogger(trainer.run_dir, cfg.train.steps, trainer.step, trainer.rt.is_main)
     trainer.on_checkpoint.append(logger.sync)
-
-    def on_term(signum, frame):  # preemption: finish the step, save, exit cleanly
-        if not trainer.stop_requested:
-            say(f"signal {signum}: saving a checkpoint after this step")
-        trainer.stop_requested = True  # a second signal changes nothing
-
-    previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        trainer.fit(logger)
+        with trainer.stop_on_sigterm():
+            trainer.fit(logger)
         return trainer.step >= cfg.train.steps
     finally:
-        signal.signal(signal.SIGTERM, previous)
         logger.close()

@@ -1,0 +1,96 @@
+"""What the trainer and the predictor trainer share: the step counter, checkpoints (resume from
+the newest complete one, a save every N steps and at the end) and SIGTERM (finish the step,
+save it, stop: the command then exits 143 and a launcher restarts it)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable
+
+from modxla.io.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
+from modxla.io.logger import say
+
+RESUME_MODES = ("auto", "must", "never")
+
+
+class Loop:
+    """A loop of `steps` steps that checkpoints into `ckpt_dir`. Subclasses say what a
+    checkpoint holds (`state`, with `meta` for what is not a tensor) and run `fit`."""
+
+    def __init__(self, rt, ckpt_dir: str, steps: int, every: int, keep: int, async_save=False):
+        self.rt, self.steps, self.every = rt, steps, every
+        self.step = 0
+        self.stop_requested = False  # set by SIGTERM: checkpoint, then leave the loop
+        self.on_checkpoint: list[Callable[[], None]] = []  # before each save (logs upload)
+        self.ckpt = Checkpointer(ckpt_dir, keep, async_save, rt.is_main)
+
+    def find_resume(self, mode: str) -> str | None:
+        """The newest complete checkpoint (checksums verified: a damaged one -> an older one);
+        `never`: none; `must`: an error when there is none."""
+        if mode not in RESUME_MODES:
+            raise CheckpointError(f"resume must be one of {', '.join(RESUME_MODES)}: {mode!r}")
+        if mode == "never":
+            return None
+        path = latest_checkpoint(self.ckpt.base, warn=say)
+        if path is None and mode == "must":
+            raise CheckpointError(f"resume: no complete checkpoint in {self.ckpt.base}")
+        return path
+
+    def state(self) -> dict:
+        """What a checkpoint of the current step holds."""
+        raise NotImplementedError
+
+    def before_save(self) -> None:
+        """A last check before anything is written (the trainer's divergence guard)."""
+
+    def save(self) -> str | None:
+        self.before_save()
+        for hook in self.on_checkpoint:  # metrics never run ahead of a checkpoint
+            hook()
+        path = self.ckpt.save(self.step, self.state())
+        if path is None:
+            say(f"checkpoint step {self.step} is already complete; not rewritten")
+        else:
+            say(f"checkpoint step {self.step} -> {path}")
+        return path
+
+    def run(self, step: Callable[[int], None], stop=lambda: False, after=lambda n: None) -> bool:
+        """Run `step(n)` for n = step + 1 .. steps (it trains step n and queues its logging),
+        then `after(n)` once the step's closures ran; save every `every` steps, at the end and
+        on SIGTERM; leave early, saving nothing, when `stop()` says so. True when all `steps`
+        ran."""
+        saved = None
+        try:
+            while self.step < self.steps:
+                step(self.step + 1)
+                self.step += 1
+                self.rt.sync()  # runs the step's pending closures (logging)
+                after(self.step)
+                if stop():
+                    return False
+                if self.stop_requested or (self.every and self.step % self.every == 0):
+                    saved = self.save()
+                if self.stop_requested:
+                    say(f"stop requested: left at step {self.step}, checkpoint {saved}")
+                    return False
+            if not (self.every and self.step % self.every == 0):
+                self.save()  # skipped when the step is already complete
+        finally:
+            self.ckpt.close()
+        return True
+
+    @contextlib.contextmanager
+    def stop_on_sigterm(self):
+        """SIGTERM while inside: the loop saves after the current step and stops."""
+
+        def on_term(signum, frame):  # preemption: finish the step, save, exit cleanly
+            if not self.stop_requested:
+                say(f"signal {signum}: saving a checkpoint after this step")
+            self.stop_requested = True  # a second signal changes nothing
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
