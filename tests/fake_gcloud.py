@@ -1,7 +1,8 @@
 """A fake `gcloud` for the launcher tests: queued resources whose state advances over time,
 and TPU VMs that are folders on this machine, whose `ssh --command` really runs.
 
-State lives in $FAKE_GCLOUD_STATE/state.json (written whole, under a lock). Each TPU VM worker
+State lives in $FAKE_GCLOUD_STATE/state.json (written whole, under a lock): every call's
+argv in state["calls"] and its virtual time (below) in state["times"]. Each TPU VM worker
 is a folder (its $HOME, with its own tmp/ standing in for the VM's /tmp) holding a link to
 this checkout as ~/modxla. Its PATH starts with shims: `python3` (this interpreter on 1 CPU
 device, `-m pip` skipped, test behaviours per host: crash/hang) and a no-op `git`.
@@ -13,11 +14,24 @@ preempted once: state SUSPENDED, the VM's processes killed; see fake_python3.py)
 
 Timed behaviours, on the virtual clock state["now"] (seconds, written by the test's sleep):
 active_after (s from create to ACTIVE), states ([[t, STATE], ...]: the queued resource
-created at or before t goes STATE at t), describe_fails_after (t: every queued-resources
+created before t goes STATE at t), describe_fails_after (t: every queued-resources
 call fails, as when this machine's network is down), fake_vms (ssh runs nothing: each
 host's n-th start runs for run_s, default 5, then reports runs[host][n], the last one
 repeating: "exit N", "none", "running" or "silent" (missing from the status output)),
-ssh_fail (a command containing it exits 1).
+ssh_fail (a command containing it exits 1), delete_s (a deleted queued resource answers
+DELETING for this long, then NOT_FOUND; a create meanwhile answers ALREADY_EXISTS, as the real
+gcloud's), preempt_node ([[t, NODE], ...]: at t that node of the queued resource created
+before t is preempted, its ssh failing as below, while the queued resource reads whatever
+`states` says: SUSPENDING lags).
+
+Scripted ssh faults: ssh to any worker of a queued resource in SUSPENDING, SUSPENDED or
+PREEMPTED (or of a preempted node) exits 1 with an error; ssh to one that is not ACTIVE
+otherwise exits 255 (NOT_FOUND). preempt_on_ssh ([TEXT, N]: the N-th ssh whose command
+contains TEXT finds the slice preempted: state SUSPENDED, the VMs' processes killed, that
+ssh failing). worker_fail ({HOST: [TEXT, UNTIL]}: a command containing TEXT fails on that
+worker alone until virtual time UNTIL, for ever when UNTIL is null; the other workers of
+--worker=all run it, and the call exits 1 after gcloud's "##### Command execution on worker
+N failed with exit status 1. Continuing.").
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ from pathlib import Path
 
 STATE = Path(os.environ["FAKE_GCLOUD_STATE"])
 ROOT = Path(__file__).resolve().parent.parent
+PREEMPTED = {"SUSPENDING", "SUSPENDED", "PREEMPTED"}  # ssh to such a slice's workers exits 1
 
 
 @contextmanager
@@ -101,11 +116,17 @@ def queued(args: list[str]) -> int:
                 "ERROR: (gcloud) There was a problem refreshing your credentials", file=sys.stderr
             )
             return 1
+        deleting = qrs.get(name, {})
+        if (
+            deleting.get("state") == "DELETING"
+            and now - deleting["deleted_at"] >= script["delete_s"]
+        ):
+            del qrs[name]  # the delete has finished
         if verb == "create":
             if state.get("script", {}).get("create_error"):
                 print(f"ERROR: (gcloud) {state['script']['create_error']}", file=sys.stderr)
                 return 1
-            if name in qrs:
+            if name in qrs:  # a delete in flight too: DELETING until it is gone
                 print(f"ERROR: ALREADY_EXISTS: {name}", file=sys.stderr)
                 return 1
             count = int(flag(args, "node-count", "1"))
@@ -130,11 +151,17 @@ def queued(args: list[str]) -> int:
         qr = qrs[name]
         if verb == "delete":
             kill_vm_processes(qr)
-            del qrs[name]
+            if script.get("delete_s") and qr["state"] != "DELETING":
+                qr["state"], qr["deleted_at"] = "DELETING", now  # goes on without the caller
+            elif not script.get("delete_s"):
+                del qrs[name]
             return 0
         qr["describes"] += 1
+        if qr["state"] == "DELETING":
+            print("DELETING")
+            return 0
         for t, forced in script.get("states", []):
-            if qr["created_at"] <= t <= now:
+            if qr["created_at"] < t <= now:
                 qr["state"] = forced
         if qr["state"] in ("ACCEPTED", "WAITING_FOR_RESOURCES"):
             if script.get("fail_while_waiting") and qr["describes"] >= 2:
@@ -158,18 +185,43 @@ def ssh(args: list[str]) -> int:
     node, which, command = args[0], flag(args, "worker"), flag(args, "command")
     with locked() as state:
         qr = next((q for q in state.get("qr", {}).values() if node in q["nodes"]), None)
+        script, now = state.get("script", {}), state.get("now", 0)
+        if qr is not None and qr["state"] == "ACTIVE" and script.get("preempt_on_ssh"):
+            text, nth = script["preempt_on_ssh"]
+            if text in command:
+                state["preempt_ssh_seen"] = seen = state.get("preempt_ssh_seen", 0) + 1
+                if seen == nth:
+                    qr["state"] = "SUSPENDED"
+                    state["preemptions"] = state.get("preemptions", 0) + 1
+                    kill_vm_processes(qr)
+        preempted = qr is not None and any(
+            n == node and qr["created_at"] < t <= now for t, n in script.get("preempt_node", [])
+        )
+        if qr is not None and (preempted or qr["state"] in PREEMPTED):
+            print(
+                f"ERROR: (gcloud.compute.tpus.tpu-vm.ssh) FAILED_PRECONDITION: TPU node {node} is "
+                f"not READY (PREEMPTED); its queued resource is {qr['state']}",
+                file=sys.stderr,
+            )
+            return 1
         if qr is None or qr["state"] != "ACTIVE":
             print(f"ERROR: (gcloud.compute.tpus.tpu-vm.ssh) NOT_FOUND: {node}", file=sys.stderr)
             return 255
         targets = list(enumerate(qr["nodes"][node]))
         if which != "all":
             targets = [targets[int(which)]]
-        script = state.get("script", {})
         if script.get("ssh_fail") and script["ssh_fail"] in command:
             print(f"fake: {script['ssh_fail']} failed", file=sys.stderr)
             return 1
+        failing = []
+        for w, _ in targets:
+            text, until = script.get("worker_fail", {}).get(f"{node}-w{w}", [None, None])
+            if text and text in command and (until is None or now < until):
+                failing.append(w)
+        targets = [t for t in targets if t[0] not in failing]
+        code = worker_failures(failing, multiple=which == "all")
         if script.get("fake_vms"):
-            return fake_vm(state, script, node, targets, command)
+            return max(code, fake_vm(state, script, node, targets, command))
     shims = STATE / "shims"
     procs = []
     for w, home in targets:
@@ -192,12 +244,23 @@ def ssh(args: list[str]) -> int:
                 text=True,
             )
         )
-    code = 0
     for p in procs:
         out, _ = p.communicate()
         sys.stdout.write(out)
         code = max(code, p.returncode)
     return code
+
+
+def worker_failures(workers: list[int], multiple: bool) -> int:
+    """gcloud's report of the workers whose command failed (exit 1); the exit code."""
+    for w in workers:
+        print(f"fake: worker {w} failed", file=sys.stderr)
+        if multiple:
+            print(
+                f"##### Command execution on worker {w} failed with exit status 1. Continuing.",
+                file=sys.stderr,
+            )
+    return 1 if workers else 0
 
 
 def fake_vm(state: dict, script: dict, node: str, targets: list, command: str) -> int:
@@ -228,6 +291,7 @@ def fake_vm(state: dict, script: dict, node: str, targets: list, command: str) -
 def main(argv: list[str]) -> int:
     with locked() as state:
         state.setdefault("calls", []).append(argv)
+        state.setdefault("times", []).append(state.get("now", 0))  # each call's virtual time
     if argv[:2] == ["config", "get-value"]:
         print(json.loads((STATE / "state.json").read_text()).get("config", {}).get(argv[2], ""))
         return 0

@@ -4,6 +4,7 @@ VMs run nothing (fake_vms) and report scripted statuses, so each case runs in se
 import fcntl
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -60,6 +61,7 @@ def pod(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_GCLOUD_STATE", str(state))
 
     def make(script, *extra, accelerator="v5e-8", clock=None):
+        shutil.rmtree(state / "vms", ignore_errors=True)  # a fresh fake for each launch
         (state / "state.json").write_text(json.dumps({"script": {"fake_vms": True, **script}}))
         a = tpu.parse([
             "up", "--name", "p", "--zone", "z", "--project", "proj", "--accelerator",
