@@ -1,17 +1,20 @@
 """`up`: create the slice, start training on every host, and watch it to the end.
 
 Preemption (queued resource SUSPENDING/SUSPENDED/FAILED/gone, or a host unreachable past
---host-timeout) -> delete, recreate and resume, at most --retries times with exponential
-backoff. A host exiting with a modxla.errors.RESTART code, or whose training vanished with
-the slice still ACTIVE (its VM restarted) -> restart training in place; it resumes. Crash (any
-other non-zero exit, the slice still ACTIVE after --crash-grace) -> stop every host at once,
-no recreate, exit 1 with that host's log tail. The slice is deleted at the end and on every
-error or Ctrl-C unless --keep; only when the launcher's own gcloud cannot reach the API is
-it left running.
+--host-timeout) -> delete, wait until the delete has finished (DELETING -> gone), recreate
+and resume, at most --retries times with exponential backoff. A failed ssh (setup, start) is
+read from the queued resource's state: lost -> as a preemption; still ACTIVE -> a setup
+failure that names the host(s) whose command failed. A host exiting with a
+modxla.errors.RESTART code, or whose training vanished with the slice still ACTIVE (its VM
+restarted) -> restart training in place; it resumes. Crash (any other non-zero exit, the
+slice still ACTIVE after --crash-grace) -> stop every host at once, no recreate, exit 1 with
+that host's log tail. The slice is deleted at the end and on every error or Ctrl-C unless
+--keep; only when the launcher's own gcloud cannot reach the API is it left running.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 import time
@@ -23,8 +26,11 @@ from launch.slices import Slice
 from modxla.errors import RESTART
 
 SETUP_SSH_TIMEOUT_S = worker.SETUP_TIMEOUT_S + 60  # the setup's own timeout ends it first
-LOST = {"SUSPENDING", "SUSPENDED", "FAILED", "GONE", "DELETING"}  # the slice is going away
+LOST = {"SUSPENDING", "SUSPENDED", "PREEMPTED", "FAILED", "GONE", "DELETING"}  # going away
 WAITING = {"CREATING", "ACCEPTED", "PROVISIONING", "WAITING_FOR_RESOURCES", "UNKNOWN"}
+DELETE_TIMEOUT_S = 1800  # for a deleted queued resource to be gone (at most --wait-timeout)
+# gcloud's report of one worker of --worker=all (older releases: "with return code N")
+WORKER_FAILED = re.compile(r"worker (\d+) failed with (?:exit status|return code) (-?\d+)")
 
 
 class PodError(RuntimeError):
@@ -33,6 +39,14 @@ class PodError(RuntimeError):
 
 class GcloudDown(PodError):
     """The launcher's own gcloud keeps failing: the slice's state is unknown, so it is left."""
+
+
+class SliceLost(Exception):
+    """An ssh failed because the slice is going away (preempted): recreate, not an error."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
 
 
 class Pod:
@@ -46,10 +60,44 @@ class Pod:
 
     # --- slice ---------------------------------------------------------------------------
 
-    def create(self) -> None:
-        r = self.g.create(self.sl)
-        if r.code and "ALREADY_EXISTS" not in r.text:
-            raise PodError(f"could not create {self.a.name}:\n{r.text[-3000:]}")
+    def recreate(self, state: str) -> None:
+        """Delete what is left of the slice, wait until it is gone, then create it. A create
+        answering ALREADY_EXISTS is success only if the queued resource is not going away
+        (an earlier create of ours went through); while a delete is in flight, wait again."""
+        for _ in range(3):
+            if state != "GONE":
+                if state != "DELETING":
+                    self.g.delete()
+                self.wait_gone()
+            r = self.g.create(self.sl)
+            if not r.code:
+                return
+            if "ALREADY_EXISTS" not in r.text:
+                raise PodError(f"could not create {self.a.name}:\n{r.text[-3000:]}")
+            state = self.state()
+            if state not in LOST:
+                return  # ours, coming up (or UNREACHABLE: wait_active asks again)
+            self.say(f"queued resource {self.a.name}: ALREADY_EXISTS but {state}: waiting")
+        raise PodError(f"could not create {self.a.name}: it keeps reading {state} after a delete")
+
+    def wait_gone(self) -> None:
+        """Poll the deleted queued resource until it is gone; a delete that did not take (the
+        state is neither DELETING nor gone) is sent again."""
+        timeout, t0 = min(self.a.wait_timeout, DELETE_TIMEOUT_S), self.clock()
+        state, last = self.state(), None
+        while state != "GONE":
+            if state != last:
+                self.say(f"queued resource {self.a.name}: {state}, waiting for the delete")
+                last = state
+            if self.clock() - t0 > timeout:
+                raise PodError(
+                    f"queued resource {self.a.name} still {state} {timeout:.0f} s after its "
+                    "delete; cannot recreate it"
+                )
+            if state not in ("DELETING", "UNREACHABLE"):
+                self.g.delete()
+            self.sleep(self.a.poll)
+            state = self.state()
 
     def state(self) -> str:
         """g.state(); UNREACHABLE for longer than --host-timeout raises GcloudDown."""
@@ -93,11 +141,22 @@ class Pod:
                 )
             self.sleep(self.a.poll)
 
+    def check_lost(self) -> None:
+        """After a failed ssh: SliceLost if the queued resource is going away (ssh to a
+        preempted VM exits 1 or 255, as any failure does; only the state tells them apart)."""
+        state = self.state()
+        if state in LOST:
+            self.say(f"queued resource {self.a.name}: {state} (preempted)")
+            raise SliceLost(state)
+
     def on_every_node(self, command: str, what: str, timeout=None) -> None:
         for node in self.g.nodes():
             r = self.g.ssh(node, "all", command, timeout=timeout)
             if r.code:
-                raise PodError(f"{what} failed on {node} (exit {r.code}):\n{r.text[-3000:]}")
+                self.check_lost()
+                failed = [f"{node}-w{w} (exit {c})" for w, c in WORKER_FAILED.findall(r.text)]
+                where = ", ".join(failed) or f"{node} (exit {r.code})"
+                raise PodError(f"{what} failed on {where}:\n{r.text[-3000:]}")
 
     def start(self) -> None:
         """Cleanup on every worker, then training detached on every worker."""
@@ -107,9 +166,11 @@ class Pod:
                 lambda h: (h, self.g.ssh(h[0], str(h[1]), worker.start_command(self.a, h[2]))),
                 self.hosts,
             )
-            for (node, w, _), r in results:
-                if r.code:
-                    raise PodError(f"could not start worker {w} of {node}: {r.text[-2000:]}")
+            failed = [(host, r) for (_, _, host), r in results if r.code]
+        if failed:
+            self.check_lost()
+            host, r = failed[0]
+            raise PodError(f"could not start {host} (exit {r.code}): {r.text[-2000:]}")
 
     # --- hosts ---------------------------------------------------------------------------
 
@@ -193,12 +254,12 @@ class Pod:
                 self.finish()
                 return 0
             if outcome == "crashed":
-                # A preempted VM's training may die before the queued resource says so.
+                # A preempted VM's training may die before the queued resource says so; so
+                # do the peers of a preempted slice of a multislice job (collectives fail).
                 self.say(
                     f"host {host} exited non-zero: checking the slice in {self.a.crash_grace:.0f} s"
                 )
-                self.sleep(self.a.crash_grace)
-                state = self.g.state()
+                state = self.recheck()
                 if state not in LOST:
                     tail = self.fail_fast(host)
                     self.say(f"host {host} crashed; stopped every host (no recreate). Its log:")
@@ -209,25 +270,41 @@ class Pod:
             if outcome == "restart":
                 attempt = self.count(attempt, f"host {host} stopped, the slice is intact")
                 self.say("restarting training in place; it resumes from its last checkpoint")
-                self.start()
-                continue
+                try:
+                    self.start()
+                    continue
+                except SliceLost:
+                    attempt -= 1  # no restart happened: the recreate takes this retry
             attempt = self.retry(attempt, "preempted")
             attempt = self.bring_up(self.g.state(), attempt)
+
+    def recheck(self) -> str:
+        """After a crash: the queued resource's state as soon as it reads lost, else (ACTIVE)
+        after --crash-grace; polled every --poll, so a lagging SUSPENDING is not waited for
+        longer than it takes, and an UNREACHABLE answer is asked again, never a crash."""
+        t0 = self.clock()
+        while True:
+            state = self.state()  # UNREACHABLE: ask again (GcloudDown past --host-timeout)
+            left = self.a.crash_grace - (self.clock() - t0)
+            if state in LOST or (left <= 0 and state != "UNREACHABLE"):
+                return state
+            self.sleep(min(self.a.poll, left) if left > 0 else self.a.poll)
 
     def bring_up(self, state: str, attempt: int) -> int:
         """Create the slice unless it exists, wait until ACTIVE, set up and start training."""
         while True:
             if state in LOST:
-                if state != "GONE":
-                    self.g.delete()
-                self.create()
+                self.recreate(state)
             state = self.wait_active()  # WAITING or UNREACHABLE: created earlier, coming up
             if state == "ACTIVE":
-                break
+                try:
+                    self.on_every_node(worker.setup_command(self.a), "setup", SETUP_SSH_TIMEOUT_S)
+                    self.start()
+                    break
+                except SliceLost as e:
+                    state = e.state
             attempt = self.retry(attempt, f"lost while coming up ({state})")
             state = self.g.state()
-        self.on_every_node(worker.setup_command(self.a), "setup", SETUP_SSH_TIMEOUT_S)
-        self.start()
         self.say(f"training started on {len(self.hosts)} hosts; logs in {self.a.run_dir}/logs/")
         return attempt
 

@@ -186,3 +186,115 @@ def test_training_gone_on_an_active_slice_restarts_in_place(pod):
     assert p.up() == 0
     st = pod.state()
     assert len(qr_calls(st, "create")) == 1 and starts(st) == 2
+
+
+# --- 6. the pods issue: gcloud faults the launcher must read right -------------------------
+
+
+def ssh_calls(state, text):
+    """(index in state["calls"], virtual time) of every ssh whose command contains text."""
+    return [
+        (i, state["times"][i])
+        for i, c in enumerate(state["calls"])
+        if c[2:4] == ["tpu-vm", "ssh"] and text in next(a for a in c if a.startswith("--command="))
+    ]
+
+
+def qr_verbs(state, start=0):
+    """The queued-resources verbs from call `start` on, in order, with their virtual times."""
+    return [
+        (c[3], state["times"][i])
+        for i, c in enumerate(state["calls"])
+        if i >= start and c[:3] == ["compute", "tpus", "queued-resources"]
+    ]
+
+
+def test_a_recreate_waits_until_the_delete_has_finished(pod, capsys):
+    # preempted at t=10; the delete then takes 15 s (DELETING), a create meanwhile would
+    # answer ALREADY_EXISTS: the recreate must come only once describe says NOT_FOUND
+    script = {"run_s": 30, "states": [[10, "SUSPENDED"]], "delete_s": 15}
+    assert pod(script).up() == 0
+    st = pod.state()
+    verbs = qr_verbs(st)
+    (t0, t1), deletes = ([t for v, t in verbs if v == x] for x in ("create", "delete"))
+    assert t0 == 0 and deletes[0] == 10  # deleted as soon as it read SUSPENDED
+    assert t1 >= 10 + 15  # not while DELETING: that create would answer ALREADY_EXISTS
+    between = [v for v, t in verbs if 10 < t < t1]
+    assert between and set(between) == {"describe"}  # polled until NOT_FOUND, one delete
+    (_, s0), (_, s1) = ssh_calls(st, "nohup setsid")
+    assert s0 < 10 and s1 > t1  # trained on the new slice, not on the one going away
+    assert st["qr"]["p"]["state"] == "DELETING"  # and deleted at the end
+    err = capsys.readouterr().err
+    assert "SUSPENDED (preempted)" in err and "DELETING, waiting for the delete" in err
+
+
+@pytest.mark.parametrize(
+    "fault, runs",
+    [
+        (["git checkout", 1], ["exit 0"]),  # preempted during the setup
+        (["nohup setsid", 2], ["exit 143", "exit 0"]),  # during a restart in place
+    ],
+)
+def test_ssh_to_a_preempted_node_is_a_lost_slice_not_a_failure(pod, capsys, fault, runs):
+    # the n-th ssh running fault[0] finds the slice preempted (SUSPENDED): it exits 1
+    assert pod({"runs": {"p-w0": runs}, "preempt_on_ssh": fault}).up() == 0
+    st = pod.state()
+    assert st["preemptions"] == 1
+    failed, _ = ssh_calls(st, fault[0])[fault[1] - 1]
+    # the failed ssh is read from the queued resource's state: describe, delete, recreate
+    after = [v for v, _ in qr_verbs(st, failed + 1)]
+    assert after[:4] == ["describe", "delete", "describe", "create"]
+    assert len(qr_calls(st, "create")) == 2 and st["qr"] == {}
+    assert len(ssh_calls(st, "git checkout")) == 2  # set up again on the new slice
+    err = capsys.readouterr().err
+    assert "SUSPENDED (preempted)" in err and "retry 1/3" in err
+    assert "failed on" not in err and "could not start" not in err
+
+
+def test_one_worker_of_worker_all_failing(pod, capsys):
+    # during setup: named by its host, no training started, the slice deleted unless --keep
+    for keep in ([], ["--keep"]):
+        p = pod({"worker_fail": {"p-w1": ["git checkout", None]}}, *keep, accelerator="v5p-16")
+        with pytest.raises(PodError) as e:
+            p.up()
+        assert str(e.value).startswith("setup failed on p-w1 (exit 1):")
+        st = pod.state()
+        assert not ssh_calls(st, "nohup setsid")
+        verbs = [v for v, _ in qr_verbs(st, ssh_calls(st, "git checkout")[0][0])]
+        assert verbs == (["describe"] if keep else ["describe", "delete"])
+        assert list(st["qr"]) == (["p"] if keep else [])
+    assert "--keep: slice p left running" in capsys.readouterr().err
+    # while polling: only p-w1 fails to answer (until t=30); p-w0 answering does not hide it
+    script = {"run_s": 25, "worker_fail": {"p-w1": ["modxla-status", 30]}}
+    assert pod(script, "--poll", "2", accelerator="v5p-16").up() == 0
+    st = pod.state()
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if "unreachable" in ln] == [
+        "[launch] p-w1 unreachable for 20 s: lost"
+    ]
+    (_, t0), (_, t1) = [(v, t) for v, t in qr_verbs(st) if v == "create"]
+    assert t0 == 0 and 20 < t1 < 30  # lost 20 s after its first silence; missed again once
+    assert len(ssh_calls(st, "nohup setsid")) == 4  # 2 hosts x 2 slices, no restart
+
+
+def test_a_multislice_peer_exiting_after_the_other_slice_is_preempted(pod, capsys):
+    # slice p-1 is preempted at t=8 (its ssh fails); p-0's hosts exit 1 at t=11 (their peers
+    # vanished) while the queued resource reads ACTIVE until t=20 (SUSPENDING lags)
+    script = {
+        "run_s": 10,
+        "preempt_node": [[8, "p-1"]],
+        "states": [[20, "SUSPENDING"]],
+        "runs": {"p-0-w0": ["exit 1", "exit 0"], "p-0-w1": ["exit 1", "exit 0"]},
+    }
+    p = pod(script, "--slices", "2", "mesh.dcn_data=2", accelerator="v5p-16")
+    assert p.up() == 0
+    st = pod.state()
+    err = capsys.readouterr().err
+    assert "host p-0-w0 exited non-zero: checking the slice in 30 s" in err
+    assert "SUSPENDING (preempted)" in err and "crashed" not in err
+    assert "unreachable" not in err  # p-1's silence was not what found it: the state was
+    assert not ssh_calls(st, "tail -n") and not ssh_calls(st, "seq 10")  # no fail-fast stop
+    creates = [t for v, t in qr_verbs(st) if v == "create"]
+    deletes = [t for v, t in qr_verbs(st) if v == "delete"]
+    assert creates[0] == 0 and 20 <= deletes[0] <= 11 + 30 and creates[1] >= deletes[0]
+    assert len(ssh_calls(st, "nohup setsid")) == 8 and st["qr"] == {}  # resumed, finished
