@@ -88,7 +88,7 @@ def validate(cfg: Config, sl: Slice, slices: int, run_dir: str) -> tuple[int, in
     devices = sl.chips * slices
     try:
         shape = resolve_mesh_shape(cfg.mesh, devices)
-        check_batch(cfg.train.batch_size, shape, sl.hosts * slices)
+        check_batch(cfg.train.batch_size, shape)
     except MeshError as e:
         raise LaunchError(f"{e} ({slices} x {sl.accelerator} = {devices} chips)") from None
     if slices > 1 and cfg.mesh.dcn_data != slices:

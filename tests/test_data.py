@@ -18,6 +18,7 @@ from modxla.data import (
     train_tokenizer,
 )
 from modxla.data.sources import stdlib_files
+from modxla.parallel.mesh import MeshError, device_rows
 
 VOCAB = 384
 
@@ -117,20 +118,35 @@ def _seqs(n, t=4):
 
 @pytest.mark.parametrize("n", [40, 37])  # 37: batches straddle epoch boundaries
 @pytest.mark.parametrize("hosts", [1, 2, 4])
-def test_host_shards_union_is_the_global_batch(hosts, n):
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 4, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_each_device_gets_its_rows_of_the_one_process_global_batch(hosts, shape, n):
+    """P hosts, each building its loader as the trainer does, over 8 devices (2 hosts: 4 each;
+    device d of the mesh on host d // per_host): the step's input on every host is the global
+    batch, and every device holds its rows of it, those of one process alone."""
     seqs = _seqs(n)
-    single = BatchLoader(seqs, 8, seed=3)
-    loaders = [
-        BatchLoader(seqs, 8, seed=3, process_index=p, process_count=hosts) for p in range(hosts)
-    ]
+    single = BatchLoader(seqs, 8, seed=3)  # one process: the reference
+    loaders = [BatchLoader(seqs, 8, seed=3) for _ in range(hosts)]
+    rows = device_rows(8, shape).reshape(-1, 2)  # by device id (mesh order)
+    per_host = 8 // hosts
     for _ in range(12):  # three epochs
         whole = next(single).numpy()
-        shards = [next(ld).numpy() for ld in loaders]
-        assert all(s.shape == (8 // hosts, 5) for s in shards)
-        assert np.array_equal(np.concatenate(shards), whole)
-        firsts = np.concatenate([s[:, 0] for s in shards])
-        if n % 8 == 0:  # a straddling batch may meet a sequence in both epochs
-            assert len(set(firsts.tolist())) == 8  # disjoint
+        arrays = [next(ld).numpy() for ld in loaders]  # what each host passes to the feed
+        for d, (lo, hi) in enumerate(rows):
+            assert np.array_equal(arrays[d // per_host][lo:hi], whole[lo:hi])
+        # the devices of one tensor index hold every row once: the step sees B rows
+        tiles = sorted(map(tuple, rows[:: shape[2]]))
+        assert tiles == [
+            (i * 8 // len(tiles), (i + 1) * 8 // len(tiles)) for i in range(len(tiles))
+        ]
+        assert sum(hi - lo for lo, hi in tiles) == 8
+
+
+def test_device_rows_follow_data_then_fsdp_and_replicate_over_tensor():
+    rows = device_rows(16, (2, 2, 2))
+    assert rows[0, 0, 0].tolist() == rows[0, 0, 1].tolist() == [0, 4]  # tensor: replicas
+    assert rows[0, 1, 0].tolist() == [4, 8] and rows[1, 0, 0].tolist() == [8, 12]
+    with pytest.raises(MeshError, match="not divisible by the batch shards"):
+        device_rows(6, (2, 2, 1))
 
 
 def test_each_epoch_is_a_permutation_and_seeds_differ():
@@ -145,13 +161,13 @@ def test_each_epoch_is_a_permutation_and_seeds_differ():
 
 def test_resume_continues_exactly():
     seqs = _seqs(50)
-    straight = BatchLoader(seqs, 6, seed=7, process_index=1, process_count=2)
+    straight = BatchLoader(seqs, 6, seed=7)
     expected = [next(straight).numpy() for _ in range(20)]
-    first = BatchLoader(seqs, 6, seed=7, process_index=1, process_count=2)
+    first = BatchLoader(seqs, 6, seed=7)
     for _ in range(9):
         next(first)
     state = json.loads(json.dumps(first.state_dict()))  # survives serialization
-    resumed = BatchLoader(seqs, 6, seed=7, process_index=1, process_count=2)
+    resumed = BatchLoader(seqs, 6, seed=7)
     resumed.load_state_dict(state)
     for i in range(9, 20):
         assert np.array_equal(next(resumed).numpy(), expected[i])
@@ -204,8 +220,3 @@ def test_tokenizer_vocab_must_match_the_model(corpus, tmp_path, tokenizer):
     cfg = data_cfg(corpus[0], tmp_path, tokenizer, **{"model.vocab_size": 512})
     with pytest.raises(DataError, match="has 384 pieces but model.vocab_size is 512"):
         build_streams(cfg.data, 512)
-
-
-def test_batch_must_divide_over_hosts():
-    with pytest.raises(DataError, match="not divisible by 3 hosts"):
-        BatchLoader(_seqs(10), 8, process_index=0, process_count=3)

@@ -21,7 +21,7 @@ it), and eval.json: log-likelihood with topk, predictor and router routing on th
 validation split, next to the predictor's top-k accuracy and the always-skip baseline.
 
 For an accuracy curve, `--eval-every N` logs to metrics.jsonl every N steps, on the
---eval-batches first validation batches (this host's rows): val/predictor_acc (top-k
+--eval-batches first validation batches: val/predictor_acc (top-k
 accuracy), val/precision and val/recall of the routed class, val/always_skip_acc (1 - C),
 and val/predictor_acc/blockN. Ablations (fresh predictors only, or matching the run's):
 `--hidden N` (MLP width), `--input x|normed` (the block's input or its RMS-normalized input,

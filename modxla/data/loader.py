@@ -1,9 +1,14 @@
-"""Resumable, host-sharded batches of packed sequences.
+"""Resumable global batches of packed sequences.
 
 Global batch b holds sequences [b*B, (b+1)*B) of an endless stream of epochs, each epoch a
-permutation of all sequences seeded by (seed, epoch). Host p of P takes rows
-[p*B/P, (p+1)*B/P) of every global batch, so the global batch a step sees does not depend on
-the number of hosts, and the state is a single counter.
+permutation of all sequences seeded by (seed, epoch); the state is a single counter.
+
+Every host loads the whole global batch. The input sharding (modxla.xla.runtime.feed) takes
+the tensor a host passes as the global tensor and puts on each of the host's devices its own
+rows (modxla.parallel.mesh.device_rows): a host passing only "its" B/P rows would make the
+step train on B/P rows. Loading just a host's rows needs torch_xla's minibatch inputs, which
+hold for a batch on dim 0 over a 1-D device layout only (not with a tensor axis, nor the
+(A, B, T+1) gradient-accumulation layout); the packed tokens cost a host little to read.
 """
 
 from __future__ import annotations
@@ -20,21 +25,11 @@ class BatchLoader:
         sequences: np.ndarray,
         global_batch: int,
         seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
         shuffle: bool = True,
     ) -> None:
-        if global_batch % process_count:
-            raise DataError(
-                f"train.batch_size {global_batch} is not divisible by {process_count} hosts"
-            )
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.sequences = sequences  # (N, T+1)
         self.global_batch = global_batch
-        self.local_batch = global_batch // process_count
         self.seed, self.shuffle = seed, shuffle
-        self.process_index = process_index
         self.batch = 0  # global batches produced so far
         self._epoch, self._perm = -1, np.arange(0)
 
@@ -60,17 +55,13 @@ class BatchLoader:
             out[sel] = self._order(int(epoch))[pos[sel] % n]
         return out
 
-    def local_indices(self, batch: int) -> np.ndarray:
-        lo = self.process_index * self.local_batch
-        return self.global_indices(batch)[lo : lo + self.local_batch]
-
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
-        idx = self.local_indices(self.batch)
+        idx = self.global_indices(self.batch)
         self.batch += 1
-        return torch.from_numpy(self.sequences[idx].astype(np.int64))  # (B/P, T+1)
+        return torch.from_numpy(self.sequences[idx].astype(np.int64))  # (B, T+1)
 
     def state_dict(self) -> dict:
         return {

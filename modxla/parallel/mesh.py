@@ -37,17 +37,24 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int
     return tuple(shape)
 
 
-def check_batch(global_batch: int, shape: tuple[int, int, int], process_count: int = 1) -> None:
+def check_batch(global_batch: int, shape: tuple[int, int, int]) -> None:
     shards = shape[0] * shape[1]
     if global_batch % shards:
         raise MeshError(
             f"train.batch_size {global_batch} is not divisible by the batch shards "
             f"data x fsdp = {shards}"
         )
-    if global_batch % process_count:
-        raise MeshError(
-            f"train.batch_size {global_batch} is not divisible by {process_count} hosts"
-        )
+
+
+def device_rows(global_batch: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """(data, fsdp, tensor, 2): the [start, stop) rows of the global batch that the device at
+    each mesh position holds. The batch axis is split over data x fsdp (data-major) and
+    replicated over tensor, as the input sharding ("data", "fsdp") places it."""
+    check_batch(global_batch, shape)
+    per = global_batch // (shape[0] * shape[1])
+    shard = np.arange(shape[0] * shape[1]).reshape(shape[0], shape[1], 1)
+    start = np.broadcast_to(shard * per, shape)
+    return np.stack([start, start + per], axis=-1)
 
 
 def build_mesh(cfg: MeshConfig, num_devices: int | None = None):

@@ -99,22 +99,6 @@ def _predictor_quality(tp: float, fp: float, fn: float, tn: float) -> dict:
     }
 
 
-def merge_routing_results(parts: list[dict]) -> dict:
-    """One result from `evaluate_routing` on each host's rows (equal batch counts)."""
-    out = {}
-    for mode in ("topk", "predictor", "router"):
-        if mode in parts[0]:
-            keys = ("nll", "routed", "overflow")
-            out[mode] = {k: sum(p[mode][k] for p in parts) / len(parts) for k in keys}
-    for mode in out:
-        out[mode]["normalized_ll"] = out["topk"]["nll"] / out[mode]["nll"]
-    if "predictor" in out:
-        c = [sum(p["predictor"]["counts"][k] for p in parts) for k in ("tp", "fp", "fn", "tn")]
-        out["predictor"] |= _predictor_quality(*c)
-    out["batches"] = sum(p["batches"] for p in parts)
-    return out
-
-
 @torch.no_grad()
 def routing_stats(model: Transformer, batches, routing: str) -> dict:
     """NLL, and per routed block: the share of tokens the routing wanted (`decided`) and got

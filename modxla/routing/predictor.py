@@ -18,8 +18,8 @@ from modxla.io import rundir
 from modxla.io.checkpoint import CheckpointError, latest_checkpoint, load, read_metadata
 from modxla.io.logger import MetricsLogger, say
 from modxla.model import Transformer, build_model
-from modxla.routing.evaluate import evaluate_routing, merge_routing_results, predictor_quality
-from modxla.train.loop import Loop
+from modxla.routing.evaluate import evaluate_routing, predictor_quality
+from modxla.train.loop import Loop, StopRequest
 from modxla.train.optim import build_optimizer, optimizer_state, restore_state, state_template
 from modxla.xla.runtime import setup_runtime
 
@@ -76,7 +76,7 @@ def _is_predictor(name: str) -> bool:
 class PredictorTrainer(Loop):
     """The frozen model with trainable predictors, its optimizer, data and checkpoints."""
 
-    def __init__(self, run_dir: str, opts: PredictorOptions) -> None:
+    def __init__(self, run_dir: str, opts: PredictorOptions, stop: StopRequest | None = None):
         if opts.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}, got {opts.init!r}")
         if opts.restart and opts.resume:
@@ -111,12 +111,10 @@ class PredictorTrainer(Loop):
             self.train_seqs,
             self.cfg.train.batch_size,
             self.cfg.data.seed + 1,  # another order than the model saw
-            rt.process_index,
-            rt.process_count,
         )
         model = build_model(self.cfg.model, seed=self.cfg.train.seed)  # fresh predictors
         ckpt_dir = predictor_ckpt_dir(self.run_dir)
-        super().__init__(rt, ckpt_dir, opts.steps, opts.checkpoint_every, opts.keep)
+        super().__init__(rt, ckpt_dir, opts.steps, opts.checkpoint_every, opts.keep, stop=stop)
         if opts.restart and rt.is_main:
             self.ckpt.clear()  # asked for: a complete step is otherwise never rewritten
         resume = self.find_resume("never" if opts.restart else "must" if opts.resume else "auto")
@@ -214,16 +212,8 @@ class PredictorTrainer(Loop):
         return {"model": self.model.state_dict(), "optim": optimizer_state(self.opt), "meta": meta}
 
     def val_batches(self) -> list[torch.Tensor]:
-        """The first --eval-batches validation batches (this host's rows)."""
-        rt = self.rt
-        val = BatchLoader(
-            self.val_seqs,
-            self.cfg.train.batch_size,
-            0,
-            rt.process_index,
-            rt.process_count,
-            shuffle=False,
-        )
+        """The first --eval-batches validation batches."""
+        val = BatchLoader(self.val_seqs, self.cfg.train.batch_size, 0, shuffle=False)
         return [next(val) for _ in range(self.opts.eval_batches)]
 
     def eval_record(self, batches) -> dict[str, float]:
@@ -262,16 +252,10 @@ class PredictorTrainer(Loop):
         return self.run(step, after=evaluate)
 
     def evaluate(self) -> dict:
-        """Routing evaluation on this host's rows of the validation batches, merged."""
-        rt = self.rt
+        """Routing evaluation on the first --eval-batches validation batches (every host
+        evaluates the same ones)."""
         model = self.model.cpu().eval()
         result = evaluate_routing(model, self.val_batches())
-        if rt.process_count > 1:
-            import torch.distributed as dist
-
-            parts = [None] * rt.process_count
-            dist.all_gather_object(parts, result)
-            result = merge_routing_results(parts)
         return result | {
             "base_checkpoint": self.base,
             "capacity": self.cfg.model.mod.capacity,
@@ -285,16 +269,16 @@ class PredictorTrainer(Loop):
 def train_predictors(run_dir: str, opts: PredictorOptions) -> dict | None:
     """Train (or resume) the predictors of a run, then evaluate routing; returns eval.json,
     or None when a signal stopped the training (its step is saved: run it again)."""
-    trainer = PredictorTrainer(run_dir, opts)
-    logger = MetricsLogger(
-        trainer.out_dir, opts.steps, trainer.step, trainer.rt.is_main, desc="predictor"
-    )
-    trainer.on_checkpoint.append(logger.sync)
-    try:
-        with trainer.stop_on_sigterm():
+    with StopRequest().on_sigterm() as stop:
+        trainer = PredictorTrainer(run_dir, opts, stop)
+        logger = MetricsLogger(
+            trainer.out_dir, opts.steps, trainer.step, trainer.rt.is_main, desc="predictor"
+        )
+        trainer.on_checkpoint.append(logger.sync)
+        try:
             finished = trainer.fit(logger)
-    finally:
-        logger.close()
+        finally:
+            logger.close()
     if not finished:
         return None
     result = trainer.evaluate()

@@ -1,6 +1,10 @@
 """What the trainer and the predictor trainer share: the step counter, checkpoints (resume from
 the newest complete one, a save every N steps and at the end) and SIGTERM (finish the step,
-save it, stop: the command then exits 143 and a launcher restarts it)."""
+save it, stop: the command then exits 143 and a launcher restarts it).
+
+A stop is agreed by all hosts: each reports after every step whether it was signalled, and
+all stop after the step where any was, so every host saves that same step (a host that went
+on alone would wait in the next step's collectives for hosts that are saving)."""
 
 from __future__ import annotations
 
@@ -14,14 +18,38 @@ from modxla.io.logger import say
 RESUME_MODES = ("auto", "must", "never")
 
 
+class StopRequest:
+    """Set by SIGTERM (a preemption's notice) while `on_sigterm()` is active: the loop saves
+    after the current step and stops. Installed before the run is built, so a signal during
+    setup is honoured too (after the first step)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def on_sigterm(self):
+        def on_term(signum, frame):  # finish the step, save, exit cleanly
+            first, self.requested = not self.requested, True  # the flag before any I/O
+            if first:  # a second signal changes nothing
+                say(f"signal {signum}: saving a checkpoint after this step")
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 class Loop:
     """A loop of `steps` steps that checkpoints into `ckpt_dir`. Subclasses say what a
     checkpoint holds (`state`, with `meta` for what is not a tensor) and run `fit`."""
 
-    def __init__(self, rt, ckpt_dir: str, steps: int, every: int, keep: int, async_save=False):
+    def __init__(
+        self, rt, ckpt_dir: str, steps: int, every: int, keep: int, async_save=False, stop=None
+    ):
         self.rt, self.steps, self.every = rt, steps, every
         self.step = 0
-        self.stop_requested = False  # set by SIGTERM: checkpoint, then leave the loop
+        self.stop = stop or StopRequest()
         self.on_checkpoint: list[Callable[[], None]] = []  # before each save (logs upload)
         self.ckpt = Checkpointer(ckpt_dir, keep, async_save, rt.is_main)
 
@@ -69,9 +97,10 @@ class Loop:
                 after(self.step)
                 if stop():
                     return False
-                if self.stop_requested or (self.every and self.step % self.every == 0):
+                stopping = self.rt.hosts.agree(self.stop.requested)
+                if stopping or (self.every and self.step % self.every == 0):
                     saved = self.save()
-                if self.stop_requested:
+                if stopping:
                     say(f"stop requested: left at step {self.step}, checkpoint {saved}")
                     return False
             if not (self.every and self.step % self.every == 0):
@@ -79,18 +108,3 @@ class Loop:
         finally:
             self.ckpt.close()
         return True
-
-    @contextlib.contextmanager
-    def stop_on_sigterm(self):
-        """SIGTERM while inside: the loop saves after the current step and stops."""
-
-        def on_term(signum, frame):  # preemption: finish the step, save, exit cleanly
-            if not self.stop_requested:
-                say(f"signal {signum}: saving a checkpoint after this step")
-            self.stop_requested = True  # a second signal changes nothing
-
-        previous = signal.signal(signal.SIGTERM, on_term)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)

@@ -16,7 +16,7 @@ from modxla.io.layout import convert_state, is_stacked
 from modxla.io.logger import say
 from modxla.model import build_model
 from modxla.train.guard import DivergenceGuard, guarded_step
-from modxla.train.loop import Loop
+from modxla.train.loop import Loop, StopRequest
 from modxla.train.optim import (
     build_optimizer,
     convert_optimizer_state,
@@ -40,7 +40,7 @@ def _grouped(loader: BatchLoader, accum: int):
 class Trainer(Loop):
     """Holds the state one run shares between steps, evaluation and checkpoints."""
 
-    def __init__(self, cfg: Config, run_dir: str) -> None:
+    def __init__(self, cfg: Config, run_dir: str, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
         self.run_dir = str(run_dir)  # a path or URL (gs://...): never a pathlib.Path
         rundir.makedirs(self.run_dir)
@@ -51,12 +51,10 @@ class Trainer(Loop):
             rundir.put_file(str(streams.tokenizer), rundir.join(self.run_dir, rundir.TOKENIZER))
         self.train_seqs = streams.sequences("train", cfg.data.seq_len)
         self.val_seqs = streams.sequences("val", cfg.data.seq_len) if cfg.train.eval_every else None
-        self.loader = BatchLoader(
-            self.train_seqs, cfg.train.batch_size, cfg.data.seed, rt.process_index, rt.process_count
-        )
+        self.loader = BatchLoader(self.train_seqs, cfg.train.batch_size, cfg.data.seed)
         self.ckpt_dir = rundir.checkpoints(self.run_dir, cfg)
         c = cfg.checkpoint
-        super().__init__(rt, self.ckpt_dir, cfg.train.steps, c.every, c.keep, c.async_save)
+        super().__init__(rt, self.ckpt_dir, cfg.train.steps, c.every, c.keep, c.async_save, stop)
         model = build_model(cfg.model, seed=cfg.train.seed)
         model.remat = cfg.train.remat
         resume = self.find_resume(cfg.checkpoint.resume)
@@ -139,9 +137,7 @@ class Trainer(Loop):
     def evaluate(self) -> torch.Tensor:
         """Mean validation loss over the first `eval_batches` fixed validation batches."""
         cfg, rt = self.cfg.train, self.rt
-        loader = BatchLoader(
-            self.val_seqs, cfg.batch_size, 0, rt.process_index, rt.process_count, shuffle=False
-        )
+        loader = BatchLoader(self.val_seqs, cfg.batch_size, 0, shuffle=False)
         batches = [next(loader) for _ in range(cfg.eval_batches)]
         losses = [self._eval_step(self.model, b, cfg.dtype) for b in rt.feed(batches, 0)]
         return torch.stack(losses).mean()
@@ -207,13 +203,13 @@ def train(cfg: Config, run_dir: str) -> bool:
     before train.steps."""
     from modxla.io.logger import MetricsLogger
 
-    trainer = Trainer(cfg, run_dir)
-    # records logged after the checkpoint we resume from are dropped (they are logged again)
-    logger = MetricsLogger(trainer.run_dir, cfg.train.steps, trainer.step, trainer.rt.is_main)
-    trainer.on_checkpoint.append(logger.sync)
-    try:
-        with trainer.stop_on_sigterm():
+    with StopRequest().on_sigterm() as stop:
+        trainer = Trainer(cfg, run_dir, stop)
+        # records logged after the checkpoint we resume from are dropped (logged again)
+        logger = MetricsLogger(trainer.run_dir, cfg.train.steps, trainer.step, trainer.rt.is_main)
+        trainer.on_checkpoint.append(logger.sync)
+        try:
             trainer.fit(logger)
-        return trainer.step >= cfg.train.steps
-    finally:
-        logger.close()
+            return trainer.step >= cfg.train.steps
+        finally:
+            logger.close()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from modxla.analysis.flops import measure_matmul_peak, tpu_peak_flops
 from modxla.config import Config, ConfigError
+from modxla.parallel import hosts
+from modxla.parallel.hosts import Hosts
 from modxla.parallel.mesh import check_batch, resolve_mesh_shape
 
 
@@ -26,12 +28,12 @@ class Runtime:
     xla: bool
     mesh: object = None
     num_devices: int = 1
-    process_index: int = 0
-    process_count: int = 1
+    hosts: Hosts = field(default_factory=Hosts)
 
     @property
     def is_main(self) -> bool:
-        return self.process_index == 0
+        """This host writes the run's own files."""
+        return self.hosts.is_writer
 
     def compile(self, fn, name: str, state=None):
         """One compiled graph per call site on XLA; the plain function elsewhere.
@@ -109,7 +111,7 @@ def setup_runtime(cfg: Config) -> Runtime:
     if cfg.train.device != "xla":
         if cfg.train.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device: cuda requested but no CUDA device is available")
-        return Runtime(torch.device(cfg.train.device), xla=False)
+        return Runtime(torch.device(cfg.train.device), xla=False, hosts=hosts.from_env())
     import torch_xla
     import torch_xla.runtime as xr
 
@@ -125,21 +127,23 @@ def setup_runtime(cfg: Config) -> Runtime:
     # bad mesh or batch input is refused before SPMD mode changes this process's devices
     n = xr.global_runtime_device_count()
     shape = resolve_mesh_shape(cfg.mesh, n)
-    check_batch(cfg.train.batch_size, shape, xr.process_count())
+    check_batch(cfg.train.batch_size, shape)
     xr.use_spmd()
-    if xr.process_count() > 1:
+    if xr.process_count() > 1:  # one XLA program over the hosts: its processes are the group
         import torch.distributed as dist
         import torch_xla.distributed.xla_backend  # noqa: F401 (registers xla:// init)
 
-        if not dist.is_initialized():  # checkpoint coordination between hosts
+        if not dist.is_initialized():  # checkpoints and the stop agreement go through it
             dist.init_process_group("gloo", init_method="xla://")
+        group = hosts.from_default_group()
+    else:
+        group = hosts.from_env()
     return Runtime(
         device=torch_xla.device(),
         xla=True,
         mesh=build_mesh(cfg.mesh, n),
         num_devices=n,
-        process_index=xr.process_index(),
-        process_count=xr.process_count(),
+        hosts=group,
     )
 
 
@@ -166,7 +170,10 @@ def peak_flops_per_device(cfg: Config, rt: Runtime) -> float:
 
 
 def feed(batches, rt: Runtime, batch_dim: int):
-    """Iterator of device batches, the batch axis sharded over (data, fsdp) under SPMD."""
+    """Iterator of device batches, the batch axis sharded over (data, fsdp) under SPMD.
+
+    Each host passes the whole global batch (modxla.data.loader): without minibatch, the
+    tensor is the global one and each device takes its rows (parallel.mesh.device_rows)."""
     if not rt.xla:
         return (b.to(rt.device) for b in batches)
     import torch_xla.distributed.parallel_loader as pl
