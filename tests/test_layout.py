@@ -75,3 +75,20 @@ def test_every_console_script_main_is_in_cli():
     for path in (PKG / "cli").glob("*.py"):
         if path.stem != "__init__":
             assert f"modxla.cli.{path.stem}" in targets | helpers, f"{path}: no console script"
+
+
+def test_architecture_doc_matches_the_imports_and_the_tree():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    table = {}
+    for line in doc.split("| package | imports from |")[1].split("\n\n")[0].splitlines()[2:]:
+        pkg, deps = (cell.strip() for cell in line.strip("|").split("|"))
+        table[pkg.strip("`")] = {d.strip().strip("`") for d in deps.split(",")}
+    assert table == imports()
+    tree = doc.split("```")[1]  # the layout block
+    for pkg in (p for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        if pkg.name == "cli":  # listed by what it holds, not file by file
+            continue
+        row = next(line for line in tree.splitlines() if line.strip().startswith(f"{pkg.name}/"))
+        listed = set(row.split()[1:])
+        files = {p.name for p in pkg.glob("*.py")} - {"__init__.py"}
+        assert listed == files, f"docs/architecture.md lists {pkg.name}/ as {sorted(listed)}"

@@ -175,7 +175,7 @@ def goals(report: dict, step_layers: int) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
         "--layers",
@@ -194,15 +194,15 @@ def main() -> None:
     ap.add_argument("--worker", choices=["compile", "step"], help=argparse.SUPPRESS)
     ap.add_argument("--dump-dir", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.repeats < 1 or args.steps < 0 or args.step_layers < 1:
         ap.error("--repeats and --step-layers must be >= 1, --steps >= 0")
     if args.worker == "compile":
         print(json.dumps(worker(args.overrides, args.dump_dir)))
-        return
+        return 0
     if args.worker == "step":
         print(json.dumps(step_worker(args.overrides, args.steps)))
-        return
+        return 0
     from tqdm import tqdm
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,7 +244,8 @@ def main() -> None:
             bar.update()
     report["goals"] = goals(report, args.step_layers)
     print(json.dumps(report, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
