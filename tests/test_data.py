@@ -220,3 +220,90 @@ def test_tokenizer_vocab_must_match_the_model(corpus, tmp_path, tokenizer):
     cfg = data_cfg(corpus[0], tmp_path, tokenizer, **{"model.vocab_size": 512})
     with pytest.raises(DataError, match="has 384 pieces but model.vocab_size is 512"):
         build_streams(cfg.data, 512)
+
+
+@pytest.fixture
+def trainings(monkeypatch):
+    """Every tokenizer `resolve_tokenizer` trains, by its output path (training still runs)."""
+    from modxla.data import tokenizer as tok
+
+    paths = []
+
+    def spy(texts, out_path, *a, **k):
+        paths.append(str(out_path))
+        return real(texts, out_path, *a, **k)
+
+    real = tok.train_tokenizer
+    monkeypatch.setattr(tok, "train_tokenizer", spy)
+    return paths
+
+
+def test_editing_the_corpus_trains_a_new_tokenizer(corpus, tmp_path, trainings):
+    root, _ = corpus
+    cfg = data_cfg(root, tmp_path, "")
+    first = build_streams(cfg.data, VOCAB, progress=False)
+    assert trainings == [first.tokenizer]
+    (root / "doc03.txt").write_text("def edited():\n    return 'other text'\n" * 40)
+    second = build_streams(cfg.data, VOCAB, progress=False)
+    assert second.tokenizer != first.tokenizer  # a new cache entry, not the stale model
+    assert trainings == [first.tokenizer, second.tokenizer]  # trained on the edited corpus
+    sp = load_tokenizer(second.tokenizer)
+    docs = load_documents(cfg.data)
+    expected = [sp.encode(d) + [EOS_ID] for d in docs["text"]]  # packed with the new one
+    assert sum(map(len, expected)) == len(second.train) + len(second.val)
+
+
+def test_another_text_field_trains_another_tokenizer(corpus, tmp_path, trainings):
+    from modxla.data.tokenizer import file_digest, resolve_tokenizer
+
+    _, docs = corpus
+    others = [open(f, encoding="utf-8").read()[:3000] for f in stdlib_files()[60:70]]
+    rows = [{"a": a, "b": b} for a, b in zip(docs, others, strict=True)]
+    (tmp_path / "two.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg_a = data_cfg(tmp_path / "two.jsonl", tmp_path, "", **{"data.text_field": "a"})
+    cfg_b = data_cfg(tmp_path / "two.jsonl", tmp_path, "", **{"data.text_field": "b"})
+    tok_a = resolve_tokenizer(cfg_a.data, VOCAB)
+    tok_b = resolve_tokenizer(cfg_b.data, VOCAB)
+    assert tok_a != tok_b and trainings == [tok_a, tok_b]
+    assert file_digest(tok_a) != file_digest(tok_b)  # trained on different text
+    assert resolve_tokenizer(cfg_a.data, VOCAB) == tok_a and len(trainings) == 2
+
+
+def test_an_unchanged_corpus_reuses_its_tokenizer(corpus, tmp_path, trainings):
+    import os
+
+    from modxla.data.tokenizer import resolve_tokenizer
+
+    root, _ = corpus
+    cfg = data_cfg(root, tmp_path, "")
+    tok = resolve_tokenizer(cfg.data, VOCAB)
+    made = os.stat(tok).st_mtime_ns
+    # settings that do not reach the tokenizer's training do not retrain it
+    other = data_cfg(root, tmp_path, "", **{"data.seed": 5, "data.val_fraction": 0.5})
+    assert resolve_tokenizer(other.data, VOCAB) == tok and trainings == [tok]
+    # an edit trains another; putting the file back as it was (bytes and mtime) finds the first
+    doc = root / "doc00.txt"
+    before, st = doc.read_bytes(), doc.stat()
+    doc.write_text("print('edited')\n" * 100)
+    edited = resolve_tokenizer(cfg.data, VOCAB)
+    assert edited != tok and trainings == [tok, edited]
+    doc.write_bytes(before)
+    os.utime(doc, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert resolve_tokenizer(cfg.data, VOCAB) == tok and trainings == [tok, edited]
+    assert os.stat(tok).st_mtime_ns == made  # not rewritten
+
+
+def test_every_trainer_setting_and_the_training_cap_key_the_tokenizer(
+    corpus, tmp_path, monkeypatch
+):
+    from modxla.data import tokenizer as tok
+
+    cfg = data_cfg(corpus[0], tmp_path, "").data
+    base = tok.default_tokenizer_path(cfg, VOCAB)
+    assert tok.default_tokenizer_path(cfg, 512) != base
+    monkeypatch.setattr(tok, "MAX_TRAIN_CHARS", 1000)
+    assert tok.default_tokenizer_path(cfg, VOCAB) != base
+    monkeypatch.undo()
+    real = tok.trainer_settings
+    monkeypatch.setattr(tok, "trainer_settings", lambda *a: {**real(*a), "split_digits": False})
+    assert tok.default_tokenizer_path(cfg, VOCAB) != base

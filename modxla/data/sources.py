@@ -166,6 +166,22 @@ def _files_signature(files: list[str], max_chars: int) -> str:
     return h.hexdigest()[:16]
 
 
+def source_signature(cfg: DataConfig) -> dict:
+    """What identifies the text a source yields, for cache keys that must follow the corpus.
+
+    Local sources: the files' absolute names, sizes and mtimes (so an edited, added or removed
+    file changes it) and `text_field`; hub sources: the name, config, split and `text_field`
+    (no revision is configurable: a hub dataset is read as `datasets` resolves it).
+    """
+    sig: dict = {"source": cfg.source, "text_field": cfg.text_field}
+    if is_local(cfg.source):
+        files = [os.path.abspath(f) for f in local_files(cfg.source)]
+        sig.update(kind=_kind(files[0]), files=_files_signature(files, 0))
+    else:
+        sig.update(hub_config=cfg.hub_config, split=cfg.split)
+    return sig
+
+
 def iter_text(ds, max_chars: int = 0):
     """Document texts of a dataset (map-style or streaming), up to `max_chars` in total."""
     total = 0

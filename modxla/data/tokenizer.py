@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from modxla.config import DataConfig
-from modxla.data.sources import DataError, iter_text, load_documents
+from modxla.data.sources import DataError, iter_text, load_documents, source_signature
 
 EOS_ID = 2  # the document separator: sentencepiece's </s>
 MAX_TRAIN_CHARS = 20_000_000  # plenty for a tokenizer; keeps training under a minute
@@ -24,6 +25,28 @@ def _lines(texts, max_chars: int):
                 yield line
 
 
+def trainer_settings(vocab_size: int, model_type: str = "bpe") -> dict:
+    """Every option `train_tokenizer` gives sentencepiece's trainer, but the corpus and output.
+
+    The tokenizer cache key is built from this, so a changed option trains a new tokenizer.
+    """
+    return dict(
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=0,
+        unk_id=1,
+        eos_id=EOS_ID,
+        bos_id=-1,
+        byte_fallback=True,  # every UTF-8 string encodes, so decode(encode(s)) == s
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        user_defined_symbols=["\n", "\t", "    "],
+        allow_whitespace_only_pieces=True,
+        hard_vocab_limit=True,
+    )
+
+
 def train_tokenizer(
     texts, out_path: str | Path, vocab_size: int, model_type: str = "bpe", max_chars: int = 0
 ) -> Path:
@@ -35,20 +58,8 @@ def train_tokenizer(
         spm.SentencePieceTrainer.train(
             sentence_iterator=_lines(texts, max_chars or MAX_TRAIN_CHARS),
             model_prefix=str(tmp),
-            vocab_size=vocab_size,
-            model_type=model_type,
-            pad_id=0,
-            unk_id=1,
-            eos_id=EOS_ID,
-            bos_id=-1,
-            byte_fallback=True,  # every UTF-8 string encodes, so decode(encode(s)) == s
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            split_digits=True,
-            user_defined_symbols=["\n", "\t", "    "],
-            allow_whitespace_only_pieces=True,
-            hard_vocab_limit=True,
             minloglevel=2,
+            **trainer_settings(vocab_size, model_type),
         )
     except RuntimeError as e:
         raise DataError(f"tokenizer training failed on this corpus: {e}") from None
@@ -75,9 +86,20 @@ def file_digest(path: str | Path) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def tokenizer_key(cfg: DataConfig, vocab_size: int) -> dict:
+    """What a tokenizer trained on `cfg`'s source depends on: the corpus' signature (files,
+    sizes, mtimes; or the hub name, config and split), `text_field`, the characters read for
+    training, and every trainer setting."""
+    return {
+        "corpus": source_signature(cfg),
+        "train_chars": cfg.max_chars or MAX_TRAIN_CHARS,  # what train_tokenizer reads
+        "trainer": trainer_settings(vocab_size, cfg.tokenizer_type),
+    }
+
+
 def default_tokenizer_path(cfg: DataConfig, vocab_size: int) -> Path:
-    key = f"{cfg.source}|{cfg.hub_config}|{cfg.max_chars}|{cfg.tokenizer_type}|{vocab_size}"
-    name = hashlib.sha1(key.encode()).hexdigest()[:12]
+    key = json.dumps(tokenizer_key(cfg, vocab_size), sort_keys=True)
+    name = hashlib.sha1(key.encode()).hexdigest()[:16]
     return Path(os.path.expanduser(cfg.cache_dir)) / "tokenizers" / f"{name}.model"
 
 
