@@ -152,6 +152,8 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = False
     resume: str = "auto"  # auto: newest complete checkpoint if any | must: fail if none | never
+    # resume with another schedule (train.steps, lr, warmup...; modxla.train.identity)
+    allow_schedule_change: bool = False
 
 
 @dataclass

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from modxla.config import load_config
 from modxla.errors import EXIT_STOPPED
 from modxla.io.checkpoint import (
     Checkpointer,
@@ -270,22 +269,51 @@ def test_sigterm_saves_a_loadable_checkpoint_at_the_step_reached(tmp_path, data_
     info = json.loads((Path(path) / "COMPLETE").read_text())
     assert info["step"] == step and info["files"]
     assert {"model.embed.weight", "meta.torch_rng"} <= set(read_metadata(path))
-    proc = run(_cmd(run_dir, data_cache, f"train.steps={step + 1}", "--resume"), 2)
+    longer = (f"train.steps={step + 1}", "--resume", "--allow-schedule-change")
+    proc = run(_cmd(run_dir, data_cache, *longer), 2)
     assert f"resuming from {path} (step {step})" in proc.stderr
     assert sorted(_losses(run_dir))[-1] == step + 1
 
 
 @pytest.mark.slow
-def test_resume_flag_needs_a_checkpoint_and_a_matching_model(tmp_path, data_cache):
+def test_resume_refuses_another_run_and_records_what_it_may_change(tmp_path, data_cache):
+    """Through the CLI (native CPU device: no compile): --resume needs a checkpoint; another
+    model or capacity is refused, files untouched; another schedule needs the flag and is
+    recorded at the step it took effect; resume=never never mixes two runs."""
+    cpu = ("train.device=cpu", "model.mod.capacity=0.125")
     proc = run(_cmd(tmp_path / "new", data_cache, "train.steps=1", "--resume"), 1, check=False)
     assert proc.returncode == 2 and "resume: no complete checkpoint in" in proc.stderr
-    run(_cmd(tmp_path / "r", data_cache, "train.steps=1"), 1)
+    r = tmp_path / "r"
+    run(_cmd(r, data_cache, "train.steps=2", *cpu), 1)
+    kept = {name: (r / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
+    for change, said in (
+        ("model.d_model=32", "model.d_model 64 -> 32"),
+        ("model.mod.capacity=0.5", "model.mod.capacity 0.125 -> 0.5"),  # a 12.5% run
+    ):
+        proc = run(_cmd(r, data_cache, "train.steps=2", *cpu, change), 1, check=False)
+        assert proc.returncode == 2 and f"is another run: {said}" in proc.stderr, proc.stderr
+        assert {name: (r / name).read_text() for name in kept} == kept  # untouched
+    proc = run(_cmd(r, data_cache, "train.steps=3", *cpu), 1, check=False)
+    assert proc.returncode == 2 and "train.steps 2 -> 3" in proc.stderr
+    assert "--allow-schedule-change" in proc.stderr
+    proc = run(_cmd(r, data_cache, "train.steps=3", *cpu, "--allow-schedule-change"), 1)
+    assert "schedule changed at step 2: train.steps 2 -> 3" in proc.stderr
+    changes = [rec for rec in read_metrics(r) if "config_changes" in rec]
+    assert changes == [
+        {
+            "step": 2,
+            "config_changes": {
+                "train.steps": [2, 3],
+                "checkpoint.allow_schedule_change": [False, True],
+            },
+        }
+    ]
+    assert max(_losses(r)) == 3
     proc = run(
-        _cmd(tmp_path / "r", data_cache, "train.steps=2", "model.d_model=32"), 1, check=False
+        _cmd(r, data_cache, "train.steps=3", *cpu, "checkpoint.resume=never"), 1, check=False
     )
-    assert proc.returncode == 2
-    assert "embed.weight has shape (384, 64) but the model config gives (384, 32)" in proc.stderr
-    assert load_config(tmp_path / "r" / "config.yaml").model.d_model == 64  # left untouched
+    assert proc.returncode == 2 and "resume=never, but" in proc.stderr
+    assert max(_losses(r)) == 3  # the run's metrics are not truncated
 
 
 def test_a_run_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(

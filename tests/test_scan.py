@@ -147,7 +147,8 @@ def test_checkpoints_resume_across_layouts(tmp_path, data_cache):
     run = tmp_path / "run"
     _cpu_run(run, data_cache, "train.steps=1", "model.scan=false")
     for step, scan in ((2, "true"), (3, "false")):
-        resumed, losses = _cpu_run(run, data_cache, f"train.steps={step}", f"model.scan={scan}")
+        extend = (f"train.steps={step}", "checkpoint.allow_schedule_change=true")
+        resumed, losses = _cpu_run(run, data_cache, *extend, f"model.scan={scan}")
         assert resumed.model.cfg.scan == (scan == "true") and len(losses) == 1
         assert abs(losses[0] - straight[step - 1]) <= 1e-5, (step, losses, straight)
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -34,7 +35,14 @@ def test_isoflop_runs_land_within_two_percent(tmp_path):
     cfg = load_config(tmp_path / "mod_c12_6x192.yaml")
     assert cfg.model.num_layers == 6 and cfg.model.d_model == 192
     assert cfg.train.steps == by["mod_c12_6x192"]["steps"]
-    assert (tmp_path / "run_all.sh").read_text().count("modxla.train") == 6
+    script = (tmp_path / "run_all.sh").read_text()
+    assert script.count("modxla.train") == 6
+    # another budget's runs never resume these: each budget has its own folder
+    assert isoflop.main(["--budget", "6e14", "--sizes", *SIZES, "--out", str(tmp_path / "b")]) == 0
+    other = (tmp_path / "b" / "run_all.sh").read_text()
+    dirs = [set(re.findall(r"--run-dir (\S+)", s)) for s in (script, other)]
+    assert len(dirs[0]) == len(dirs[1]) == 6 and not dirs[0] & dirs[1]
+    assert all(d.startswith("runs/isoflop/3e14/") for d in dirs[0])
 
 
 def test_isoflop_seeds_and_extra_overrides(tmp_path, capsys):
@@ -375,3 +383,19 @@ def test_predictor_tool_resumes_and_stops_like_the_trainer(
     assert _predictor_main(run_dir, "--steps", "6", "--restart") == 0  # deleted, from step 0
     assert "resuming" not in capsys.readouterr().err
     assert [p.name for p in ckpts.iterdir()] == ["step_00000006"]
+    # the base model trains on: the predictors' frozen model is no longer the run's
+    from modxla.inference.load import InferenceError, load_run
+
+    cpu_trainer(
+        tmp_path, data_cache, "run", "train.steps=6", "checkpoint.allow_schedule_change=true"
+    )
+    assert _predictor_main(run_dir, "--steps", "8") == 2
+    assert "trained on the run's checkpoint of step 4" in capsys.readouterr().err
+    with pytest.raises(InferenceError, match="step 4, but the run's newest is .*step_00000006"):
+        load_run(run_dir)  # what sampling and evaluation load
+    _, _, path = load_run(run_dir, stale_predictor=True, warn=lambda _: None)  # the old pair
+    assert path.endswith("predictor/checkpoints/step_00000006")
+    assert _predictor_main(run_dir, "--steps", "2", "--restart") == 0  # on the new base
+    ev = json.loads((run_dir / "predictor" / "eval.json").read_text())
+    assert ev["base_step"] == 6 and ev["base_checkpoint"].endswith("step_00000006")
+    assert load_run(run_dir)[2].endswith("predictor/checkpoints/step_00000002")

@@ -62,11 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="xla runs one compiled decode step per token",
     )
+    ap.add_argument(
+        "--stale-predictor",
+        action="store_true",
+        help="sample with predictors trained on an older checkpoint than the run's newest",
+    )
     args = ap.parse_args(argv)
     if args.max_tokens < 1:
         ap.error("--max-tokens must be >= 1")
     try:
-        cfg, model, path = load_run(args.run_dir)
+        cfg, model, path = load_run(args.run_dir, stale_predictor=args.stale_predictor)
         if args.routing == "predictor" and not cfg.model.mod.predictor:
             raise UserError(
                 f"{args.run_dir} has no predictors: add them with modxla-train-predictor, "

@@ -54,6 +54,11 @@ def size_overrides(size: str) -> list[str]:
     ]
 
 
+def budget_name(budget: float) -> str:
+    """3e14 for 3e+14: the budget's folder under --runs-dir."""
+    return f"{budget:.3g}".replace("e+", "e")
+
+
 SWEEP_KEYS = ("train.steps", "train.seed")  # set by the sweep itself, never by --set
 
 
@@ -115,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["baseline", "mod_c12"])
     ap.add_argument("--base", default="configs/tiny.yaml", help="config the sizes modify")
     ap.add_argument("--out", required=True, help="folder for the configs and run_all.sh")
-    ap.add_argument("--runs-dir", default="runs/isoflop", help="where run_all.sh trains")
+    ap.add_argument(
+        "--runs-dir",
+        default="runs/isoflop",
+        help="where run_all.sh trains: one folder per budget below it (runs/isoflop/3e14/...), "
+        "so two budgets never share a run directory",
+    )
     ap.add_argument(
         "--seeds", nargs="+", type=int, default=[0], help="train.seed of each run (default: 0)"
     )
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "--config",
             str(path),
             "--run-dir",
-            f"{args.runs_dir}/{r['name']}",
+            f"{args.runs_dir}/{budget_name(args.budget)}/{r['name']}",
         ]
         lines.append(shlex.join(cmd))
         print(

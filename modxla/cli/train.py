@@ -38,10 +38,18 @@ def main(argv: list[str] | None = None) -> int:
         help="continue from the newest complete checkpoint, failing if there is none "
         "(without it, checkpoint.resume=auto resumes when one exists)",
     )
+    ap.add_argument(
+        "--allow-schedule-change",
+        action="store_true",
+        help="resume with another train.steps, learning rate, warmup or other optimisation "
+        "setting (without it such a resume is refused; a changed model or data always is)",
+    )
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = ap.parse_args(argv)
     try:
         overrides = [*args.overrides, *(["checkpoint.resume=must"] if args.resume else [])]
+        if args.allow_schedule_change:
+            overrides.append("checkpoint.allow_schedule_change=true")
         cfg = load_config(args.config, overrides)
         finished = train(cfg, args.run_dir)
     except UserError as e:

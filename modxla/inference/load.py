@@ -11,7 +11,7 @@ import torch
 from modxla.config import Config, ConfigError
 from modxla.errors import UserError
 from modxla.io import rundir
-from modxla.io.checkpoint import CheckpointError, latest_checkpoint
+from modxla.io.checkpoint import CheckpointError, checkpoint_id, latest_checkpoint, read_marker
 from modxla.io.checkpoint import load as load_checkpoint
 from modxla.io.layout import to_unrolled
 from modxla.model import Transformer, build_model
@@ -37,6 +37,7 @@ def load_run(
     warn=print,
     calibrated: bool = True,
     unrolled: bool = False,
+    stale_predictor: bool = False,
 ) -> tuple[Config, Transformer, str]:
     """The run's config and model (CPU, eval mode) with the newest weights.
 
@@ -45,6 +46,8 @@ def load_run(
     `calibrated`, the causal routing thresholds of <run>/predictor/calibration.json are set
     when they were fitted on the checkpoint loaded (else ignored, with a warning). A scanned
     model is unrolled when asked or when thresholds are set (they are per block).
+    Predictors trained on an older training checkpoint than the run's newest are refused
+    (their frozen model is not the run's any more) unless `stale_predictor`.
     """
     run_dir = str(run_dir)  # a path or URL
     try:
@@ -56,6 +59,8 @@ def load_run(
     # predictors even when the run was trained without them (absent in older runs)
     if path and rundir.exists(rundir.join(pred_dir, rundir.CONFIG)):
         cfg = rundir.load_config(pred_dir)
+    if path:
+        _check_base(run_dir, cfg, path, stale_predictor, warn)
     path = path or latest_checkpoint(rundir.checkpoints(run_dir, cfg), warn)
     if path is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
@@ -72,6 +77,23 @@ def load_run(
     if cal:
         set_thresholds(model, cal["thresholds"])
     return cfg, model.eval(), path
+
+
+def _check_base(run_dir: str, cfg: Config, path: str, stale_ok: bool, warn) -> None:
+    base = read_marker(path).get("base")
+    newest = latest_checkpoint(rundir.checkpoints(run_dir, cfg), warn)
+    if base is None or newest is None or base == checkpoint_id(newest):
+        return  # written before predictor checkpoints named their base; or it is current
+    msg = (
+        f"{path} holds predictors trained on the run's checkpoint of step {base['step']}, "
+        f"but the run's newest is {newest}"
+    )
+    if not stale_ok:
+        raise InferenceError(
+            f"{msg}: retrain them (modxla-train-predictor --run-dir {run_dir} --restart), "
+            "or ask for the old pair explicitly (--stale-predictor)"
+        )
+    warn(f"warning: {msg}; using the old pair, as asked")
 
 
 def read_calibration(run_dir: str, checkpoint: str, warn=print) -> dict | None:

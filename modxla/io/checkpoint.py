@@ -23,6 +23,7 @@ so a checkpoint restores onto any mesh shape (resharding for free; one host copy
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -127,6 +128,21 @@ def _incomplete(fs, root: str, verify: bool = False) -> str | None:
             if _crc32(fs, _join(root, name)) != crc:
                 return f"{name} fails its checksum (damaged after it was written)"
     return None
+
+
+def read_marker(path: str) -> dict:
+    """A complete checkpoint's COMPLETE marker: step, files, checksums and what its writer
+    added (the trainer: the run's config)."""
+    fs, root = _fs(path)
+    with fs.open(_join(root, MARKER), "r") as f:
+        return json.load(f)
+
+
+def checkpoint_id(path: str) -> dict:
+    """{"step", "digest"}: which checkpoint this is, by content (a hash of its checksums)."""
+    info = read_marker(path)
+    sums = json.dumps(info.get("crc32") or info.get("files"), sort_keys=True)
+    return {"step": int(info["step"]), "digest": hashlib.sha256(sums.encode()).hexdigest()[:16]}
 
 
 def latest_checkpoint(base: str, warn=print, verify: bool = True) -> str | None:

@@ -15,7 +15,14 @@ from modxla.data import BatchLoader, build_streams
 from modxla.errors import UserError
 from modxla.inference.load import predictor_ckpt_dir
 from modxla.io import rundir
-from modxla.io.checkpoint import CheckpointError, latest_checkpoint, load, read_metadata
+from modxla.io.checkpoint import (
+    CheckpointError,
+    checkpoint_id,
+    latest_checkpoint,
+    load,
+    read_marker,
+    read_metadata,
+)
 from modxla.io.logger import MetricsLogger, say
 from modxla.model import Transformer, build_model
 from modxla.routing.evaluate import evaluate_routing, predictor_quality
@@ -102,6 +109,7 @@ class PredictorTrainer(Loop):
         self.base = latest_checkpoint(rundir.checkpoints(self.run_dir, run_cfg), warn=say)
         if self.base is None:
             raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
+        self.base_id = checkpoint_id(self.base)  # recorded by every predictor checkpoint
 
         self.rt = rt = setup_runtime(self.cfg)
         streams = build_streams(self.cfg.data, self.cfg.model.vocab_size, progress=False)
@@ -117,7 +125,7 @@ class PredictorTrainer(Loop):
         super().__init__(rt, ckpt_dir, opts.steps, opts.checkpoint_every, opts.keep, stop=stop)
         if opts.restart and rt.is_main:
             self.ckpt.clear()  # asked for: a complete step is otherwise never rewritten
-        resume = self.find_resume("never" if opts.restart else "must" if opts.resume else "auto")
+        resume = None if opts.restart else self.find_resume("must" if opts.resume else "auto")
         self._load_base(model)
         for name, p in model.named_parameters():
             p.requires_grad_(_is_predictor(name))
@@ -187,7 +195,17 @@ class PredictorTrainer(Loop):
         }[self.init]
         say(f"{how}; frozen model from {self.base}")
 
+    def marker(self) -> dict:
+        return {"base": self.base_id}
+
     def _load_resume(self, path: str, model: Transformer) -> dict:
+        base = read_marker(path).get("base")
+        if base is not None and base != self.base_id:
+            raise UserError(
+                f"{path} holds predictors trained on the run's checkpoint of step "
+                f"{base['step']}; its newest is now step {self.base_id['step']} ({self.base}): "
+                "pass --restart to train predictors on it"
+            )
         template = {
             "model": model.state_dict(),
             "optim": state_template(model, self.ocfg),
@@ -258,6 +276,7 @@ class PredictorTrainer(Loop):
         result = evaluate_routing(model, self.val_batches())
         return result | {
             "base_checkpoint": self.base,
+            "base_step": self.base_id["step"],
             "capacity": self.cfg.model.mod.capacity,
             "predictor_init": self.init,
             "predictor_hidden": self.cfg.model.mod.predictor_hidden,

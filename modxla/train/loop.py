@@ -58,9 +58,14 @@ class Loop:
         `never`: none; `must`: an error when there is none."""
         if mode not in RESUME_MODES:
             raise CheckpointError(f"resume must be one of {', '.join(RESUME_MODES)}: {mode!r}")
-        if mode == "never":
-            return None
         path = latest_checkpoint(self.ckpt.base, warn=say)
+        if mode == "never":
+            if path is not None:  # a new run here would mix with the old one's checkpoints
+                raise CheckpointError(
+                    f"resume=never, but {self.ckpt.base} holds checkpoints of a run (newest: "
+                    f"{path}): use another run directory, or delete them to start over"
+                )
+            return None
         if path is None and mode == "must":
             raise CheckpointError(f"resume: no complete checkpoint in {self.ckpt.base}")
         return path
@@ -72,11 +77,15 @@ class Loop:
     def before_save(self) -> None:
         """A last check before anything is written (the trainer's divergence guard)."""
 
+    def marker(self) -> dict:
+        """What the checkpoint's COMPLETE marker records besides its files (JSON)."""
+        return {}
+
     def save(self) -> str | None:
         self.before_save()
         for hook in self.on_checkpoint:  # metrics never run ahead of a checkpoint
             hook()
-        path = self.ckpt.save(self.step, self.state())
+        path = self.ckpt.save(self.step, self.state(), self.marker())
         if path is None:
             say(f"checkpoint step {self.step} is already complete; not rewritten")
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -9,12 +10,14 @@ import torch
 from modxla.analysis.flops import flops_per_step, mfu
 from modxla.config import Config
 from modxla.data import BatchLoader, build_streams
+from modxla.data.tokenizer import file_digest
 from modxla.io import rundir
-from modxla.io.checkpoint import check_model_shapes, read_metadata
+from modxla.io.checkpoint import CheckpointError, check_model_shapes, read_marker, read_metadata
 from modxla.io.checkpoint import load as load_checkpoint
 from modxla.io.layout import convert_state, is_stacked
 from modxla.io.logger import say
 from modxla.model import build_model
+from modxla.train import identity
 from modxla.train.guard import DivergenceGuard, guarded_step
 from modxla.train.loop import Loop, StopRequest
 from modxla.train.optim import (
@@ -47,12 +50,13 @@ class Trainer(Loop):
         self.rt = rt = setup_runtime(cfg)
         torch.manual_seed(cfg.train.seed)
         streams = build_streams(cfg.data, cfg.model.vocab_size, progress=rt.is_main)
-        if rt.is_main:  # tools (generate, predictor) read the run's own tokenizer
-            rundir.put_file(str(streams.tokenizer), rundir.join(self.run_dir, rundir.TOKENIZER))
+        self.tokenizer = str(streams.tokenizer)
+        self.tokenizer_digest = file_digest(self.tokenizer)  # part of the run's identity
         self.train_seqs = streams.sequences("train", cfg.data.seq_len)
         self.val_seqs = streams.sequences("val", cfg.data.seq_len) if cfg.train.eval_every else None
         self.loader = BatchLoader(self.train_seqs, cfg.train.batch_size, cfg.data.seed)
         self.ckpt_dir = rundir.checkpoints(self.run_dir, cfg)
+        self.config_changes: dict[str, list] = {}  # what this resume changed (metrics.jsonl)
         c = cfg.checkpoint
         super().__init__(rt, self.ckpt_dir, cfg.train.steps, c.every, c.keep, c.async_save, stop)
         model = build_model(cfg.model, seed=cfg.train.seed)
@@ -64,8 +68,10 @@ class Trainer(Loop):
         self.opt = build_optimizer(self.model, cfg.optimizer)
         if restored:
             self._restore(restored)
-        if rt.is_main:  # only now: a refused resume leaves the run's config untouched
+        if rt.is_main:  # only now: a refused resume leaves the run's files untouched
             rundir.save_config(cfg, self.run_dir)
+            # tools (generate, predictor) read the run's own tokenizer
+            rundir.put_file(self.tokenizer, rundir.join(self.run_dir, rundir.TOKENIZER))
         self.flops = flops_per_step(cfg)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
         self.peak = peak_flops_per_device(cfg, rt)
@@ -89,8 +95,56 @@ class Trainer(Loop):
             "xla_rng": self.rt.rng_state(),
         }
 
+    def marker(self) -> dict:
+        return {
+            "config": identity.flat(self.cfg),
+            "identity": identity.identity_hash(self.cfg),
+            "tokenizer": self.tokenizer_digest,
+        }
+
+    def _check_identity(self, path: str) -> None:
+        """Refuse a checkpoint of another run; note (and allow) what may change on resume."""
+        marker = read_marker(path)
+        saved = marker.get("config")
+        if marker.get("tokenizer", self.tokenizer_digest) != self.tokenizer_digest:
+            raise CheckpointError(
+                f"resume: {path} was trained with another tokenizer than the data gives now "
+                f"({self.tokenizer}: the corpus or the tokenizer settings changed). Use "
+                "another --run-dir, or data.tokenizer=<the run's tokenizer.model>"
+            )
+        if saved is None:  # written before checkpoints recorded their config
+            say(f"{path} records no config: resuming without checking it is this run")
+            return
+        diff = identity.changes(saved, self.cfg)
+        if diff["identity"]:
+            raise CheckpointError(
+                f"resume: {path} is another run: {identity.describe(diff['identity'])}. "
+                "Use another --run-dir for it"
+            )
+        if diff["schedule"] and not self.cfg.checkpoint.allow_schedule_change:
+            raise CheckpointError(
+                f"resume: {path} was trained with another schedule: "
+                f"{identity.describe(diff['schedule'])}. Pass --allow-schedule-change "
+                "(checkpoint.allow_schedule_change=true) to continue with the new one"
+            )
+        self.config_changes = {**diff["schedule"], **diff["free"]}
+        if diff["schedule"]:
+            step, o = int(marker["step"]), self.cfg.optimizer
+            old = copy.deepcopy(self.cfg)
+            for key, (value, _) in diff["schedule"].items():
+                section, name = key.split(".", 1)
+                setattr(getattr(old, section), name, value)
+            say(
+                f"schedule changed at step {step}: {identity.describe(diff['schedule'])}; "
+                f"lr {lr_at(step, old.optimizer, old.train.steps):.3g} -> "
+                f"{lr_at(step, o, self.cfg.train.steps):.3g} at this step, warmup "
+                f"{o.warmup_steps}, cosine to {o.lr * o.min_lr_ratio:.3g} at step "
+                f"{self.cfg.train.steps}"
+            )
+
     def _load(self, path: str, model: torch.nn.Module) -> dict:
         """Read a checkpoint into host tensors; the model (on the CPU) takes its weights."""
+        self._check_identity(path)
         # Either layout (unrolled or scanned) loads into either: the template follows the
         # checkpoint's layout, and the loaded tensors are converted to the model's.
         unit, scan = self.cfg.model.scan_unit, self.cfg.model.scan
@@ -171,6 +225,10 @@ class Trainer(Loop):
             history.append(rec)
             logger.log(rec)
 
+        if self.config_changes:  # in the run's history, at the step they took effect
+            rec = {"step": self.step, "config_changes": self.config_changes}
+            history.append(rec)
+            logger.log(rec)
         if self.val_seqs is not None and self.step == 0:
             rt.after_step(record_eval, 0, self.evaluate())
         batches = rt.feed(_grouped(self.loader, cfg.train.grad_accum), 1)
