@@ -1,5 +1,6 @@
 """A fake `gcloud` for the launcher tests: queued resources whose state advances over time,
-and TPU VMs that are folders on this machine, whose `ssh --command` really runs.
+and TPU VMs that are folders on this machine, whose `ssh --command` really runs and to whose
+homes `scp FILE NODE:DEST` really copies.
 
 State lives in $FAKE_GCLOUD_STATE/state.json (written whole, under a lock): every call's
 argv in state["calls"] and its virtual time (below) in state["times"]. Each TPU VM worker
@@ -32,6 +33,12 @@ ssh failing). worker_fail ({HOST: [TEXT, UNTIL]}: a command containing TEXT fail
 worker alone until virtual time UNTIL, for ever when UNTIL is null; the other workers of
 --worker=all run it, and the call exits 1 after gcloud's "##### Command execution on worker
 N failed with exit status 1. Continuing.").
+
+`tpu-vm scp SRC... NODE:DEST [--worker=all|N]` copies the local files to DEST (relative to
+the home) of each targeted worker (worker 0 by default, as gcloud's). It meets the faults
+of ssh, its "command" being `scp SRC... NODE:DEST`: a preempted slice or node exits 1, one
+not ACTIVE 255; ssh_fail, preempt_on_ssh and worker_fail match that text (e.g. "scp", or
+the archive's name), a failing worker getting no copy.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,45 +190,71 @@ def queued(args: list[str]) -> int:
         return 0
 
 
+def reach(state: dict, node: str, which: str, command: str, verb: str):
+    """(exit code, workers [(index, home)] to run `command` on, queued resource) of an ssh
+    or scp (`verb`) to `node`: the scripted faults, then the workers that do not fail; a
+    code > 0 with no workers left is the call's exit code."""
+    qr = next((q for q in state.get("qr", {}).values() if node in q["nodes"]), None)
+    script, now = state.get("script", {}), state.get("now", 0)
+    if qr is not None and qr["state"] == "ACTIVE" and script.get("preempt_on_ssh"):
+        text, nth = script["preempt_on_ssh"]
+        if text in command:
+            state["preempt_ssh_seen"] = seen = state.get("preempt_ssh_seen", 0) + 1
+            if seen == nth:
+                qr["state"] = "SUSPENDED"
+                state["preemptions"] = state.get("preemptions", 0) + 1
+                kill_vm_processes(qr)
+    preempted = qr is not None and any(
+        n == node and qr["created_at"] < t <= now for t, n in script.get("preempt_node", [])
+    )
+    if qr is not None and (preempted or qr["state"] in PREEMPTED):
+        print(
+            f"ERROR: (gcloud.compute.tpus.tpu-vm.{verb}) FAILED_PRECONDITION: TPU node {node} "
+            f"is not READY (PREEMPTED); its queued resource is {qr['state']}",
+            file=sys.stderr,
+        )
+        return 1, [], qr
+    if qr is None or qr["state"] != "ACTIVE":
+        print(f"ERROR: (gcloud.compute.tpus.tpu-vm.{verb}) NOT_FOUND: {node}", file=sys.stderr)
+        return 255, [], qr
+    targets = list(enumerate(qr["nodes"][node]))
+    if which != "all":
+        targets = [targets[int(which)]]
+    if script.get("ssh_fail") and script["ssh_fail"] in command:
+        print(f"fake: {script['ssh_fail']} failed", file=sys.stderr)
+        return 1, [], qr
+    failing = []
+    for w, _ in targets:
+        text, until = script.get("worker_fail", {}).get(f"{node}-w{w}", [None, None])
+        if text and text in command and (until is None or now < until):
+            failing.append(w)
+    targets = [t for t in targets if t[0] not in failing]
+    return worker_failures(failing, multiple=which == "all"), targets, qr
+
+
+def scp(args: list[str]) -> int:
+    """Copy local files into the home of the node's workers (`NODE:DEST`, DEST relative)."""
+    paths = [x for x in args if not x.startswith("--")]
+    (*sources, target), which = paths, flag(args, "worker", "0")
+    node, dest = target.split(":", 1)
+    with locked() as state:
+        code, targets, _ = reach(state, node, which, shlex.join(["scp", *paths]), "scp")
+    for src in sources:
+        if not Path(src).is_file():
+            print(f"ERROR: (gcloud.compute.tpus.tpu-vm.scp) {src}: no such file", file=sys.stderr)
+            return 1
+        for _, home in targets:
+            shutil.copyfile(src, Path(home) / dest)
+    return code
+
+
 def ssh(args: list[str]) -> int:
     node, which, command = args[0], flag(args, "worker"), flag(args, "command")
     with locked() as state:
-        qr = next((q for q in state.get("qr", {}).values() if node in q["nodes"]), None)
-        script, now = state.get("script", {}), state.get("now", 0)
-        if qr is not None and qr["state"] == "ACTIVE" and script.get("preempt_on_ssh"):
-            text, nth = script["preempt_on_ssh"]
-            if text in command:
-                state["preempt_ssh_seen"] = seen = state.get("preempt_ssh_seen", 0) + 1
-                if seen == nth:
-                    qr["state"] = "SUSPENDED"
-                    state["preemptions"] = state.get("preemptions", 0) + 1
-                    kill_vm_processes(qr)
-        preempted = qr is not None and any(
-            n == node and qr["created_at"] < t <= now for t, n in script.get("preempt_node", [])
-        )
-        if qr is not None and (preempted or qr["state"] in PREEMPTED):
-            print(
-                f"ERROR: (gcloud.compute.tpus.tpu-vm.ssh) FAILED_PRECONDITION: TPU node {node} is "
-                f"not READY (PREEMPTED); its queued resource is {qr['state']}",
-                file=sys.stderr,
-            )
-            return 1
-        if qr is None or qr["state"] != "ACTIVE":
-            print(f"ERROR: (gcloud.compute.tpus.tpu-vm.ssh) NOT_FOUND: {node}", file=sys.stderr)
-            return 255
-        targets = list(enumerate(qr["nodes"][node]))
-        if which != "all":
-            targets = [targets[int(which)]]
-        if script.get("ssh_fail") and script["ssh_fail"] in command:
-            print(f"fake: {script['ssh_fail']} failed", file=sys.stderr)
-            return 1
-        failing = []
-        for w, _ in targets:
-            text, until = script.get("worker_fail", {}).get(f"{node}-w{w}", [None, None])
-            if text and text in command and (until is None or now < until):
-                failing.append(w)
-        targets = [t for t in targets if t[0] not in failing]
-        code = worker_failures(failing, multiple=which == "all")
+        script = state.get("script", {})
+        code, targets, _ = reach(state, node, which, command, "ssh")
+        if not targets and code:
+            return code
         if script.get("fake_vms"):
             return max(code, fake_vm(state, script, node, targets, command))
     shims = STATE / "shims"
@@ -299,6 +334,8 @@ def main(argv: list[str]) -> int:
         return queued(argv[3:])
     if argv[:4] == ["compute", "tpus", "tpu-vm", "ssh"]:
         return ssh(argv[4:])
+    if argv[:4] == ["compute", "tpus", "tpu-vm", "scp"]:
+        return scp(argv[4:])
     print(f"fake gcloud: unsupported {argv}", file=sys.stderr)
     return 2
 
