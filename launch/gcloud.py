@@ -101,6 +101,15 @@ class Gcloud:
     ) -> Result:
         return self.run(self.ssh_cmd(node, worker, command), quiet=quiet, timeout=timeout)
 
+    def scp_cmd(self, src: str, node: str, dest: str, worker: str = "all") -> list[str]:
+        """Copy the local file `src` to `dest` (relative: in the home) on workers of `node`."""
+        return self.base("tpu-vm", "scp", src, f"{node}:{dest}", f"--worker={worker}", "--quiet")
+
+    def scp(
+        self, src: str, node: str, dest: str, worker: str = "all", quiet: bool = False, timeout=None
+    ) -> Result:
+        return self.run(self.scp_cmd(src, node, dest, worker), quiet=quiet, timeout=timeout)
+
 
 def config_value(key: str) -> str:
     """`gcloud config get-value KEY`, or '' if gcloud is missing or the value unset."""

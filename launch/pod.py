@@ -4,7 +4,9 @@ Preemption (queued resource SUSPENDING/SUSPENDED/FAILED/gone, or a host unreacha
 --host-timeout) -> delete, wait until the delete has finished (DELETING -> gone), recreate
 and resume, at most --retries times with exponential backoff. A failed ssh (setup, start) is
 read from the queued resource's state: lost -> as a preemption; still ACTIVE -> a setup
-failure that names the host(s) whose command failed. A host exiting with a
+failure that names the host(s) whose command failed. With --upload, the `git archive` of
+--commit is copied to every worker (scp) of every (re)created slice before its setup; a failed
+scp is read as a failed ssh is. A host exiting with a
 modxla.errors.RESTART code, or whose training vanished with the slice still ACTIVE (its VM
 restarted) -> restart training in place; it resumes. Crash (any other non-zero exit, the
 slice still ACTIVE after --crash-grace) -> stop every host at once, no recreate, exit 1 with
@@ -50,8 +52,11 @@ class SliceLost(Exception):
 
 
 class Pod:
-    def __init__(self, a, sl: Slice, g: Gcloud, sleep=time.sleep, clock=time.monotonic):
+    def __init__(
+        self, a, sl: Slice, g: Gcloud, sleep=time.sleep, clock=time.monotonic, archive=None
+    ):
         self.a, self.sl, self.g, self.sleep, self.clock = a, sl, g, sleep, clock
+        self.archive = archive  # --upload: the local `git archive` of --commit
         self.hosts = worker.host_names(g.nodes(), sl.hosts)
         self.down_since = None  # when this machine's gcloud began to fail
 
@@ -149,14 +154,33 @@ class Pod:
             self.say(f"queued resource {self.a.name}: {state} (preempted)")
             raise SliceLost(state)
 
+    def failed(self, node: str, r, what: str) -> None:
+        """A failed ssh or scp to every worker of `node`: SliceLost if the slice is going
+        away, else a PodError naming the worker(s) (or the node) it failed on."""
+        self.check_lost()
+        failed = [f"{node}-w{w} (exit {c})" for w, c in WORKER_FAILED.findall(r.text)]
+        where = ", ".join(failed) or f"{node} (exit {r.code})"
+        raise PodError(f"{what} failed on {where}:\n{r.text[-3000:]}")
+
     def on_every_node(self, command: str, what: str, timeout=None) -> None:
         for node in self.g.nodes():
             r = self.g.ssh(node, "all", command, timeout=timeout)
             if r.code:
-                self.check_lost()
-                failed = [f"{node}-w{w} (exit {c})" for w, c in WORKER_FAILED.findall(r.text)]
-                where = ", ".join(failed) or f"{node} (exit {r.code})"
-                raise PodError(f"{what} failed on {where}:\n{r.text[-3000:]}")
+                self.failed(node, r, what)
+
+    def upload(self) -> None:
+        """--upload: copy the archive of --commit into the home of every worker."""
+        for node in self.g.nodes():
+            r = self.g.scp(str(self.archive), node, worker.archive_name(self.a))
+            if r.code:
+                self.failed(node, r, f"upload of {worker.archive_name(self.a)}")
+
+    def setup(self) -> None:
+        """The project at --commit and its dependencies on every worker (uploaded first with
+        --upload: a recreated slice has fresh VMs)."""
+        if self.a.upload:
+            self.upload()
+        self.on_every_node(worker.setup_command(self.a), "setup", SETUP_SSH_TIMEOUT_S)
 
     def start(self) -> None:
         """Cleanup on every worker, then training detached on every worker."""
@@ -298,7 +322,7 @@ class Pod:
             state = self.wait_active()  # WAITING or UNREACHABLE: created earlier, coming up
             if state == "ACTIVE":
                 try:
-                    self.on_every_node(worker.setup_command(self.a), "setup", SETUP_SSH_TIMEOUT_S)
+                    self.setup()
                     self.start()
                     break
                 except SliceLost as e:
@@ -333,10 +357,14 @@ class Pod:
             self.g.delete()
 
 
-def plan(a, sl: Slice, g: Gcloud) -> int:
-    """--dry-run of `up`: the commands of one attempt, in order."""
+def plan(a, sl: Slice, g: Gcloud, archive=None) -> int:
+    """--dry-run of `up`: the commands of one attempt, in order (tpu.archive has printed the
+    `git archive` of --upload)."""
     g.create(sl)
     g.out(f"# poll until ACTIVE: {' '.join(g.base('queued-resources', 'describe', a.name))}")
+    if a.upload:
+        for node in g.nodes():
+            g.scp(str(archive), node, worker.archive_name(a))
     for node in g.nodes():
         g.ssh(node, "all", worker.setup_command(a))
     for node in g.nodes():

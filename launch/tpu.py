@@ -15,16 +15,22 @@ Subcommands:
   jobset  a GKE JobSet manifest (needs --image, see Dockerfile)
   local   the same run simulated on this machine's CPU devices
 
-Every host logs to ~/modxla-train.log on its VM, copied to <run-dir>/logs/. --project and
---zone default to `gcloud config get-value`. --dry-run prints the commands instead.
+The workers get the code at --commit by cloning --repo (they need anonymous read access to
+it), or, with --upload, as this checkout's `git archive` of --commit copied to every worker
+(no git credentials on the workers: a private repository). Every host logs to
+~/modxla-train.log on its VM, copied to <run-dir>/logs/. --project and --zone default to
+`gcloud config get-value`. --dry-run prints the commands instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from launch import worker  # noqa: E402
 from launch.gcloud import Gcloud, resolve_project_zone  # noqa: E402
 from launch.jobset import jobset  # noqa: E402
-from launch.pod import SETUP_SSH_TIMEOUT_S, Pod, PodError, plan  # noqa: E402
+from launch.pod import Pod, PodError, plan  # noqa: E402
 from launch.slices import (  # noqa: E402
     LaunchError,
     local_overrides,
@@ -63,6 +69,13 @@ def parse(argv):
         "--repo", default="", help="https git URL the workers clone (default: origin, as https)"
     )
     ap.add_argument("--commit", default="", help="default: this checkout's HEAD (pushed)")
+    ap.add_argument(
+        "--upload",
+        action="store_true",
+        help="copy `git archive` of --commit from this checkout to every worker (tpu-vm scp)\n"
+        "instead of cloning --repo there: no git or credentials on the workers, for a\n"
+        "private repository; --commit need not be pushed",
+    )
     ap.add_argument(
         "--allow-dirty",
         action="store_true",
@@ -112,15 +125,18 @@ def _git(*args: str) -> tuple[int, str]:
 
 
 def resolve_checkout(a) -> None:
-    """--repo from origin; --commit = HEAD, refused if the tree is dirty or HEAD unpushed."""
-    if not a.repo:
-        code, url = _git("remote", "get-url", "origin")
-        if code or not url:
-            raise LaunchError("--repo is required: this checkout has no `origin` remote")
-        a.repo = url
-    a.repo = https_url(a.repo)
+    """--repo from origin; --commit = HEAD, refused if the tree is dirty or HEAD unpushed.
+    With --upload no --repo, and HEAD need not be pushed: nothing is fetched."""
+    if not a.upload:  # with it, the workers clone nothing
+        if not a.repo:
+            code, url = _git("remote", "get-url", "origin")
+            if code or not url:
+                raise LaunchError("--repo is required: this checkout has no `origin` remote")
+            a.repo = url
+        a.repo = https_url(a.repo)
     if a.commit:
-        return  # named explicitly: the user vouches that the workers can fetch it
+        return  # named explicitly: the user vouches that the workers can fetch it (or
+        # --upload: `archive` checks that this checkout has it)
     code, a.commit = _git("rev-parse", "HEAD")
     if code or not a.commit:
         raise LaunchError("--commit is required: not in a git checkout")
@@ -131,11 +147,41 @@ def resolve_checkout(a) -> None:
             "the checkout has uncommitted changes the workers would not run: commit and push "
             "them, or pass --allow-dirty"
         )
-    if not _git("branch", "-r", "--contains", a.commit)[1]:
+    if not a.upload and not _git("branch", "-r", "--contains", a.commit)[1]:
         raise LaunchError(
             f"commit {a.commit[:12]} is on no remote branch, so the workers cannot fetch it: "
-            "push it, or pass --allow-dirty (or --commit)"
+            "push it, pass --upload (copies the commit to the workers), or --allow-dirty "
+            "(or --commit)"
         )
+
+
+@contextmanager
+def archive(a, out=print):
+    """--upload: the `git archive` of --commit, made here in a temporary folder and removed
+    afterwards (--dry-run: only printed, as a file of the current directory); else None.
+    a.commit becomes the full hash it names (what the workers' ~/modxla/COMMIT records)."""
+    if not a.upload:
+        yield None
+        return
+    if a.dry_run:
+        name = worker.archive_name(a)
+        out(shlex.join(["git", "archive", "--format=tar.gz", "-o", name, a.commit]))
+        yield Path(name)
+        return
+    code, full = _git("rev-parse", "--verify", "--quiet", f"{a.commit}^{{commit}}")
+    if code or not full:
+        raise LaunchError(f"--upload: {a.commit} is not a commit of this checkout ({ROOT})")
+    a.commit = full
+    with tempfile.TemporaryDirectory(prefix="modxla-upload-") as tmp:
+        path = Path(tmp) / worker.archive_name(a)
+        p = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar.gz", "-o", str(path), a.commit],
+            capture_output=True,
+            text=True,
+        )
+        if p.returncode:
+            raise LaunchError(f"git archive {a.commit} failed: {p.stderr.strip()[-1000:]}")
+        yield path
 
 
 def local(a, sl) -> int:
@@ -164,13 +210,19 @@ def dispatch(a, out=print) -> int:
         return 0
     resolve_project_zone(a)
     g = Gcloud(a, a.dry_run, out, a.gcloud_timeout)
-    pod = Pod(a, sl, g)
+    if a.command in ("setup", "up") and a.upload:
+        with archive(a, out) as path:  # before the slice: a bad --commit fails first
+            return on_pod(a, sl, g, Pod(a, sl, g, archive=path), out)
+    return on_pod(a, sl, g, Pod(a, sl, g), out)
+
+
+def on_pod(a, sl, g: Gcloud, pod: Pod, out=print) -> int:
     if a.command == "create":
         return g.create(sl).code
     if a.command == "delete":
         return g.delete().code
     if a.command == "setup":
-        pod.on_every_node(worker.setup_command(a), "setup", SETUP_SSH_TIMEOUT_S)
+        pod.setup()
         return 0
     if a.command == "run":
         pod.start()
@@ -183,7 +235,7 @@ def dispatch(a, out=print) -> int:
         for _, _, host in pod.hosts:
             out(f"{host}: {st.get(host, 'unreachable')}")
         return 0
-    return plan(a, sl, g) if a.dry_run else pod.up()
+    return plan(a, sl, g, pod.archive) if a.dry_run else pod.up()
 
 
 def main(argv: list[str] | None = None, out=print) -> int:

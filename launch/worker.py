@@ -36,13 +36,31 @@ UPLOAD_TIMEOUT_S = 120  # a stuck upload must not hide the exit code
 STATUS = "modxla-status"
 
 
+def archive_name(a) -> str:
+    """The uploaded tree's file name (--upload), locally and in every worker's home."""
+    return f"modxla-{a.commit}.tar.gz"
+
+
 def setup_command(a) -> str:
     """The project at the launch commit and its pinned dependencies in a Python 3.11 venv;
-    bounded by its own timeout (exit 124), not the launcher's ssh timeout."""
-    script = (
-        f"set -e; test -d {REPO_DIR} || git clone -q {shlex.quote(a.repo)} {REPO_DIR}; "
-        f"cd {REPO_DIR} && git fetch -q origin && git checkout -q {a.commit} && {DEPS}"
-    )
+    bounded by its own timeout (exit 124), not the launcher's ssh timeout.
+
+    Clone mode: `git clone --repo` (the workers need read access to it) and check out
+    --commit. Upload mode (--upload): no git on the worker; the `git archive` of --commit,
+    copied into the home beforehand (`archive_name`), replaces ~/modxla, which records the
+    commit in ~/modxla/COMMIT."""
+    if a.upload:
+        tgz, new = shlex.quote(archive_name(a)), f"{REPO_DIR}.new"
+        script = (
+            f"set -e; rm -rf {new} && mkdir {new} && tar -xzf {tgz} -C {new} && "
+            f"echo {shlex.quote(a.commit)} > {new}/COMMIT && "
+            f"rm -rf {REPO_DIR} && mv {new} {REPO_DIR} && rm -f {tgz} && cd {REPO_DIR} && {DEPS}"
+        )
+    else:
+        script = (
+            f"set -e; test -d {REPO_DIR} || git clone -q {shlex.quote(a.repo)} {REPO_DIR}; "
+            f"cd {REPO_DIR} && git fetch -q origin && git checkout -q {a.commit} && {DEPS}"
+        )
     return f"timeout {SETUP_TIMEOUT_S} bash -c {shlex.quote(script)}"
 
 

@@ -16,6 +16,11 @@ from tests.conftest import ROOT, TINY, read_metrics
 from tests.gcs_emulator import RESUME_STEPS, gcs
 
 GOLDEN = Path(__file__).parent / "golden"
+# git on a TPU VM asked for a private repository: no credentials, no terminal to ask on
+PRIVATE_GIT = (
+    "echo \"fatal: could not read Username for 'https://github.com': "
+    'No such device or address" >&2; exit 128'
+)
 COMMON = [
     "--commit",
     "0123abcd",
@@ -63,6 +68,7 @@ CASES = {
         "train.batch_size=32",
     ],
     "multislice_2x_v5e_16_up.txt": ["up", *MULTISLICE],
+    "multislice_2x_v5e_16_upload_up.txt": ["up", "--upload", *MULTISLICE],
     "multislice_2x_v5e_16_jobset.yaml": [
         "jobset",
         "--image",
@@ -99,6 +105,14 @@ def test_golden_shapes():
     assert "--node-count=2 --node-prefix=mod" in text
     assert "MEGASCALE" not in text  # queued resources set multislice up on every worker
     assert "gs://bucket/runs/ms/logs/mod-1-w3.log" in text
+    _, text = dry(CASES["multislice_2x_v5e_16_upload_up.txt"])
+    lines = text.splitlines()
+    assert lines[0] == "git archive --format=tar.gz -o modxla-0123abcd.tar.gz 0123abcd"
+    assert [ln.split()[4:7] for ln in lines if " tpu-vm scp " in ln] == [
+        ["scp", "modxla-0123abcd.tar.gz", f"mod-{i}:modxla-0123abcd.tar.gz"] for i in (0, 1)
+    ]
+    assert "git " not in text.split("\n", 1)[1]  # nothing cloned or fetched on the workers
+    assert text.index(" tpu-vm scp ") < text.index("tar -xzf modxla-0123abcd.tar.gz")
 
 
 def test_gke_topologies_match_the_table():
@@ -173,6 +187,16 @@ def test_checkout_must_be_clean_and_pushed(monkeypatch, capsys):
     answers["remote"] = (2, "")
     assert tpu.main(base, out=lambda _: None) == 2
     assert "--repo is required" in capsys.readouterr().err
+    # --upload: no origin needed and HEAD need not be pushed; a dirty tree is still refused
+    lines = []
+    assert tpu.main([*base, "--upload"], out=lines.append) == 0
+    assert lines[0] == "git archive --format=tar.gz -o modxla-abc123.tar.gz abc123"
+    assert lines[3].startswith(
+        "gcloud compute tpus tpu-vm scp modxla-abc123.tar.gz modxla:modxla-abc123.tar.gz "
+    )
+    answers["status"] = (0, " M modxla/train.py")
+    assert tpu.main([*base, "--upload"], out=lambda _: None) == 2
+    assert "uncommitted changes" in capsys.readouterr().err
 
 
 # --- behaviour, against the fake gcloud -----------------------------------------------------
@@ -215,6 +239,7 @@ def fake_gcloud(tmp_path, gcs_emulator):
         )  # fmt: skip
 
     launch.popen = popen
+    launch.shims = state / "shims"
     launch.state = lambda: json.loads((state / "state.json").read_text())
     launch.homes = lambda: sorted((state / "vms").glob("*/w*"))
     yield launch
@@ -306,6 +331,35 @@ def test_training_outlives_the_launcher_and_up_reattaches(fake_gcloud):
     assert len((home / "starts.jsonl").read_text().splitlines()) == 1  # not restarted
     state = fake_gcloud.state()
     assert len(calls(state, "create")) == 1 and state["qr"] == {}
+
+
+@pytest.mark.slow
+def test_upload_sets_up_and_trains_with_no_git_on_the_workers(fake_gcloud):
+    # the workers' git fails as for a private repository; --upload copies the tree instead
+    shims = fake_gcloud.shims
+    (shims / "git").write_text(f'#!/bin/sh\necho "git $*" >> {shims}/git-calls\n{PRIVATE_GIT}\n')
+    script = {"workers": {"upl-w0": "succeed"}}
+    args = fake_args("upl", "v5e-8", "gs://modxla-test/runs/launch-upload", "--upload")
+    proc = fake_gcloud(script, *args, "--commit", "HEAD")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training finished" in proc.stderr
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    (home,) = fake_gcloud.homes()
+    tree = home / "modxla"  # was a link to this checkout: replaced by the uploaded tree
+    assert not tree.is_symlink() and (tree / "COMMIT").read_text() == f"{head}\n"
+    committed = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{head}:launch/worker.py"], capture_output=True
+    ).stdout
+    assert (tree / "launch" / "worker.py").read_bytes() == committed
+    assert not list(home.glob("modxla-*.tar.gz"))  # extracted, then removed
+    assert not (shims / "git-calls").exists()  # no git ran on the worker
+    (start,) = [json.loads(x) for x in (home / "starts.jsonl").open()]
+    assert start["host"] == "upl-w0"
+    state = fake_gcloud.state()
+    assert [c[3] for c in state["calls"] if c[2:4] == ["tpu-vm", "scp"]] == ["scp"]
+    assert state["qr"] == {}
 
 
 def test_failed_while_waiting_is_a_clear_error(fake_gcloud):

@@ -5,13 +5,17 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
-from launch import tpu
+from launch import tpu, worker
 from launch.gcloud import Gcloud
 from launch.pod import GcloudDown, Pod, PodError
+from launch.slices import LaunchError
 from tests.conftest import ROOT
 
 
@@ -71,9 +75,15 @@ def pod(tmp_path, monkeypatch):
         ])  # fmt: skip
         clock = clock or Clock()
         g = Gcloud(a, out=lambda _: None, timeout=60)
-        return Pod(a, tpu.parse_accelerator(a.accelerator), g, clock.sleep, clock.now)
+        archive = None
+        if a.upload:  # what tpu.archive makes: any bytes do, the fake VMs extract nothing
+            archive = tmp_path / worker.archive_name(a)
+            archive.write_bytes(b"the tree at c")
+        sl = tpu.parse_accelerator(a.accelerator)
+        return Pod(a, sl, g, clock.sleep, clock.now, archive=archive)
 
     make.state = lambda: json.loads((state / "state.json").read_text())
+    make.homes = lambda: sorted((state / "vms").glob("*/w*"))
     return make
 
 
@@ -298,3 +308,100 @@ def test_a_multislice_peer_exiting_after_the_other_slice_is_preempted(pod, capsy
     deletes = [t for v, t in qr_verbs(st) if v == "delete"]
     assert creates[0] == 0 and 20 <= deletes[0] <= 11 + 30 and creates[1] >= deletes[0]
     assert len(ssh_calls(st, "nohup setsid")) == 8 and st["qr"] == {}  # resumed, finished
+
+
+# --- 7. --upload: the tree copied to the workers, no git there ----------------------------
+
+
+def events(state):
+    """The launch's creates, uploads (scp NODE), setups (setup NODE) and starts, in order."""
+    out = []
+    for c in state["calls"]:
+        if c[:4] == ["compute", "tpus", "queued-resources", "create"]:
+            out.append("create")
+        elif c[2:4] == ["tpu-vm", "scp"]:
+            out.append(f"scp {c[5].split(':')[0]}")
+        elif c[2:4] == ["tpu-vm", "ssh"]:
+            command = next(a for a in c if a.startswith("--command="))
+            if "bash -c" in command and "uv pip install" in command:
+                out.append(f"setup {c[4]}")
+            elif "nohup setsid" in command:
+                out.append("start")
+    return out
+
+
+def test_upload_copies_the_tree_to_every_node_before_each_setup(pod):
+    # two slices, preempted at t=10 and recreated: fresh VMs get the archive again
+    script = {"run_s": 30, "states": [[10, "SUSPENDED"]]}
+    p = pod(script, "--upload", "--slices", "2", "mesh.dcn_data=2", accelerator="v5p-16")
+    assert p.up() == 0
+    st = pod.state()
+    one = ["create", "scp p-0", "scp p-1", "setup p-0", "setup p-1", *["start"] * 4]
+    assert events(st) == one + one
+    scps = [c for c in st["calls"] if c[2:4] == ["tpu-vm", "scp"]]
+    assert all(
+        c[4:7] == [str(p.archive), f"{c[5].split(':')[0]}:modxla-c.tar.gz", "--worker=all"]
+        for c in scps
+    )
+    homes = pod.homes()  # 2 generations x 2 nodes x 2 workers, each with its copy
+    assert len(homes) == 8
+    assert all((h / "modxla-c.tar.gz").read_bytes() == b"the tree at c" for h in homes)
+    ssh = [a for c in st["calls"] if c[2:4] == ["tpu-vm", "ssh"] for a in c]
+    assert not [a for a in ssh if "git " in a]  # never a clone, fetch or checkout
+    assert st["qr"] == {}
+
+
+def test_an_upload_to_a_preempted_slice_is_a_lost_slice(pod, capsys):
+    # the first scp finds the slice preempted (exit 1): recreate and upload again
+    p = pod({"preempt_on_ssh": ["scp", 1]}, "--upload")
+    assert p.up() == 0
+    st = pod.state()
+    assert st["preemptions"] == 1
+    assert events(st) == ["create", "scp p", "create", "scp p", "setup p", "start"]
+    err = capsys.readouterr().err
+    assert "SUSPENDED (preempted)" in err and "retry 1/3" in err and "failed on" not in err
+
+
+@pytest.mark.parametrize(
+    "fault, where",
+    [
+        ({"ssh_fail": "scp"}, "p (exit 1)"),  # the whole call failed: the node is named
+        ({"worker_fail": {"p-w1": ["scp", None]}}, "p-w1 (exit 1)"),  # one worker of all
+    ],
+)
+def test_a_failed_upload_on_an_active_slice_is_an_error(pod, capsys, fault, where):
+    for keep in ([], ["--keep"]):
+        p = pod(fault, "--upload", *keep, accelerator="v5p-16")
+        with pytest.raises(PodError) as e:
+            p.up()
+        assert str(e.value).startswith(f"upload of modxla-c.tar.gz failed on {where}:")
+        st = pod.state()
+        assert events(st) == ["create", "scp p"]  # no setup, no training
+        (i,) = [i for i, c in enumerate(st["calls"]) if c[2:4] == ["tpu-vm", "scp"]]
+        verbs = [v for v, _ in qr_verbs(st, i + 1)]
+        assert verbs == (["describe"] if keep else ["describe", "delete"])  # not lost: ACTIVE
+        assert list(st["qr"]) == (["p"] if keep else [])
+    assert "--keep: slice p left running" in capsys.readouterr().err
+
+
+def test_the_archive_is_the_commit_of_this_checkout(tmp_path):
+    a = tpu.parse(["up", "--upload", "--commit", "HEAD"])
+    with tpu.archive(a, out=lambda _: None) as path:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        assert a.commit == head and path.name == f"modxla-{head}.tar.gz"  # the full hash
+        with tarfile.open(path) as tar:
+            names = set(tar.getnames())
+        assert {"setup.cfg", "launch/tpu.py", "launch/worker.py"} <= names
+        assert not any(n.startswith(".git/") for n in names)
+    assert not path.exists() and not path.parent.exists()  # removed after the launch
+    a = tpu.parse(["up", "--upload", "--commit", "no-such-commit"])
+    with pytest.raises(LaunchError, match="no-such-commit is not a commit of this checkout"):
+        with tpu.archive(a):
+            pass
+    a = tpu.parse(["up", "--upload", "--commit", "0123abcd", "--dry-run"])
+    lines = []
+    with tpu.archive(a, out=lines.append) as path:
+        assert path == Path("modxla-0123abcd.tar.gz")  # printed, not made
+    assert lines == ["git archive --format=tar.gz -o modxla-0123abcd.tar.gz 0123abcd"]

@@ -16,19 +16,20 @@ from launch import jobset, worker
 from modxla.errors import RESTART
 from tests import fake_pip
 from tests.conftest import ROOT
-from tests.test_launch import CASES, dry
+from tests.test_launch import CASES, PRIVATE_GIT, dry
 
 
-def shims(tmp_path: Path) -> dict:
-    """PATH with a recording `python3` (3.10, as the TPU VM images have) and a no-op `git`."""
+def shims(tmp_path: Path, git: str = "") -> dict:
+    """PATH with a recording `python3` (3.10, as the TPU VM images have; its working folder
+    in `cwd`) and a recording `git` that then runs `git` (default: nothing, exit 0)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python3").write_text(
-        f'#!/bin/sh\necho "$PJRT_DEVICE $*" >> {tmp_path}/calls\n'
+        f'#!/bin/sh\necho "$PJRT_DEVICE $*" >> {tmp_path}/calls\npwd >> {tmp_path}/cwd\n'
         'case "$2" in modxla.train) exit 0;; esac\n'  # training itself is not under test
         f'exec {sys.executable} {ROOT}/tests/fake_python3.py "$@"\n'
     )
-    (bin_dir / "git").write_text(f'#!/bin/sh\necho "git $*" >> {tmp_path}/calls\n')
+    (bin_dir / "git").write_text(f'#!/bin/sh\necho "git $*" >> {tmp_path}/calls\n{git}\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     home = tmp_path / "home"
@@ -85,7 +86,7 @@ def test_jobset_failure_policy_follows_the_exit_code_table(tmp_path):
 
 
 class A:
-    repo, commit = "https://github.com/modxla/modxla.git", "0123abcd"
+    repo, commit, upload = "https://github.com/modxla/modxla.git", "0123abcd", False
     config, run_dir, overrides = "configs/tiny.yaml", "runs/x", ["train.steps=2"]
 
 
@@ -101,6 +102,110 @@ def test_tpu_vm_setup_installs_the_pins_in_a_311_venv(tmp_path):
     assert "-m uv pip install -q --python" in calls
     assert (Path(env["HOME"]) / "modxla-venv" / "bin" / "python").exists()
     assert worker.setup_command(A).startswith(f"timeout {worker.SETUP_TIMEOUT_S} ")
+
+
+def real_git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_SYSTEM": "/dev/null"}
+    ident = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    p = subprocess.run(
+        ["git", "-C", str(repo), *ident, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return p.stdout.strip()
+
+
+def private_repo(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A small git repository with two commits: the second edits a file, deletes another
+    and adds one in a subfolder."""
+    repo = tmp_path / "private"
+    repo.mkdir()
+    real_git(repo, "init", "-q")
+    (repo / "setup.cfg").write_text("[metadata]\nname = modxla\n")
+    (repo / "train.py").write_text("v = 1\n")
+    (repo / "old.py").write_text("gone in the second commit\n")
+    real_git(repo, "add", "-A")
+    real_git(repo, "commit", "-q", "-m", "one")
+    first = real_git(repo, "rev-parse", "HEAD")
+    (repo / "train.py").write_text("v = 2\n")
+    (repo / "old.py").unlink()
+    (repo / "pkg").mkdir()
+    (repo / "pkg" / "new.py").write_text("x = 0\n")
+    real_git(repo, "add", "-A")
+    real_git(repo, "commit", "-q", "-m", "two")
+    return repo, [first, real_git(repo, "rev-parse", "HEAD")]
+
+
+class Upload(A):
+    upload = True
+
+
+def test_tpu_vm_upload_setup_runs_no_git(tmp_path):
+    # a private repository: git on the worker fails; the uploaded archive needs none
+    env = shims(tmp_path, git=PRIVATE_GIT)
+    home = Path(env["HOME"])
+    older = tmp_path / "older"  # an older tree, linked as fake_gcloud's VMs link theirs
+    older.mkdir()
+    (older / "stale.py").write_text("")
+    (home / worker.REPO_DIR).symlink_to(older)
+    repo, commits = private_repo(tmp_path)
+    for commit in commits:  # the second replaces the tree of the first
+        a = Upload()
+        a.commit = commit
+        archive = home / worker.archive_name(a)  # where `tpu-vm scp` put it
+        real_git(repo, "archive", "--format=tar.gz", "-o", str(archive), commit)
+        proc = subprocess.run(
+            ["bash", "-c", worker.setup_command(a)],
+            cwd=home,  # where ssh starts
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        tree = home / worker.REPO_DIR
+        assert not tree.is_symlink() and (tree / "COMMIT").read_text() == f"{commit}\n"
+        files = {str(f.relative_to(tree)) for f in tree.rglob("*") if f.is_file()}
+        assert files == {*real_git(repo, "ls-tree", "-r", "--name-only", commit).split(), "COMMIT"}
+        assert not archive.exists() and not (home / f"{worker.REPO_DIR}.new").exists()
+    assert (home / worker.REPO_DIR / "train.py").read_text() == "v = 2\n"
+    assert (older / "stale.py").exists()  # the old link went, not what it pointed to
+    calls = (tmp_path / "calls").read_text()
+    assert "git" not in calls  # the shim records any call before failing
+    assert "-m uv pip install -q --python" in calls and "-e ." in calls
+    assert set((tmp_path / "cwd").read_text().split()) == {str(home / worker.REPO_DIR)}
+    assert (home / "modxla-venv" / "bin" / "python").exists()
+    assert worker.setup_command(a).startswith(f"timeout {worker.SETUP_TIMEOUT_S} ")
+
+
+def test_tpu_vm_clone_setup_fails_on_a_private_repository(tmp_path):
+    # what --upload fixes: the same worker, cloning instead
+    env = shims(tmp_path, git=PRIVATE_GIT)
+    proc = subprocess.run(
+        ["bash", "-c", worker.setup_command(A)],
+        cwd=env["HOME"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 128
+    assert "could not read Username for 'https://github.com'" in proc.stderr
+    assert (tmp_path / "calls").read_text().startswith(f"git clone -q {A.repo} modxla")
+    assert "pip" not in (tmp_path / "calls").read_text()  # set -e: nothing installed
+
+
+def test_tpu_vm_upload_setup_without_the_archive_fails(tmp_path):
+    env = shims(tmp_path, git=PRIVATE_GIT)
+    proc = subprocess.run(
+        ["bash", "-c", worker.setup_command(Upload)],
+        cwd=env["HOME"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "modxla-0123abcd.tar.gz" in proc.stderr
+    assert not (tmp_path / "calls").exists()
 
 
 def test_pip_install_on_the_images_python_fails_as_pip_would(tmp_path):

@@ -12,5 +12,7 @@ $py launch/tpu.py up "${G[@]}" --spot --accelerator v5p-64 --run-dir gs://bucket
 MS=(--accelerator v5e-16 --slices 2 --run-dir gs://bucket/runs/ms mesh.dcn_data=2 mesh.fsdp=16
     train.batch_size=32)
 $py launch/tpu.py up "${G[@]}" "${MS[@]}" > tests/golden/multislice_2x_v5e_16_up.txt
+$py launch/tpu.py up "${G[@]}" --upload "${MS[@]}" \
+  > tests/golden/multislice_2x_v5e_16_upload_up.txt
 $py launch/tpu.py jobset "${G[@]}" --image us-docker.pkg.dev/p/r/modxla:deps "${MS[@]}" \
   > tests/golden/multislice_2x_v5e_16_jobset.yaml
