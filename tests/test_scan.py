@@ -55,6 +55,17 @@ def test_stacked_layout_round_trips_and_starts_from_the_same_weights():
     assert param_spec("layers.0.f.attn.wo.weight", 3) == (None, "fsdp", "tensor")
     assert param_spec("layers.1.f.attn_norm.weight", 2) is None
     assert param_spec("layers.1.router.weight", 3) == (None, None, "fsdp")
+    # built once: what is set on a block stays; an in-place load shows through; a move rebuilds
+    assert scanned.blocks is scanned.blocks
+    scanned.blocks[3].thresholds["router"] = 0.5
+    assert scanned.blocks[3].thresholds["router"] == 0.5
+    other = build_model(_cfg(**{"model.scan": "true"}).model, seed=1)
+    scanned.load_state_dict(other.state_dict())
+    w2 = other.layers[1].f.mlp.w2.weight[1]
+    torch.testing.assert_close(scanned.blocks[3].f.mlp.w2.weight, w2, rtol=0, atol=0)
+    before = scanned.blocks
+    scanned.to(torch.float64)
+    assert scanned.blocks is not before and scanned.blocks[3].f.mlp.w2.weight.dtype == torch.float64
 
 
 def test_optimizer_state_converts_between_layouts():

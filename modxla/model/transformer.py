@@ -101,9 +101,22 @@ class Transformer(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         """The blocks in order. A scanned model builds them as views of its stacked weights
-        (for decoding and tools that walk the blocks; they share storage on the host)."""
+        (for decoding and tools that walk the blocks; they share storage on the host), once
+        for as long as those weights live where they are: what is set on them (routing
+        thresholds) stays, an in-place load shows through, a move rebuilds them."""
         if "blocks" in self._modules:
             return self._modules["blocks"]
+        params = list(self.layers.parameters())
+        if params[0].device.type == "xla":  # no host storage to be views of: built anew
+            return self._build_views()
+        where = [(id(p), p.device, p.requires_grad, p.data_ptr()) for p in params]
+        cached = self.__dict__.get("_views")
+        if cached is not None and cached[0] == where:
+            return cached[1]
+        self.__dict__["_views"] = (where, self._build_views())  # not a submodule
+        return self.__dict__["_views"][1]
+
+    def _build_views(self) -> nn.ModuleList:
         unit, routed = self.cfg.scan_unit, set(self.cfg.routed_layers)
         with torch.device("meta"):
             blocks = nn.ModuleList(
