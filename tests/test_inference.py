@@ -8,31 +8,33 @@ import torch_xla
 import torch_xla.debug.metrics as met
 
 from modxla.cli.generate import clip_to_context
-from modxla.inference.load import set_thresholds
+from modxla.inference.load import InferenceError, set_thresholds
 from modxla.inference.sample import generate, sample_next
-from modxla.model import build_model
+from modxla.model import build_model, capacity_k
 from modxla.model.decode import KVCache, decode_step
 from modxla.routing.calibration import fit_thresholds
 from modxla.routing.evaluate import evaluate_routing
 from tests.conftest import read_metrics, run, train_args
 
 PROMPT, NEW = 32, 32
+T = PROMPT + NEW  # the length the test models are "trained" at (data.seq_len)
 
 
 def _model(tiny_cfg, seed=3, **kw):
-    cfg = tiny_cfg(
-        **{"model.num_layers": 4, "model.mod.capacity": 0.25, "data.seq_len": PROMPT + NEW, **kw}
-    )
+    # max_seq_len 2T: the trained length T, not max_seq_len, must set the routed blocks' k
+    over = {"model.num_layers": 4, "model.mod.capacity": 0.25, "data.seq_len": T}
+    cfg = tiny_cfg(**{**over, "model.max_seq_len": 2 * T, **kw})
     return build_model(cfg.model, seed=seed).eval()
 
 
-def _decode_all(model, tokens, routing, device=None):
-    """Logits of every position, feeding tokens (B, S) one at a time through the cache."""
+def _decode_all(model, tokens, routing, device=None, seq_len=T):
+    """Logits of every position, feeding tokens (B, S) one at a time through the cache of a
+    model trained at `seq_len`."""
     b, s = tokens.shape
     step = decode_step
     if device is not None:
         step = torch_xla.compile(decode_step, full_graph=True, name="decode_step")
-    cache = KVCache.empty(model, b, s, device)
+    cache = KVCache.empty(model, b, s, device, seq_len=seq_len)
     out, compiles = [], []
     for t in range(s):
         pos = torch.full((b,), t).to(device)  # a host-made tensor: data, not a traced op
@@ -71,16 +73,16 @@ def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing, mode, 
     model = _model(tiny_cfg, **{"model.mod.router": mode})
     torch.manual_seed(0)
     if calibrated:  # thresholds routing 40% of tokens (capacity 25%): decide = logit > t
-        fit = [torch.randint(0, 128, (2, PROMPT + NEW + 1))]
+        fit = [torch.randint(0, 128, (2, T + 1))]
         before = model(fit[0][:, :-1], routing=routing).routing
         set_thresholds(model, fit_thresholds(model, fit, 0.4, [routing]))
         after = model(fit[0][:, :-1], routing=routing).routing
         for b, a in zip(before, after, strict=True):  # the thresholds change the decisions
             assert not torch.equal(b.decided, a.decided)
-            assert float(a.decided.sum()) == pytest.approx(0.4 * 2 * (PROMPT + NEW), abs=1)
+            assert float(a.decided.sum()) == pytest.approx(0.4 * 2 * T, abs=1)
     prompt = torch.randint(0, 128, (PROMPT,)).tolist()
-    tokens, _ = generate(model, prompt, NEW, routing, temperature=1.0, seed=1)
-    assert len(tokens) == PROMPT + NEW and tokens[:PROMPT] == prompt
+    tokens, _ = generate(model, prompt, NEW, routing, temperature=1.0, seed=1, seq_len=T)
+    assert len(tokens) == T and tokens[:PROMPT] == prompt
     seq = torch.tensor([tokens])
     full = model(seq, routing=routing)
     k = full.routing[0].idx.shape[1]
@@ -93,7 +95,7 @@ def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing, mode, 
 def test_batched_decoding_processes_only_routing_rows(tiny_cfg):
     model = _model(tiny_cfg)
     torch.manual_seed(1)
-    seq = torch.randint(0, 128, (3, PROMPT + NEW))
+    seq = torch.randint(0, 128, (3, T))
     full = model(seq, routing="predictor")
     inc, cache, _ = _decode_all(model, seq, "predictor")
     torch.testing.assert_close(inc, full.logits, rtol=1e-5, atol=1e-5)
@@ -118,21 +120,54 @@ def test_a_skipped_token_does_no_block_work(tiny_cfg, monkeypatch, batch):
     monkeypatch.setattr(block.f.attn, "qkv", counted_qkv)
     logit = torch.tensor([-1.0, 1.0][:batch])  # row 0 always skips, row 1 always routes
     monkeypatch.setattr(block.predictor, "forward", lambda x: logit[:, None].expand(x.shape[:2]))
-    s = 16
-    cache = KVCache.empty(model, batch, s)
+    s = 24
+    cache = KVCache.empty(model, batch, s, seq_len=T)
     for t in range(s):
         decode_step(model, cache, torch.full((batch,), 5), torch.full((batch,), t), "predictor")
     k = cache.k[layer].shape[2]
+    assert k == capacity_k(0.25, T) == 16 < s  # the trained capacity, not round(C * s)
     # row 1 routes its first k tokens (then the buffer is full); row 0 is never processed
     assert rows == [1] * (k if batch == 2 else 0)
     assert cache.count[layer].tolist() == [0, k][:batch]
+
+
+@pytest.mark.parametrize("routing", ["predictor", "router"])
+def test_a_shorter_decode_keeps_the_trained_capacity(tiny_cfg, routing):
+    """Decoding n < T tokens equals the full forward at the trained length T on those n
+    positions (causal routing: position t sees tokens 0..t only), with k = round(C * T)
+    slots; a full forward of n tokens (k = round(C * n)) is another computation."""
+    model = _model(tiny_cfg)
+    torch.manual_seed(2)
+    seq = torch.randint(0, 128, (2, T))
+    full = model(seq, routing=routing)  # the trained length: k = 16
+    k = capacity_k(0.25, T)
+    for n in (8, 40):
+        inc, cache, _ = _decode_all(model, seq[:, :n], routing)
+        torch.testing.assert_close(inc, full.logits[:, :n], rtol=1e-5, atol=1e-5)
+        for info, layer in zip(full.routing, model.cfg.routed_layers, strict=True):
+            assert cache.k[layer].shape[2] == k  # not round(C * n)
+            for row in range(2):  # the tokens the full forward routed, up to position n
+                routed = torch.nonzero(info.routed_mask[row, :n] > 0)[:, 0].tolist()
+                c = int(cache.count[layer][row])
+                assert cache.pos[layer][row, :c].tolist() == routed
+        short = model(seq[:, :n], routing=routing).logits  # what a cache of round(C*n) gave
+        assert (short - full.logits[:, :n]).abs().max() > 1e-4  # 10x the parity tolerance
+    # greedy generation: the logits at a position do not depend on how many tokens are asked
+    a, _ = generate(model, seq[0, :5].tolist(), 4, routing, temperature=0, seq_len=T)
+    b, _ = generate(model, seq[0, :5].tolist(), 50, routing, temperature=0, seq_len=T)
+    assert b[: len(a)] == a
+    # past the trained length no k reproduces training: refused
+    with pytest.raises(ValueError, match="trained length 64"):
+        KVCache.empty(model, 1, T + 1, seq_len=T)
+    with pytest.raises(InferenceError, match="trained length 64"):
+        generate(model, seq[0].tolist(), 1, routing, seq_len=T)
 
 
 @pytest.mark.slow
 def test_xla_decoding_matches_and_compiles_one_step_graph(tiny_cfg):
     model = _model(tiny_cfg)
     torch.manual_seed(0)
-    seq = torch.randint(0, 128, (2, PROMPT + NEW))
+    seq = torch.randint(0, 128, (2, T))
     expected = model(seq, routing="predictor").logits
     dev = torch_xla.device()
     xla_model = _model(tiny_cfg).to(dev)

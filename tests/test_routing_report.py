@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 from modxla.cli.calibrate_routing import main as calibrate_main
+from modxla.cli.generate import main as generate_main
 from modxla.cli.inspect_routing import main as inspect_main
 from modxla.inference.load import get_thresholds, load_run, set_thresholds, validation_batches
 from modxla.routing.calibration import fit_thresholds
@@ -115,7 +116,10 @@ def test_calibrate_cli_writes_thresholds_that_load_run_applies(tiny_run, tmp_pat
     res = json.loads(out.read_text())
     assert res["held_out"] and res["fit_batches"] == 1
     assert set(res["after"]) == {"predictor", "router"}
-    assert "top-k NLL" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "top-k NLL" in text
+    # the thresholds record the length they were fitted for: the run's data.seq_len
+    assert res["seq_len"] == 32 and "batches of 32 tokens" in text
     _, model, path = load_run(run_dir)
     assert path == res["checkpoint"]
     assert get_thresholds(model) == res["thresholds"]
@@ -130,6 +134,72 @@ def test_calibrate_cli_writes_thresholds_that_load_run_applies(tiny_run, tmp_pat
         cal.unlink()  # the other tests see the run uncalibrated
     assert all(t == 0 for d in get_thresholds(model).values() for t in d.values())
     assert "fitted on elsewhere" in warned[0] and "ignored" in warned[0]
+    # fitted for another length (k = round(C * 64) slots): ignored, said so, naming the fix
+    cal.write_text(json.dumps({**res, "seq_len": 64}))
+    warned = []
+    try:
+        _, model, _ = load_run(run_dir, warn=warned.append)
+    finally:
+        cal.unlink()
+    assert all(t == 0 for d in get_thresholds(model).values() for t in d.values())
+    assert len(warned) == 1 and "fitted for sequences of 64 tokens, not the 32" in warned[0]
+    assert f"modxla-calibrate-routing --run-dir {run_dir}" in warned[0]
+    # a file from before the length was recorded: fitted at data.seq_len, applied
+    cal.write_text(json.dumps({k: v for k, v in res.items() if k != "seq_len"}))
+    try:
+        _, model, _ = load_run(run_dir, warn=warned.append)
+    finally:
+        cal.unlink()
+    assert get_thresholds(model) == res["thresholds"] and len(warned) == 1
+
+
+def _generate(run_dir, capsys, *args, monkeypatch=None):
+    """modxla-generate in-process, greedy: stdout, stderr, and (with `monkeypatch`) the
+    tokens fed to each decode step and the logits it returned."""
+    import modxla.inference.sample as sample
+
+    fed, logits = [], []
+    if monkeypatch is not None:
+        step = sample.decode_step
+
+        def recording(model, cache, tokens, pos, routing):
+            fed.append(int(tokens[0]))
+            logits.append(step(model, cache, tokens, pos, routing)[0].clone())
+            return logits[-1][None]
+
+        monkeypatch.setattr(sample, "decode_step", recording)
+    argv = ["--run-dir", run_dir, "--prompt", "import os", "--temperature", "0", *args]
+    assert generate_main(argv) == 0
+    out = capsys.readouterr()
+    if monkeypatch is not None:
+        monkeypatch.undo()
+    return out.out, out.err, fed, logits
+
+
+@pytest.mark.parametrize("routing", ["predictor", "router"])
+def test_generated_logits_do_not_depend_on_max_tokens(tiny_run, capsys, monkeypatch, routing):
+    """The routed blocks keep the trained k = round(C * 32) = 8 slots whatever --max-tokens
+    asks: position t's logits are the same for 4 and 24 new tokens (to float rounding: the
+    dense blocks' caches are as long as the request), and equal those of the
+    full forward at the trained length (data.seq_len 32; max_seq_len is 64)."""
+    run_dir, _ = tiny_run
+    gen = ("--routing", routing, "--max-tokens")
+    short_out, _, short_fed, short = _generate(run_dir, capsys, *gen, "4", monkeypatch=monkeypatch)
+    long_out, _, fed, long = _generate(run_dir, capsys, *gen, "24", monkeypatch=monkeypatch)
+    assert 4 <= len(short) < len(long)
+    assert fed[: len(short_fed)] == short_fed
+    # the same computation; only the dense blocks' caches differ in length (masked slots)
+    torch.testing.assert_close(torch.stack(long[: len(short)]), torch.stack(short))
+    assert long_out.startswith(short_out.rstrip("\n"))  # greedy: the short one is a prefix
+    # decoding == the full forward at the trained length (padded to it) on those positions
+    _, model, _ = load_run(run_dir)
+    seq = torch.tensor([fed + [0] * (32 - len(fed))])
+    with torch.no_grad():
+        full = model(seq, routing=routing).logits[0, : len(fed)]
+    torch.testing.assert_close(torch.stack(long), full, rtol=1e-5, atol=1e-5)
+    # more than the trained length: clipped to data.seq_len 32, not max_seq_len 64
+    _, err, _, _ = _generate(run_dir, capsys, *gen, "60")
+    assert "must fit data.seq_len (the trained length) 32" in err
 
 
 def test_clear_errors_for_bad_run_dirs(tiny_run, tmp_path, capsys):

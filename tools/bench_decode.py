@@ -3,8 +3,9 @@
     PJRT_DEVICE=CPU python tools/bench_decode.py [--batches 1,8] [--backends eager,xla]
     python tools/bench_decode.py --backends cuda      # eager PyTorch on a GPU
 
-Both models decode the same random tokens, one position at a time over the whole context
-(S = model.max_seq_len), with `modxla.model.decode.decode_step` as modxla-generate runs it.
+Both models decode the same random tokens, one position at a time over the whole trained
+context (S = data.seq_len, so a routed block keeps the k = round(C * S) slots it trains with),
+with `modxla.model.decode.decode_step` as modxla-generate runs it.
 Steps alternate baseline, MoD, baseline, ... so both see the same machine load. Each
 repetition decodes S tokens with fresh caches; the figure per repetition is its mean time per
 token (a routed block's cost differs from token to token, so a per-token median would hide
@@ -93,7 +94,9 @@ def bench(models, batch: int, seq_len: int, reps: int, device, desc: str) -> dic
     for rep in tqdm(range(reps + 1), desc=desc, file=sys.stderr):  # rep 0 warms up/compiles
         vocab = models["baseline"].cfg.vocab_size
         tokens = torch.randint(0, vocab, (batch, seq_len), generator=gen)
-        caches = {n: KVCache.empty(m, batch, seq_len, device) for n, m in models.items()}
+        caches = {
+            n: KVCache.empty(m, batch, seq_len, device, seq_len=seq_len) for n, m in models.items()
+        }
         total = dict.fromkeys(models, 0.0)
         for t in range(seq_len if rep else 3):
             tok = tokens[:, t].to(device)  # host-made: device data, not a traced op
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    seq_len = cfgs["baseline"].model.max_seq_len
+    seq_len = cfgs["mod"].data.seq_len  # the trained length, which sets the routed blocks' k
     models = {n: build_model(c.model, seed=0).eval() for n, c in cfgs.items()}
     calibrate_predictors(models["mod"], seq_len)
     m = cfgs["baseline"].model

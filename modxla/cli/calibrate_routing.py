@@ -12,8 +12,10 @@ batches so that the share of tokens routed is `--fraction` (default: the capacit
 (1 - fraction) quantile of the logits. `--search` instead tries fractions of C*{0.5, 0.6, ...,
 1.2} (the same for every block) and keeps the one with the lowest mean causal NLL on the
 fitting batches. Thresholds go to <run>/predictor/calibration.json, tagged with the checkpoint
-they were fitted on; evaluation and sampling (modxla-generate) load them with the run, so
-`logit > threshold` replaces `logit > 0`. Delete the file to go back. The thresholds are fitted
+they were fitted on and the sequence length (data.seq_len) of the batches they were fitted
+for; evaluation and sampling (modxla-generate) load them with the run, so
+`logit > threshold` replaces `logit > 0` (a file of another checkpoint or another length is
+ignored, with a warning). Delete the file to go back. The thresholds are fitted
 on --batches validation batches and reported on as many others (held out; even and odd
 batches, as the split is in document order) when the split has them.
 """
@@ -39,7 +41,8 @@ from modxla.routing.calibration import calibrate
 def print_calibration(res: dict) -> None:
     print(
         f"routed-fraction target {res['fraction']:.4f} (capacity {res['capacity']}); "
-        f"fitted on {res['fit_batches']} batches, reported on {res['eval_batches']} "
+        f"fitted on {res['fit_batches']} batches of {res['seq_len']} tokens, reported on "
+        f"{res['eval_batches']} "
         f"{'held-out' if res['held_out'] else '(the same: the split is small)'}"
     )
     if res["search"]:

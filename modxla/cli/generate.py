@@ -6,10 +6,13 @@ Routing is causal: `predictor` (the predictor MLPs decide; train them first with
 modxla-train-predictor) or `router` (the aux-loss-calibrated router logit decides). The
 newest predictor checkpoint is used if there is one, else the newest training checkpoint.
 
-On the CPU (the default) a routed block does no attention or MLP work for a token it skips,
-which is where MoD's sampling speed comes from; the speed in tokens/s goes to stderr. The
-prompt plus the new tokens must fit the model's max_seq_len: --max-tokens (and, if need be,
-the prompt's start) is clipped to fit, with a note on stderr.
+Routed blocks keep k = round(C * T) slots, T the length the run was trained at
+(data.seq_len), whatever the prompt and --max-tokens: the logits at a position are those of
+the full forward at the trained length and do not change with --max-tokens. On the CPU (the
+default) a routed block does no attention or MLP work for a token it skips, which is where
+MoD's sampling speed comes from; the speed in tokens/s goes to stderr. The prompt plus the new
+tokens must fit the trained length data.seq_len (a dense model: its max_seq_len): --max-tokens
+(and, if need be, the prompt's start) is clipped to fit, with a note on stderr.
 """
 
 from __future__ import annotations
@@ -21,26 +24,28 @@ from modxla.cli.common import parser
 from modxla.data import EOS_ID, load_tokenizer
 from modxla.errors import UserError, report
 from modxla.inference.load import InferenceError, load_run, tokenizer_path
-from modxla.inference.sample import generate
+from modxla.inference.sample import context_length, generate
+from modxla.io.logger import say
 
 
-def clip_to_context(prompt: list[int], max_tokens: int, max_seq_len: int):
-    """Prompt and new-token count that fit the model's context, with a note on stderr."""
+def clip_to_context(prompt: list[int], max_tokens: int, context: int, name="max_seq_len"):
+    """Prompt and new-token count that fit the model's context (`name` says which length it
+    is), with a note on stderr."""
     if max_tokens < 1:
         raise InferenceError(f"--max-tokens must be >= 1, got {max_tokens}")
-    if len(prompt) >= max_seq_len:
-        keep = max_seq_len - 1
+    if len(prompt) >= context:
+        keep = context - 1
         print(
             f"note: the prompt has {len(prompt)} tokens; keeping its last {keep} "
-            f"(max_seq_len {max_seq_len})",
+            f"({name} {context})",
             file=sys.stderr,
         )
         prompt = prompt[-keep:]
-    room = max_seq_len - len(prompt)
+    room = context - len(prompt)
     if max_tokens > room:
         print(
             f"note: generating {room} tokens, not {max_tokens}: prompt ({len(prompt)} tokens) "
-            f"+ new tokens must fit max_seq_len {max_seq_len}",
+            f"+ new tokens must fit {name} {context}",
             file=sys.stderr,
         )
     return prompt, min(max_tokens, room)
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_tokens < 1:
         ap.error("--max-tokens must be >= 1")
     try:
-        cfg, model, path = load_run(args.run_dir, stale_predictor=args.stale_predictor)
+        cfg, model, path = load_run(args.run_dir, warn=say, stale_predictor=args.stale_predictor)
         if args.routing == "predictor" and not cfg.model.mod.predictor:
             raise UserError(
                 f"{args.run_dir} has no predictors: add them with modxla-train-predictor, "
@@ -87,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             device = torch_xla.device()
             model = model.to(device)
         prompt = sp.encode(args.prompt)
-        prompt, max_tokens = clip_to_context(prompt, args.max_tokens, cfg.model.max_seq_len)
+        # routed blocks: the trained length, so their k is the trained one (see the docstring)
+        seq_len = cfg.data.seq_len
+        context = context_length(model, seq_len)
+        name = "data.seq_len (the trained length)" if cfg.model.routed_layers else "max_seq_len"
+        prompt, max_tokens = clip_to_context(prompt, args.max_tokens, context, name)
         t0 = time.perf_counter()
         tokens, _ = generate(
             model,
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             device,
             stop_id=EOS_ID,
+            seq_len=seq_len,
         )
     except UserError as e:  # anything else is a bug: keep its traceback
         return report(e)

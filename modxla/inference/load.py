@@ -44,8 +44,10 @@ def load_run(
     With `prefer_predictor`, a checkpoint written by modxla-train-predictor wins over the
     training one (it holds the same frozen model plus the trained predictors). With
     `calibrated`, the causal routing thresholds of <run>/predictor/calibration.json are set
-    when they were fitted on the checkpoint loaded (else ignored, with a warning). A scanned
-    model is unrolled when asked or when thresholds are set (they are per block).
+    when they were fitted on the checkpoint loaded and at the run's data.seq_len (else
+    ignored, with a warning). A scanned model is unrolled when asked or when thresholds are
+    set (they are per block). The trained length routed decoding needs is cfg.data.seq_len
+    (pass it to inference.sample.generate as `seq_len`).
     Predictors trained on an older training checkpoint than the run's newest are refused
     (their frozen model is not the run's any more) unless `stale_predictor`.
     """
@@ -67,7 +69,7 @@ def load_run(
     model = build_model(cfg.model)
     state = load_checkpoint(path, {"model": model.state_dict()})
     model.load_state_dict(state["model"])
-    cal = read_calibration(run_dir, path, warn) if calibrated else None
+    cal = read_calibration(run_dir, path, warn, cfg.data.seq_len) if calibrated else None
     if cfg.model.scan and (unrolled or cal):
         cfg = copy.deepcopy(cfg)
         cfg.model.scan = False
@@ -96,8 +98,17 @@ def _check_base(run_dir: str, cfg: Config, path: str, stale_ok: bool, warn) -> N
     warn(f"warning: {msg}; using the old pair, as asked")
 
 
-def read_calibration(run_dir: str, checkpoint: str, warn=print) -> dict | None:
-    """The run's calibration.json when it was fitted on `checkpoint`, else None."""
+def read_calibration(
+    run_dir: str, checkpoint: str, warn=print, seq_len: int | None = None
+) -> dict | None:
+    """The run's calibration.json when it was fitted on `checkpoint` and, given `seq_len`,
+    at that sequence length; else None, with a warning.
+
+    Thresholds are quantiles of logits fitted for k = round(C * T) slots at length T: at
+    another length the routed share they give is not the one fitted for, and decoding always
+    runs at the trained length. So thresholds fitted at another length are ignored, like
+    those of another checkpoint (refit them: they are cheap). A file from before the length
+    was recorded was fitted at the run's data.seq_len (the only length the tool used)."""
     path = calibration_path(run_dir)
     if not rundir.exists(path):
         return None
@@ -106,6 +117,14 @@ def read_calibration(run_dir: str, checkpoint: str, warn=print) -> dict | None:
         warn(
             f"{path} was fitted on {cal.get('checkpoint')}, not {checkpoint}: ignored "
             "(run modxla-calibrate-routing again)"
+        )
+        return None
+    fitted = cal.get("seq_len")
+    if seq_len is not None and fitted is not None and fitted != seq_len:
+        warn(
+            f"{path} was fitted for sequences of {fitted} tokens, not the {seq_len} "
+            f"(data.seq_len) this run was trained and decodes at: ignored "
+            f"(run modxla-calibrate-routing --run-dir {run_dir} again)"
         )
         return None
     return cal

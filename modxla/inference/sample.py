@@ -33,6 +33,16 @@ def sample_next(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def context_length(model: Transformer, seq_len: int | None = None) -> int:
+    """The longest prompt + new tokens the model serves: the trained length `seq_len` (the
+    run's data.seq_len; a bare model's default is model.cfg.max_seq_len) when it has routed
+    blocks, since their k = round(C * seq_len) is only the trained capacity up to there;
+    else the model's max_seq_len."""
+    if not model.cfg.routed_layers:
+        return model.cfg.max_seq_len
+    return model.cfg.max_seq_len if seq_len is None else min(seq_len, model.cfg.max_seq_len)
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -45,22 +55,36 @@ def generate(
     seed: int = 0,
     device=None,
     stop_id: int | None = None,
+    seq_len: int | None = None,
 ) -> tuple[list[int], KVCache]:
-    """Sample `max_tokens` after `prompt`, one compiled decode step per token."""
+    """Sample `max_tokens` after `prompt`, one compiled decode step per token.
+
+    `seq_len` is the length the model was trained at (data.seq_len of its run, as load_run's
+    config gives it): the routed blocks keep k = round(C * seq_len) slots whatever the prompt
+    and `max_tokens`, so the logits at position t are those of the full forward at the
+    trained length and do not depend on how many tokens are asked for. Without it a bare
+    model is taken to be trained at model.cfg.max_seq_len. Prompt + `max_tokens` beyond the
+    trained length is refused (no capacity there matches training)."""
     if not prompt:
         raise InferenceError("the prompt encodes to no tokens")
     length = len(prompt) + max_tokens
-    if length > model.cfg.max_seq_len:
+    context = context_length(model, seq_len)
+    if length > context:
+        what = (
+            f"the trained length {context} (data.seq_len: routed blocks keep "
+            f"k = round(C * {context}) slots)"
+            if model.cfg.routed_layers
+            else f"the model's max_seq_len {context}"
+        )
         raise InferenceError(
-            f"prompt ({len(prompt)} tokens) + max tokens ({max_tokens}) exceed the model's "
-            f"max_seq_len {model.cfg.max_seq_len}"
+            f"prompt ({len(prompt)} tokens) + max tokens ({max_tokens}) exceed {what}"
         )
     step = decode_step
     if device is not None and device.type == "xla":
         import torch_xla
 
         step = torch_xla.compile(decode_step, full_graph=True, name="decode_step")
-    cache = KVCache.empty(model, 1, length, device)
+    cache = KVCache.empty(model, 1, length, device, seq_len=context)
     gen = torch.Generator().manual_seed(seed)
     out = list(prompt)
     for t in range(length - 1):

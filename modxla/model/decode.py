@@ -1,11 +1,15 @@
 """Incremental decoding with causal routing: a routed block skips the work of tokens it skips.
 
-Cache layout, for a sequence of at most S tokens:
+Cache layout, for a sequence of at most S tokens of a model trained at length T (S <= T):
 - a dense block keeps one slot per position, (B, H, S, hd); slot t holds token t.
-- a routed block keeps only its capacity, k = round(C * S) slots (B, H, k, hd), filled in
-  order, with each slot's original position in `pos` (-1 = empty) and the fill count. Since a
-  full forward of length S drops the routed tokens past the k-th (overflow), so does decoding:
-  the two agree exactly.
+- a routed block keeps only its capacity, k = round(C * T) slots (B, H, k, hd), filled in
+  order, with each slot's original position in `pos` (-1 = empty) and the fill count. k comes
+  from the trained length T, never from S (the prompt plus the tokens asked for): the model
+  only ever saw k = round(C * T) slots, and a k that followed S would make the logits at
+  position t depend on how many tokens are asked for. Since a full forward of length T drops
+  the routed tokens past the k-th (overflow), so does decoding: position t's logits equal
+  those of the full forward at the trained length T (causal routing: they depend on tokens
+  0..t only). A sequence longer than T is refused: no k reproduces training there.
 
 Two execution strategies for a routed block, chosen by the device:
 - eager (CPU/GPU): a real branch. The causal decision (predictor or router logit) is computed
@@ -37,21 +41,38 @@ class KVCache:
     pos: list[torch.Tensor | None]  # routed blocks: (B, k) slot positions, -1 = empty
     count: list[torch.Tensor | None]  # routed blocks: (B,) slots filled
     length: int  # S, the longest sequence the cache serves
+    seq_len: int  # T, the length the model was trained at: routed blocks hold round(C*T)
 
     @classmethod
-    def empty(cls, model: Transformer, batch: int, length: int, device=None) -> KVCache:
+    def empty(
+        cls,
+        model: Transformer,
+        batch: int,
+        length: int,
+        device=None,
+        seq_len: int | None = None,
+    ) -> KVCache:
+        """A cache for `length` tokens of a model trained at `seq_len` (data.seq_len of its
+        run; default model.cfg.max_seq_len, the longest sequence a bare model's config
+        allows: pass the trained length whenever it is shorter)."""
         cfg = model.cfg
+        seq_len = cfg.max_seq_len if seq_len is None else seq_len
+        if cfg.routed_layers and length > seq_len:
+            raise ValueError(
+                f"a cache of {length} tokens exceeds the trained length {seq_len}: routed "
+                f"blocks hold k = round(C * {seq_len}) slots, the capacity they trained with"
+            )
         dtype = model.embed.weight.dtype
         k, v, pos, count = [], [], [], []
         for block in model.blocks:
             routed = isinstance(block, MoDBlock)
-            slots = capacity_k(block.capacity, length) if routed else length
+            slots = capacity_k(block.capacity, seq_len) if routed else length
             shape = (batch, cfg.num_heads, slots, cfg.head_dim)
             k.append(torch.zeros(shape, device=device, dtype=dtype))
             v.append(torch.zeros(shape, device=device, dtype=dtype))
             pos.append(torch.full((batch, slots), -1, device=device) if routed else None)
             count.append(torch.zeros(batch, dtype=torch.long, device=device) if routed else None)
-        return cls(k, v, pos, count, length)
+        return cls(k, v, pos, count, length, seq_len)
 
     def nbytes(self, layer: int | None = None) -> int:
         """Bytes held for keys, values and slot positions (all blocks, or one)."""

@@ -60,7 +60,11 @@ def evaluate(model: Transformer, batches, topk: bool = True) -> dict:
 def calibrate(
     model: Transformer, fit: list, held: list, fraction: float | None = None, search=False
 ) -> dict:
-    """Fit thresholds on `fit`, report before/after on `held`; leaves them set on the model."""
+    """Fit thresholds on `fit`, report before/after on `held`; leaves them set on the model.
+
+    The result records `seq_len`, the length T of the fitting sequences (batches (B, T+1)):
+    the thresholds hold for k = round(C * T) slots at that length only, and load_run ignores
+    them for a run trained (and decoding) at another length."""
     modes = causal_modes(model)
     if not modes:
         raise InferenceError("the model has neither predictors nor a learned router")
@@ -78,6 +82,7 @@ def calibrate(
     best = min(tried, key=lambda t: t["fit_nll"])
     set_thresholds(model, best["thresholds"])
     return {
+        "seq_len": int(fit[0].shape[1]) - 1,
         "fraction": best["fraction"],
         "capacity": cap,
         "thresholds": best["thresholds"],
