@@ -37,6 +37,16 @@ def tiny_run(tmp_path_factory, data_cache):
     return str(t.run_dir), validation_batches(cfg, 4)
 
 
+@pytest.fixture(scope="module")
+def aux0_run(tmp_path_factory, data_cache):
+    """A run trained with the default model.mod.aux_loss_weight 0 (tiny.yaml sets 0.01):
+    its router logit was never trained to classify top-k membership."""
+    t, _ = cpu_trainer(
+        tmp_path_factory.mktemp("aux0"), data_cache, "run", *OVER, "model.mod.aux_loss_weight=0"
+    )
+    return str(t.run_dir)
+
+
 def _model(run_dir):
     return load_run(run_dir, calibrated=False)[1]
 
@@ -200,6 +210,23 @@ def test_generated_logits_do_not_depend_on_max_tokens(tiny_run, capsys, monkeypa
     # more than the trained length: clipped to data.seq_len 32, not max_seq_len 64
     _, err, _, _ = _generate(run_dir, capsys, *gen, "60")
     assert "must fit data.seq_len (the trained length) 32" in err
+
+
+def test_router_routing_without_aux_loss_or_calibration_warns(aux0_run, tiny_run, tmp_path, capsys):
+    fix = f"modxla-calibrate-routing --run-dir {aux0_run}"
+    _, err, _, _ = _generate(aux0_run, capsys, "--routing", "router", "--max-tokens", "2")
+    assert err.count(fix) == 1 and "aux_loss_weight 0" in err  # once, naming the fix
+    _, err, _, _ = _generate(aux0_run, capsys, "--max-tokens", "2")  # predictor routing: sound
+    assert "warning" not in err
+    # trained with aux_loss_weight 0.01 (tiny.yaml): the router logit is a classifier
+    _, err, _, _ = _generate(tiny_run[0], capsys, "--routing", "router", "--max-tokens", "2")
+    assert "warning" not in err
+    # calibrated: its thresholds replace logit > 0
+    run_dir = tmp_path / "run"
+    shutil.copytree(aux0_run, run_dir)
+    assert calibrate_main(["--run-dir", str(run_dir), "--batches", "1"]) == 0
+    _, err, _, _ = _generate(str(run_dir), capsys, "--routing", "router", "--max-tokens", "2")
+    assert "warning" not in err and "modxla-calibrate-routing" not in err
 
 
 def test_clear_errors_for_bad_run_dirs(tiny_run, tmp_path, capsys):

@@ -3,8 +3,10 @@
     modxla-generate --run-dir runs/demo --prompt "def main(" [--max-tokens 64]
 
 Routing is causal: `predictor` (the predictor MLPs decide; train them first with
-modxla-train-predictor) or `router` (the aux-loss-calibrated router logit decides). The
-newest predictor checkpoint is used if there is one, else the newest training checkpoint.
+modxla-train-predictor) or `router` (the router logit decides: sound when the run was trained
+with model.mod.aux_loss_weight > 0 or calibrated with modxla-calibrate-routing; otherwise a
+warning says so). The newest predictor checkpoint is used if there is one, else the newest
+training checkpoint.
 
 Routed blocks keep k = round(C * T) slots, T the length the run was trained at
 (data.seq_len), whatever the prompt and --max-tokens: the logits at a position are those of
@@ -23,7 +25,7 @@ import time
 from modxla.cli.common import parser
 from modxla.data import EOS_ID, load_tokenizer
 from modxla.errors import UserError, report
-from modxla.inference.load import InferenceError, load_run, tokenizer_path
+from modxla.inference.load import InferenceError, load_run, tokenizer_path, uncalibrated_router
 from modxla.inference.sample import context_length, generate
 from modxla.io.logger import say
 
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.routing == "router" and cfg.model.mod.router == "random":
             raise UserError(f"{args.run_dir} uses random routing: pass --routing predictor")
+        if args.routing == "router" and (msg := uncalibrated_router(cfg, model, args.run_dir)):
+            print(msg, file=sys.stderr)
         sp = load_tokenizer(tokenizer_path(args.run_dir), cfg.model.vocab_size)
         device = None
         if args.device == "xla":

@@ -132,13 +132,37 @@ def read_calibration(
 
 def set_thresholds(model: Transformer, thresholds: dict) -> None:
     """Causal routing thresholds per routed block: {"<layer>": {"predictor": t, "router": t}};
-    blocks or modes not named keep 0 (logit > 0)."""
+    blocks or modes not named keep 0 (logit > 0). Each block remembers which modes were
+    named (`calibrated`), for `uncalibrated_router`."""
     if model.cfg.scan:
         raise InferenceError("routing thresholds need an unrolled model (model.scan: false)")
     for layer in model.cfg.routed_layers:
         block = model.blocks[layer]
+        named = thresholds.get(str(layer), {})
         block.thresholds = {"predictor": 0.0, "router": 0.0}
-        block.thresholds.update({m: float(t) for m, t in thresholds.get(str(layer), {}).items()})
+        block.thresholds.update({m: float(t) for m, t in named.items()})
+        block.calibrated = frozenset(named)
+
+
+def uncalibrated_router(cfg: Config, model: Transformer, run_dir: str) -> str | None:
+    """A warning when causal `router` routing would apply threshold 0 to a logit that was
+    never trained as a classifier: a learned router, model.mod.aux_loss_weight 0 (no BCE on
+    top-k membership) and no calibrated router threshold on some routed block. Such a
+    logit's sign says nothing about top-k membership: `logit > 0` can route far more than
+    the capacity and overflow most sequences. None when the routing is sound."""
+    mod = cfg.model.mod
+    if not cfg.model.routed_layers or mod.router != "learned" or mod.aux_loss_weight > 0:
+        return None
+    blocks = [] if model.cfg.scan else [model.blocks[i] for i in model.cfg.routed_layers]
+    if blocks and all("router" in getattr(b, "calibrated", ()) for b in blocks):
+        return None
+    return (
+        f"warning: --routing router: {run_dir} was trained with model.mod.aux_loss_weight 0, "
+        "so its router logit was never trained to predict top-k membership, and it has no "
+        "calibrated thresholds: `logit > 0` decides, which can route far more tokens than "
+        "the capacity (overflow). Calibrate it first: "
+        f"modxla-calibrate-routing --run-dir {run_dir} (or use --routing predictor)"
+    )
 
 
 def get_thresholds(model: Transformer) -> dict:
