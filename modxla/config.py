@@ -143,6 +143,10 @@ class TrainConfig:
     on_divergence: str = "stop"
     divergence_factor: float = 10.0
     divergence_window: int = 20
+    # no step completing for this long = hung: stacks dumped, exit 124 (modxla.train.watchdog);
+    # 0 = measured: max(10 x the median step, 10 min), hang_first_step_s before the first
+    hang_timeout_s: float = 0.0
+    hang_first_step_s: float = 1800.0
 
 
 @dataclass

@@ -45,6 +45,8 @@ FREE = (
     "train.on_divergence",
     "train.divergence_factor",
     "train.divergence_window",
+    "train.hang_timeout_s",
+    "train.hang_first_step_s",
 )
 
 

@@ -50,6 +50,7 @@ class Loop:
         self.rt, self.steps, self.every = rt, steps, every
         self.step = 0
         self.stop = stop or StopRequest()
+        self.watchdog = None  # a train.watchdog.Watchdog: a hung step exits 124
         self.on_checkpoint: list[Callable[[], None]] = []  # before each save (logs upload)
         self.ckpt = Checkpointer(ckpt_dir, keep, async_save, rt.is_main)
 
@@ -98,22 +99,27 @@ class Loop:
         on SIGTERM; leave early, saving nothing, when `stop()` says so. True when all `steps`
         ran."""
         saved = None
+        dog = self.watchdog or contextlib.nullcontext()
+        beat = self.watchdog.beat if self.watchdog else lambda: None
         try:
-            while self.step < self.steps:
-                step(self.step + 1)
-                self.step += 1
-                self.rt.sync()  # runs the step's pending closures (logging)
-                after(self.step)
-                if stop():
-                    return False
-                stopping = self.rt.hosts.agree(self.stop.requested)
-                if stopping or (self.every and self.step % self.every == 0):
-                    saved = self.save()
-                if stopping:
-                    say(f"stop requested: left at step {self.step}, checkpoint {saved}")
-                    return False
-            if not (self.every and self.step % self.every == 0):
-                self.save()  # skipped when the step is already complete
+            with dog:
+                while self.step < self.steps:
+                    step(self.step + 1)
+                    self.step += 1
+                    self.rt.sync()  # runs the step's pending closures (logging)
+                    after(self.step)
+                    beat()
+                    if stop():
+                        return False
+                    stopping = self.rt.hosts.agree(self.stop.requested)
+                    if stopping or (self.every and self.step % self.every == 0):
+                        saved = self.save()
+                        beat()
+                    if stopping:
+                        say(f"stop requested: left at step {self.step}, checkpoint {saved}")
+                        return False
+                if not (self.every and self.step % self.every == 0):
+                    self.save()  # skipped when the step is already complete
         finally:
             self.ckpt.close()
         return True

@@ -32,6 +32,7 @@ from modxla.train.optim import (
 )
 from modxla.train.schedule import lr_at
 from modxla.train.step import eval_step
+from modxla.train.watchdog import Watchdog
 from modxla.xla.runtime import peak_flops_per_device, setup_runtime
 
 
@@ -76,6 +77,10 @@ class Trainer(Loop):
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
         self.peak = peak_flops_per_device(cfg, rt)
         self.guard = DivergenceGuard(cfg.train, self.step, rt.device)
+        t = cfg.train
+        self.watchdog = Watchdog(
+            self.run_dir, rt.hosts.index, t.hang_timeout_s, t.hang_first_step_s
+        )
         self._train_step = rt.compile(
             guarded_step, "train_step", state=lambda: step_state(self.model, self.opt)
         )
