@@ -1,5 +1,6 @@
-"""A hung step: the watchdog dumps every thread's stack, exits 124 (restart and resume), and the
-resumed run ends with the uninterrupted losses."""
+"""Faults of a long run: a hung step (the watchdog dumps every stack, exits 124, the run resumes
+to the uninterrupted losses) and a disk that fills up during a save (exit 4, the previous
+checkpoint intact)."""
 
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import time
 
 import pytest
 
-from modxla.errors import EXIT_HUNG, RESTART
+from modxla.errors import EXIT_DISK_FULL, EXIT_HUNG, RESTART
+from modxla.io.checkpoint import latest_checkpoint
 from tests.conftest import ROOT, read_metrics, run, train_args
 
 # the trainer's CLI with a data source that blocks forever at its 6th batch (step 6)
@@ -55,3 +57,40 @@ def test_a_hung_step_dumps_every_stack_exits_124_and_the_run_resumes(tmp_path, d
     assert sorted(got) == sorted(straight)
     for step, loss in straight.items():
         assert got[step] == pytest.approx(loss, rel=0, abs=1e-6), step
+
+
+# the trainer's CLI on a disk that fills up during the step-4 save, where DCP opens its files
+FULL = textwrap.dedent(
+    """
+    import errno, sys
+    from torch.distributed.checkpoint import filesystem
+    real = filesystem.FileSystem.create_stream
+    def create_or_full(self, path, mode):
+        if "step_00000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(self, path, mode)
+    filesystem.FileSystem.create_stream = create_or_full
+    from modxla.cli.train import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_previous_checkpoint_and_exits_4(tmp_path, data_cache):
+    over = ["train.device=cpu", "train.steps=6", "checkpoint.every=2", "train.log_every=1"]
+    full = tmp_path / "full"
+    args = train_args(full, data_cache, *over)[2:]
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == EXIT_DISK_FULL and EXIT_DISK_FULL not in RESTART, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no space left" in errors[0] and "step 4" in errors[0]
+    assert "Traceback" not in proc.stderr
+    ckpts = full / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002"]  # no step_4(.partial)
+    assert latest_checkpoint(str(ckpts)).endswith("step_00000002")  # loadable, verified
+    proc = run(train_args(full, data_cache, *over), 1)  # space freed: it resumes
+    assert "resuming from" in proc.stderr and "(step 2)" in proc.stderr
+    assert max(_losses(full)) == 6

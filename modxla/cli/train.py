@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser(
         "modxla-train",
         __doc__,
-        epilog="Exit status: 0 finished, 2 bad input, 3 diverged, 143 stopped by SIGTERM after "
-        "saving its step (run it again to resume); see modxla/errors.py.",
+        epilog="Exit status: 0 finished, 2 bad input, 3 diverged, 4 disk full (the checkpoints "
+        "before are intact), 124 a step hung (stacks in <run-dir>/hangs/), 143 stopped by "
+        "SIGTERM after saving its step; 124 and 143: run it again to resume. See "
+        "modxla/errors.py.",
     )
     ap.add_argument("--config", help="YAML experiment config (see configs/)")
     ap.add_argument(

@@ -23,6 +23,7 @@ so a checkpoint restores onto any mesh shape (resharding for free; one host copy
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -35,8 +36,9 @@ from dataclasses import dataclass
 import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
-from modxla.errors import UserError
+from modxla.errors import EXIT_DISK_FULL, UserError
 
 # Single-process saves are intended; these warnings would print on every checkpoint.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -52,6 +54,21 @@ CHUNK = 16 << 20  # bytes per read when checksumming: streams multi-GB shards
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete everywhere, or does not fit the model."""
+
+
+class DiskFullError(CheckpointError):
+    """A save ran out of space: its partial files are removed, the checkpoints before it are
+    intact (exit 4: a launcher must not restart it into the same full disk)."""
+
+    exit_code = EXIT_DISK_FULL
+
+
+def _no_space(e: BaseException) -> bool:
+    """ENOSPC, raised here or by a DCP writer thread (wrapped in a CheckpointException)."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    failures = getattr(e, "failures", None) or {}
+    return any(_no_space(exc) for exc, _ in failures.values())
 
 
 def _fs(path: str):
@@ -247,13 +264,29 @@ class Checkpointer:
         return path
 
     def _write(self, path: str, step: int, host: dict, extra: dict) -> None:
-        from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
 
         fs, root = _fs(path)
         local = _is_local(fs)
         if not local and self.is_main and fs.exists(root):
             fs.rm(root, recursive=True)  # incomplete or damaged: a complete one is skipped
         target = path + PARTIAL if local else path
+        try:
+            self._write_files(fs, path, target, local, step, host, extra)
+        except (OSError, CheckpointException) as e:  # CheckpointException: a BaseException
+            if not _no_space(e):
+                raise
+            if self.is_main and fs.exists(_fs(target)[1]):
+                fs.rm(_fs(target)[1], recursive=True)  # never a half checkpoint in place
+            raise DiskFullError(
+                f"no space left on the device writing checkpoint step {step} to {path}: its "
+                "partial files were removed and the checkpoints before it are intact; free "
+                "space and run again (it resumes from the newest one)"
+            ) from None
+
+    def _write_files(self, fs, path, target, local, step, host, extra) -> None:
+        from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
+
+        root = _fs(path)[1]
         dcp.save(host, storage_writer=_writer(target), planner=SPMDSavePlanner())
         if not self.is_main:
             return
