@@ -218,6 +218,8 @@ def test_router_routing_without_aux_loss_or_calibration_warns(aux0_run, tiny_run
     assert err.count(fix) == 1 and "aux_loss_weight 0" in err  # once, naming the fix
     _, err, _, _ = _generate(aux0_run, capsys, "--max-tokens", "2")  # predictor routing: sound
     assert "warning" not in err
+    assert inspect_main(["--run-dir", str(aux0_run), "--batches", "1"]) == 0  # router rows
+    assert capsys.readouterr().err.count(fix) == 1
     # trained with aux_loss_weight 0.01 (tiny.yaml): the router logit is a classifier
     _, err, _, _ = _generate(tiny_run[0], capsys, "--routing", "router", "--max-tokens", "2")
     assert "warning" not in err

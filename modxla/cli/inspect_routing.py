@@ -20,7 +20,12 @@ import sys
 
 from modxla.cli.common import parser
 from modxla.errors import UserError, report
-from modxla.inference.load import InferenceError, load_run, validation_batches
+from modxla.inference.load import (
+    InferenceError,
+    load_run,
+    uncalibrated_router,
+    validation_batches,
+)
 from modxla.io import rundir
 from modxla.io.logger import say
 from modxla.routing.report import routing_report
@@ -60,6 +65,8 @@ def inspect_run(run_dir: str, batches: int) -> dict:
     if not rundir.load_config(run_dir).model.routed_layers:  # before loading any weights
         raise InferenceError(f"{run_dir} has no routed blocks: nothing to report")
     cfg, model, path = load_run(run_dir, unrolled=True, warn=say)
+    if msg := uncalibrated_router(cfg, model, run_dir):  # its router rows use that logit
+        print(msg.replace("--routing router: ", "router routing: "), file=sys.stderr)
     res = routing_report(model, validation_batches(cfg, batches))
     return {"run_dir": str(run_dir), "checkpoint": path, **res}
 
