@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 
 import torch
 
 from modxla.analysis.flops import flops_per_step, mfu
+from modxla.analysis.goodput import Recorder
 from modxla.config import Config
 from modxla.data import BatchLoader, build_streams
 from modxla.data.tokenizer import file_digest
+from modxla.errors import EXIT_CRASH, EXIT_HUNG, EXIT_OK, EXIT_STOPPED, DivergenceError, UserError
 from modxla.io import rundir
 from modxla.io.checkpoint import CheckpointError, check_model_shapes, read_marker, read_metadata
 from modxla.io.checkpoint import load as load_checkpoint
@@ -41,14 +44,31 @@ def _grouped(loader: BatchLoader, accum: int):
         yield torch.stack([next(loader) for _ in range(accum)])  # (A, B/P, T+1)
 
 
+class _Watchdog(Watchdog):
+    """The watchdog, telling `on_hang` (the goodput record) before it exits 124."""
+
+    on_hang: Callable[[], None] | None = None
+
+    def _fire(self, waited: float, bound: float) -> None:
+        try:
+            if self.on_hang:
+                self.on_hang()
+        except Exception:  # noqa: BLE001, S110 (the exit must happen whatever this does)
+            pass
+        super()._fire(waited, bound)
+
+
 class Trainer(Loop):
     """Holds the state one run shares between steps, evaluation and checkpoints."""
 
     def __init__(self, cfg: Config, run_dir: str, stop: StopRequest | None = None) -> None:
         self.cfg = cfg
+        self.goodput: Recorder | None = None  # set by train(): the attempt's timeline
+        marks = [("start", time.time())]  # setup_s: seconds of each part of the set-up
         self.run_dir = str(run_dir)  # a path or URL (gs://...): never a pathlib.Path
         rundir.makedirs(self.run_dir)
         self.rt = rt = setup_runtime(cfg)
+        marks.append(("runtime", time.time()))
         torch.manual_seed(cfg.train.seed)
         streams = build_streams(cfg.data, cfg.model.vocab_size, progress=rt.is_main)
         self.tokenizer = str(streams.tokenizer)
@@ -60,8 +80,10 @@ class Trainer(Loop):
         self.config_changes: dict[str, list] = {}  # what this resume changed (metrics.jsonl)
         c = cfg.checkpoint
         super().__init__(rt, self.ckpt_dir, cfg.train.steps, c.every, c.keep, c.async_save, stop)
+        marks.append(("data", time.time()))
         model = build_model(cfg.model, seed=cfg.train.seed)
         model.remat = cfg.train.remat
+        marks.append(("model", time.time()))
         resume = self.find_resume(cfg.checkpoint.resume)
         restored = self._load(resume, model) if resume else None
         self.model = model.to(rt.device)
@@ -69,6 +91,7 @@ class Trainer(Loop):
         self.opt = build_optimizer(self.model, cfg.optimizer)
         if restored:
             self._restore(restored)
+        marks.append(("resume_and_shard", time.time()))
         if rt.is_main:  # only now: a refused resume leaves the run's files untouched
             rundir.save_config(cfg, self.run_dir)
             # tools (generate, predictor) read the run's own tokenizer
@@ -78,13 +101,15 @@ class Trainer(Loop):
         self.peak = peak_flops_per_device(cfg, rt)
         self.guard = DivergenceGuard(cfg.train, self.step, rt.device)
         t = cfg.train
-        self.watchdog = Watchdog(
+        self.watchdog = _Watchdog(
             self.run_dir, rt.hosts.index, t.hang_timeout_s, t.hang_first_step_s
         )
         self._train_step = rt.compile(
             guarded_step, "train_step", state=lambda: step_state(self.model, self.opt)
         )
         self._eval_step = rt.compile(eval_step, "eval_step")
+        marks.append(("other", time.time()))
+        self.setup_s = {k: t - marks[i][1] for i, (k, t) in enumerate(marks[1:])}
 
     @property
     def data_position(self) -> int:
@@ -183,6 +208,22 @@ class Trainer(Loop):
         torch.set_rng_state(meta["torch_rng"])
         self.rt.set_rng_state(meta["xla_rng"])
 
+    def save(self) -> str | None:
+        g = self.goodput
+        if g:
+            g.event("save_start", self.step)
+        path = super().save()
+        if g:
+            g.event("save_end", self.step, written=path is not None)
+        return path
+
+    def _after(self, n: int) -> None:  # step n done (its closures ran): goodput progress
+        if self.goodput:
+            if n == self._first_step:
+                self.goodput.event("first_step", n)
+            elif n % self.cfg.train.log_every == 0:
+                self.goodput.event("step", n)
+
     def before_save(self) -> None:
         self.guard.check()  # a step since the last check diverged: raise, write nothing
 
@@ -256,7 +297,8 @@ class Trainer(Loop):
             if self.val_seqs is not None and self._due(cfg.train.eval_every, n):
                 rt.after_step(record_eval, n, self.evaluate())
 
-        self.run(step, stop=lambda: guard.problem)
+        self._first_step = self.step + 1
+        self.run(step, stop=lambda: guard.problem, after=self._after)
         guard.check()  # a divergence seen at a log step: stop with its message
         return history
 
@@ -266,13 +308,40 @@ def train(cfg: Config, run_dir: str) -> bool:
     before train.steps."""
     from modxla.io.logger import MetricsLogger
 
+    started = time.time()
     with StopRequest().on_sigterm() as stop:
-        trainer = Trainer(cfg, run_dir, stop)
+        trainer = Trainer(cfg, run_dir, stop)  # a failure here is not in goodput.jsonl
+        gp = trainer.goodput = Recorder(trainer.run_dir, trainer.rt.is_main)
+        gp.event("start", trainer.step, t=started)
+        gp.event("setup", trainer.step, setup_s=trainer.setup_s)
+        trainer.watchdog.on_hang = lambda: gp.event(
+            "end", trainer.step, cause="hung", exit_code=EXIT_HUNG
+        )  # written in place; not uploaded for a URL (the run directory may be what hangs)
+        trainer.on_checkpoint.append(gp.sync)
+        end = {"cause": "crashed", "exit_code": EXIT_CRASH}
         # records logged after the checkpoint we resume from are dropped (logged again)
         logger = MetricsLogger(trainer.run_dir, cfg.train.steps, trainer.step, trainer.rt.is_main)
         trainer.on_checkpoint.append(logger.sync)
         try:
             trainer.fit(logger)
-            return trainer.step >= cfg.train.steps
+            finished = trainer.step >= cfg.train.steps
+            end = {"cause": "finished", "exit_code": EXIT_OK}
+            if not finished:
+                end = {"cause": "stopped", "exit_code": EXIT_STOPPED}
+            return finished
+        except DivergenceError as e:
+            end = {"cause": "diverged", "exit_code": e.exit_code}
+            raise
+        except UserError as e:
+            end = {"cause": "error", "exit_code": e.exit_code, "error": type(e).__name__}
+            raise
+        except Exception as e:
+            end["error"] = type(e).__name__
+            raise
+        except BaseException as e:  # KeyboardInterrupt, SystemExit
+            end = {"cause": "interrupted", "error": type(e).__name__}
+            raise
         finally:
             logger.close()
+            gp.event("end", trainer.step, **end)
+            gp.close()
