@@ -100,3 +100,26 @@ def test_cli_reads_two_attempts_of_a_run(tmp_path, data_cache, capsys):
     assert main([str(run_dir)]) == 0
     assert "goodput:" in capsys.readouterr().out
     assert main([str(tmp_path / "none")]) == 2
+
+
+def test_a_url_run_directory_is_staged_and_uploaded_whole():
+    from modxla.analysis.goodput import GOODPUT, Recorder, read_records
+    from modxla.io import rundir
+
+    url = "memory://goodput-test/run"
+    path = rundir.join(url, GOODPUT)
+    first = Recorder(url)
+    first.event("start", 0, t=1.0)
+    first.event("save_start", 2, t=2.0)
+    first.sync()  # at a checkpoint
+    first.event("save_end", 2, t=3.0)  # not uploaded: the process dies before the next sync
+    assert [r["event"] for r in read_records(path)] == ["start", "save_start"]
+    second = Recorder(url)
+    assert second.attempt == 2
+    second.event("start", 2, t=10.0)
+    second.event("end", 2, t=11.0, cause="finished")
+    second.close()
+    got = [(r["attempt"], r["event"]) for r in read_records(path)]
+    assert got == [(1, "start"), (1, "save_start"), (2, "start"), (2, "end")]
+    assert not Recorder(url, enabled=False).attempt  # not the writer host: writes nothing
+    assert summarize(read_records(path))["wall_s"] == 2.0
