@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -42,20 +41,6 @@ from modxla.xla.runtime import peak_flops_per_device, setup_runtime
 def _grouped(loader: BatchLoader, accum: int):
     while True:
         yield torch.stack([next(loader) for _ in range(accum)])  # (A, B/P, T+1)
-
-
-class _Watchdog(Watchdog):
-    """The watchdog, telling `on_hang` (the goodput record) before it exits 124."""
-
-    on_hang: Callable[[], None] | None = None
-
-    def _fire(self, waited: float, bound: float) -> None:
-        try:
-            if self.on_hang:
-                self.on_hang()
-        except Exception:  # noqa: BLE001, S110 (the exit must happen whatever this does)
-            pass
-        super()._fire(waited, bound)
 
 
 class Trainer(Loop):
@@ -101,7 +86,7 @@ class Trainer(Loop):
         self.peak = peak_flops_per_device(cfg, rt)
         self.guard = DivergenceGuard(cfg.train, self.step, rt.device)
         t = cfg.train
-        self.watchdog = _Watchdog(
+        self.watchdog = Watchdog(
             self.run_dir, rt.hosts.index, t.hang_timeout_s, t.hang_first_step_s
         )
         self._train_step = rt.compile(

@@ -30,6 +30,7 @@ class Watchdog:
         self.timeout_s, self.first_step_s = timeout_s, first_step_s
         self.times: list[float] = []  # seconds between beats, newest last
         self.last = time.monotonic()
+        self.on_hang = None  # called before the exit (the goodput record); errors ignored
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="modxla-watchdog", daemon=True)
 
@@ -61,6 +62,11 @@ class Watchdog:
                 self._fire(waited, bound)
 
     def _fire(self, waited: float, bound: float) -> None:
+        try:
+            if self.on_hang:
+                self.on_hang()
+        except Exception:  # noqa: BLE001, S110 (the exit must happen whatever this does)
+            pass
         head = (
             f"[modxla] hung: no step completed for {waited:.0f} s (bound {bound:.0f} s); "
             f"exiting {EXIT_HUNG} to be restarted. Every thread's stack:\n"
