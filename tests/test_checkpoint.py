@@ -7,8 +7,10 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from modxla.io.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load,
+    read_marker,
     read_metadata,
 )
 from tests.conftest import ROOT, TINY, read_metrics, run, train_args
@@ -331,3 +334,41 @@ def test_a_run_resumes_from_the_previous_checkpoint_when_the_newest_is_damaged(
     err = capsys.readouterr().err
     assert "step_00000004 is incomplete" in err and "fails its checksum" in err
     assert "resuming from" in err and "step_00000002 (step 2)" in err
+
+
+@pytest.mark.parametrize("base", ["local", "memory"])
+def test_a_save_reads_none_of_its_files_back(tmp_path, monkeypatch, base):
+    """The CRC-32s in COMPLETE are computed as the files are written, not by re-reading them."""
+    import builtins
+
+    import fsspec.implementations.memory as memfs
+
+    base = str(tmp_path) if base == "local" else f"memory://modxla-test/{tmp_path.name}/ck"
+    read = []
+    real_open, real_mem_open = builtins.open, memfs.MemoryFileSystem._open
+
+    def counting_open(file, mode="r", *a, **kw):
+        if "r" in mode and "+" not in mode and str(tmp_path) in os.fspath(file):
+            read.append(os.fspath(file))
+        return real_open(file, mode, *a, **kw)
+
+    def counting_mem_open(self, path, mode="rb", *a, **kw):
+        if "r" in mode and "+" not in mode:
+            read.append(path)
+        return real_mem_open(self, path, mode, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(memfs.MemoryFileSystem, "_open", counting_mem_open)
+    ck = Checkpointer(base, keep=5)
+    path = ck.save(3, _state(3))
+    data = [p for p in read if p.endswith((".distcp", ".metadata"))]
+    monkeypatch.undo()
+    assert data == []  # no shard (nor .metadata) was opened for reading
+    info = read_marker(path)
+    assert set(info["crc32"]) == set(info["files"]) and info["files"]
+    fs, root = fsspec.core.url_to_fs(path)
+    for name, crc in info["crc32"].items():  # the recorded CRCs are those of the files
+        assert f"{zlib.crc32(fs.cat_file(root + '/' + name)):08x}" == crc, name
+    assert torch.equal(
+        load(latest_checkpoint(base), _state(0))["model"]["w"], _state(3)["model"]["w"]
+    )

@@ -17,6 +17,13 @@ written with torch_xla's SPMDSavePlanner. torch_xla 2.9 silently drops a tensor 
 on one mesh axis and replicated on another when it is handed over as a sharded XLA tensor;
 deduplicating the shards here first avoids that (tests check every tensor of a 2-D mesh).
 
+Checksums are computed as the files are written: the storage writer's output streams update a
+CRC-32 as the bytes pass (`_CrcWriter`), so a save never reads its shards back. Each host sees
+only the files it wrote; the hosts' {file: (crc, size)} are gathered to process 0 with one
+`all_gather_object` on the default group (the group DCP's save already ran its collectives on),
+and the marker is assembled from them. A file with no recorded checksum (a stream that seeked
+back, hosts saving without a process group) is read back once, as before.
+
 Loading: tensors are read as whole CPU tensors and then placed and sharded like a fresh run,
 so a checkpoint restores onto any mesh shape (resharding for free; one host copy per tensor).
 """
@@ -31,6 +38,7 @@ import time
 import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import fsspec
@@ -210,15 +218,94 @@ def _is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+class _CrcStream:
+    """A write stream that updates a CRC-32 with every byte written through it."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.crc = 0
+        self.size = 0
+        self.sequential = True  # False once it seeks anywhere but the end: crc is unusable
+
+    def write(self, data) -> int:
+        n = self._stream.write(data)
+        view = memoryview(data).cast("B")
+        if n is not None and n != view.nbytes:
+            self.sequential = False  # a short write: the CRC no longer matches the file
+        self.crc = zlib.crc32(view, self.crc)
+        self.size += view.nbytes
+        return n
+
+    def seek(self, offset, whence=0):
+        pos = self._stream.seek(offset, whence)
+        if pos != self.size:
+            self.sequential = False
+        return pos
+
+    def __getattr__(self, name):  # tell, flush, fileno (fsync), close, ...
+        return getattr(self._stream, name)
+
+
+class _CrcFileSystem:
+    """DCP's FileSystem (local or fsspec) whose write streams record {file name: (crc, size)}."""
+
+    def __init__(self, fs, sums: dict) -> None:
+        self._fs = fs
+        self._sums = sums
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        if not any(ch in mode for ch in "wa+"):
+            with self._fs.create_stream(path, mode) as stream:
+                yield stream
+            return
+        name = os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
+        self._sums.pop(name, None)
+        with self._fs.create_stream(path, mode) as stream:
+            crc = _CrcStream(stream)
+            yield crc
+        if crc.sequential and "a" not in mode and "+" not in mode:
+            self._sums[name] = (f"{crc.crc:08x}", crc.size)
+
+    def rename(self, path, new_path) -> None:  # .metadata.tmp -> .metadata
+        self._fs.rename(path, new_path)
+        old = os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
+        new = os.fspath(new_path).rstrip("/").rsplit("/", 1)[-1]
+        if old in self._sums:
+            self._sums[new] = self._sums.pop(old)
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+
 def _writer(path: str):
+    """DCP's writer for `path`, with `.crc32`: {file name: (crc, size)} of what it wrote."""
     # per_thread_copy_ahead=0: the tensors are on the host already. With the default, DCP
     # picks its GPU-stream loader as soon as jax/torchax is installed (torch_xla's
     # mark_sharding imports torchax, whose privateuse1 device says "available") and fails.
     if "://" in path:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-        return FsspecWriter(path, per_thread_copy_ahead=0)
-    return dcp.FileSystemWriter(path, per_thread_copy_ahead=0)
+        writer = FsspecWriter(path, per_thread_copy_ahead=0)
+    else:
+        writer = dcp.FileSystemWriter(path, per_thread_copy_ahead=0)
+    writer.crc32 = {}
+    writer.fs = _CrcFileSystem(writer.fs, writer.crc32)
+    return writer
+
+
+def _gather_crcs(sums: dict) -> dict:
+    """Every host's {file: (crc, size)}, merged (one collective when a group is initialized)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(sums)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, dict(sums))
+    merged = {}
+    for part in every:
+        merged.update(part or {})
+    return merged
 
 
 def _reader(path: str):
@@ -237,6 +324,7 @@ class Checkpointer:
     keep: int = 3
     async_save: bool = False
     is_main: bool = True
+    crc_on_write: bool = True  # False: the old path, every file read back for its CRC (bench)
 
     def __post_init__(self) -> None:
         self._pool = ThreadPoolExecutor(1) if self.async_save else None
@@ -287,16 +375,21 @@ class Checkpointer:
         from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
 
         root = _fs(path)[1]
-        dcp.save(host, storage_writer=_writer(target), planner=SPMDSavePlanner())
+        writer = _writer(target)
+        dcp.save(host, storage_writer=writer, planner=SPMDSavePlanner())
+        written = _gather_crcs(writer.crc32) if self.crc_on_write else {}
         if not self.is_main:
             return
         tmp_root = _fs(target)[1]
         files = _manifest(fs, tmp_root)
+        # computed as written; any file without one (or of another size) is read back
+        sums = {n: written[n][0] for n in files if written.get(n, (None, -1))[1] == files[n]}
+        sums.update(_checksums(fs, tmp_root, [n for n in files if n not in sums]))
         info = {
             "step": step,
             "time": time.time(),
             "files": files,
-            "crc32": _checksums(fs, tmp_root, files),
+            "crc32": dict(sorted(sums.items())),
             **extra,
         }
         if local:  # marker inside the partial folder, then one atomic rename
