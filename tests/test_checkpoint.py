@@ -372,3 +372,45 @@ def test_a_save_reads_none_of_its_files_back(tmp_path, monkeypatch, base):
     assert torch.equal(
         load(latest_checkpoint(base), _state(0))["model"]["w"], _state(3)["model"]["w"]
     )
+
+
+def _save_on_host(rank: int, world: int, port: int, base: str) -> None:
+    import torch.distributed as dist
+
+    import modxla.io.checkpoint as ckpt
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    reread = []
+    ckpt._checksums = lambda fs, root, names: reread.extend(names) or {}
+    state = {"model": {f"host{rank}": torch.full((1000,), float(rank))}}
+    ckpt.Checkpointer(base, keep=5, is_main=rank == 0).save(4, state)
+    dist.barrier()
+    assert reread == [], reread  # process 0 read back none of the files, its own or others'
+    dist.destroy_process_group()
+
+
+def test_every_host_s_checksums_reach_the_marker(tmp_path):
+    """Two hosts (a gloo group), each writing its own shard: process 0 writes the CRC-32s of
+    both into COMPLETE, gathered from the hosts, without reading a file back."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_save_on_host, args=(r, 2, port, str(tmp_path))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    path = str(tmp_path / "step_00000004")
+    info = read_marker(path)
+    shards = sorted(n for n in info["files"] if n.endswith(".distcp"))
+    assert len(shards) == 2 and set(info["crc32"]) == set(info["files"])
+    for name, crc in info["crc32"].items():
+        assert f"{zlib.crc32((tmp_path / 'step_00000004' / name).read_bytes()):08x}" == crc
+    assert latest_checkpoint(str(tmp_path)) == path  # verified against the files
