@@ -18,7 +18,8 @@ on one mesh axis and replicated on another when it is handed over as a sharded X
 deduplicating the shards here first avoids that (tests check every tensor of a 2-D mesh).
 
 Checksums are computed as the files are written: the storage writer's output streams update a
-CRC-32 as the bytes pass (`_CrcWriter`), so a save never reads its shards back. Each host sees
+CRC-32 as the bytes pass (`_CrcStream` in `_writer`), so a save never reads its shards back.
+Each host sees
 only the files it wrote; the hosts' {file: (crc, size)} are gathered to process 0 with one
 `all_gather_object` on the default group (the group DCP's save already ran its collectives on),
 and the marker is assembled from them. A file with no recorded checksum (a stream that seeked
