@@ -19,11 +19,10 @@ deduplicating the shards here first avoids that (tests check every tensor of a 2
 
 Checksums are computed as the files are written: the storage writer's output streams update a
 CRC-32 as the bytes pass (`_CrcStream` in `_writer`), so a save never reads its shards back.
-Each host sees
-only the files it wrote; the hosts' {file: (crc, size)} are gathered to process 0 with one
-`all_gather_object` on the default group (the group DCP's save already ran its collectives on),
-and the marker is assembled from them. A file with no recorded checksum (a stream that seeked
-back, hosts saving without a process group) is read back once, as before.
+Each host sees only the files it wrote; the hosts' {file: (crc, size)} are gathered to process
+0 with one `all_gather_object` on the default group (DCP's save has just run its collectives
+on it), and the marker is assembled from them. A file with no recorded checksum (a stream
+that seeked back, hosts saving without a process group) is read back once, as before.
 
 Loading: tensors are read as whole CPU tensors and then placed and sharded like a fresh run,
 so a checkpoint restores onto any mesh shape (resharding for free; one host copy per tensor).
