@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -71,13 +72,15 @@ def _bench_save(bases: dict[str, str], state: dict, n: int) -> dict[str, list[fl
     return times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--gb", type=float, default=1.0, help="state dict size in GiB")
     ap.add_argument("--n", type=int, default=5, help="repetitions of each path")
     ap.add_argument("--dir", default=None, help="local folder (default: a temp dir)")
     ap.add_argument("--gcs", action="store_true", help="also save to the GCS emulator")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     state = _state(args.gb)
     nbytes = sum(v.numel() * 4 for v in state["model"].values())
@@ -117,6 +120,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out, indent=1))
+    return 0
 
 
 def _bench_gcs(state: dict, n: int) -> dict:
@@ -146,4 +150,4 @@ def _bench_gcs(state: dict, n: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
