@@ -32,6 +32,7 @@ class; balanced = (1-C)/C; the logged predictor_loss is then the weighted one).
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 
 from modxla.cli.common import parser
 from modxla.errors import EXIT_OK, EXIT_STOPPED, UserError, report
@@ -94,20 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0 or args.checkpoint_every < 0 or args.eval_every < 0 or args.hidden < 0:
         ap.error("--lr must be > 0; --checkpoint-every, --eval-every, --hidden >= 0")
-    opts = PredictorOptions(
-        steps=args.steps,
-        lr=args.lr,
-        log_every=args.log_every,
-        eval_batches=args.eval_batches,
-        init=args.init,
-        restart=args.restart,
-        resume=args.resume,
-        checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every,
-        hidden=args.hidden,
-        input=args.input,
-        pos_weight=args.pos_weight,
-    )
+    given = [f.name for f in fields(PredictorOptions) if hasattr(args, f.name)]
+    opts = PredictorOptions(**{name: getattr(args, name) for name in given})
     try:
         result = train_predictors(args.run_dir, opts)
     except UserError as e:

@@ -83,7 +83,8 @@ def load_run(
 
 def _check_base(run_dir: str, cfg: Config, path: str, stale_ok: bool, warn) -> None:
     base = read_marker(path).get("base")
-    newest = latest_checkpoint(rundir.checkpoints(run_dir, cfg), warn)
+    # which checkpoint is newest needs its marker only: the checksums are read when it loads
+    newest = latest_checkpoint(rundir.checkpoints(run_dir, cfg), warn, verify=False)
     if base is None or newest is None or base == checkpoint_id(newest):
         return  # written before predictor checkpoints named their base; or it is current
     msg = (
