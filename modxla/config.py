@@ -144,7 +144,8 @@ class TrainConfig:
     divergence_factor: float = 10.0
     divergence_window: int = 20
     # no step completing for this long = hung: stacks dumped, exit 124 (modxla.train.watchdog);
-    # 0 = measured: max(10 x the median step, 10 min), hang_first_step_s before the first
+    # 0 = measured: max(10 x the median step, 10 min); hang_first_step_s until the first step
+    # completes and during the first save
     hang_timeout_s: float = 0.0
     hang_first_step_s: float = 1800.0
 

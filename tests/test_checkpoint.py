@@ -414,3 +414,90 @@ def test_every_host_s_checksums_reach_the_marker(tmp_path):
     for name, crc in info["crc32"].items():
         assert f"{zlib.crc32((tmp_path / 'step_00000004' / name).read_bytes()):08x}" == crc
     assert latest_checkpoint(str(tmp_path)) == path  # verified against the files
+
+
+# a console script's main with every read of a checkpoint shard counted (bytes, by file),
+# written as JSON to $READS at exit: what a resume or a sample costs in reads
+COUNT_READS = textwrap.dedent(
+    """
+    import atexit, builtins, importlib, io, json, os, sys
+    real, counts = io.open, {}
+
+    class Counted:
+        def __init__(self, f, key):
+            self._f, self._key = f, key
+        def _add(self, n):
+            counts[self._key] = counts.get(self._key, 0) + (n or 0)
+        def read(self, n=-1):
+            data = self._f.read(n)
+            self._add(len(data))
+            return data
+        def readinto(self, b):
+            n = self._f.readinto(b)
+            self._add(n)
+            return n
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self._f.close()
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    def counting_open(file, mode="r", *a, **kw):
+        f = real(file, mode, *a, **kw)
+        path = os.fspath(file) if not isinstance(file, int) else ""
+        if "r" in mode and path.endswith(".distcp"):
+            return Counted(f, os.path.relpath(path, os.environ["RUN"]))
+        return f
+
+    io.open = builtins.open = counting_open
+    atexit.register(lambda: json.dump(counts, real(os.environ["READS"], "w")))
+    main = importlib.import_module(sys.argv.pop(1)).main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def _reads(tmp_path, run_dir, module, args):
+    out = tmp_path / "reads.json"
+    env = {**os.environ, "RUN": str(run_dir), "READS": str(out), "CPU_NUM_DEVICES": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNT_READS, module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_and_sampling_read_each_shard_once_and_still_refuse_a_damaged_one(
+    tmp_path, data_cache
+):
+    """Checksums are verified as the shards are read: a resume (modxla-train) and a sample
+    (modxla-generate) read every shard's bytes exactly once, and a damaged newest step is
+    still found and passed over for the previous one."""
+    r = tmp_path / "run"
+    over = ["train.device=cpu", "train.steps=4", "checkpoint.every=2", "train.log_every=1"]
+    args = train_args(r, data_cache, *over)[2:]  # no -m: the module is the counter's argument
+    run(["-m", "modxla.train", *args], 1)
+    newest = r / "checkpoints" / "step_00000004"
+    sizes = {f"checkpoints/step_00000004/{p.name}": p.stat().st_size for p in newest.iterdir()}
+    shards = {k: v for k, v in sizes.items() if k.endswith(".distcp")}
+    assert shards
+    reads, err = _reads(tmp_path, r, "modxla.cli.train", args)  # resumes at 4, nothing to do
+    assert "resuming from" in err and "(step 4)" in err
+    assert reads == shards  # every byte of every shard once: not verified, then loaded
+    prompt = ["--run-dir", str(r), "--prompt", "def ", "--max-tokens", "4", "--device", "cpu"]
+    reads, _ = _reads(tmp_path, r, "modxla.cli.generate", prompt)
+    assert reads == shards
+
+    _flip(next(newest.glob("*.distcp")))
+    reads, err = _reads(tmp_path, r, "modxla.cli.train", args)
+    assert "step_00000004 is incomplete" in err and "fails its checksum" in err
+    assert "falling back to an older one" in err and "(step 2)" in err
+    older = {k.replace("step_00000004", "step_00000002") for k in shards}
+    assert older <= set(reads)  # the fallback's shards were read (once each, then trained)

@@ -94,3 +94,23 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_exits_4(tmp_path, data_ca
     proc = run(train_args(full, data_cache, *over), 1)  # space freed: it resumes
     assert "resuming from" in proc.stderr and "(step 2)" in proc.stderr
     assert max(_losses(full)) == 6
+
+
+def test_the_bound_covers_a_first_save_like_a_first_step():
+    """A set hang_timeout_s bounds steady steps only: until the first step completes and
+    during the first save (imports, first writes) the bound is hang_first_step_s."""
+    from modxla.train.watchdog import MIN_BOUND_S, Watchdog
+
+    dog = Watchdog("unused", 0, timeout_s=3, first_step_s=100)
+    assert dog.bound() == 100  # compiling
+    dog.beat()
+    assert dog.bound() == 3
+    dog.first("save")
+    assert dog.bound() == 100
+    dog.beat()
+    assert dog.bound() == 3 and len(dog.times) == 1  # the save's time is no step time
+    dog.first("save")  # the second save: the steady bound
+    assert dog.bound() == 3
+    measured = Watchdog("unused", 0, timeout_s=0, first_step_s=100)
+    measured.beat()
+    assert measured.bound() == MIN_BOUND_S  # a fast step: the 10-minute floor

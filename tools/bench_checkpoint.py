@@ -1,15 +1,18 @@
-"""Checkpoint save and resume time: CRC-32s computed as the files are written vs read back.
+"""Checkpoint save and resume time: CRC-32s computed as the files are written vs read back,
+and checked as the files are loaded vs read before.
 
     PYTHONPATH=. PJRT_DEVICE=CPU python tools/bench_checkpoint.py [--gb 1] [--n 5] [--gcs]
 
 Saves a state dict of float32 tensors (`--gb` GiB) `--n` times with each save path, the old
 one (`Checkpointer(crc_on_write=False)`: every file read back for its CRC) and the new one,
-interleaved, and prints JSON: median and quartiles in seconds. Resume is what the trainer does
-(`latest_checkpoint(verify=True)`, then `load(verify=False)`), timed with the checkpoint's files
-evicted from the OS page cache first (posix_fadvise DONTNEED, local disk) so the first read
-comes from the disk; `disk_read_mb` is what the process read from the block device
-(/proc/self/io read_bytes), `load_only` the same load without verification (one read: the floor).
-`--gcs` repeats the save against the local GCS emulator (tests/gcs_emulator.py).
+interleaved, and prints JSON: median and quartiles in seconds. Resume, three paths
+interleaved: `verify_then_load` (the old one: `latest_checkpoint(verify=True)` reads every
+file for its CRC, then `load(verify=False)` reads it again), `verify_as_read` (the trainer's:
+`load_newest`, CRCs computed as the load reads each file once) and `load_only` (no
+verification: the floor). Locally each is timed with the checkpoint's files evicted from the
+OS page cache first (posix_fadvise DONTNEED) so the first read comes from the disk;
+`disk_read_mb` is what the process read from the block device (/proc/self/io read_bytes).
+`--gcs` repeats the saves and resumes against the local GCS emulator (tests/gcs_emulator.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 
 import torch
 
-from modxla.io.checkpoint import Checkpointer, latest_checkpoint, load
+from modxla.io.checkpoint import Checkpointer, latest_checkpoint, load, load_newest
 
 
 def _state(gib: float, seed: int = 0) -> dict:
@@ -72,6 +75,38 @@ def _bench_save(bases: dict[str, str], state: dict, n: int) -> dict[str, list[fl
     return times
 
 
+RESUMES = {
+    # before: every file read for its CRC, then read again to load
+    "verify_then_load": lambda base, tmpl: load(
+        latest_checkpoint(base, warn=lambda _: None), tmpl, verify=False
+    ),
+    # after (the trainer's resume): CRCs computed as the load reads each file once
+    "verify_as_read": lambda base, tmpl: load_newest(
+        base, lambda path: load(path, tmpl), warn=lambda _: None
+    ),
+    "load_only": lambda base, tmpl: load(
+        latest_checkpoint(base, warn=lambda _: None, verify=False), tmpl, verify=False
+    ),
+}
+
+
+def _bench_resume(base: str, state: dict, n: int, evict=lambda: None):
+    """Seconds and MB read from the block device for each resume path, interleaved."""
+    tmpl = _template(state)
+    res: dict[str, list[float]] = {k: [] for k in RESUMES}
+    disk: dict[str, list[float]] = {k: [] for k in RESUMES}
+    names = list(RESUMES)
+    for i in range(n):
+        for k in names[i % 3 :] + names[: i % 3]:  # each path first in turn
+            evict()
+            r0, t0 = _disk_read(), time.perf_counter()
+            RESUMES[k](base, tmpl)
+            res[k].append(time.perf_counter() - t0)
+            disk[k].append((_disk_read() - r0) / 1e6)
+    assert torch.equal(tmpl["model"]["w0"], state["model"]["w0"])
+    return res, disk
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,32 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         times = _bench_save(bases, state, args.n)
         out["local_save_s"] = {k: _summary(v) for k, v in times.items()}
 
-        # resume: what the trainer does, from a cold page cache
-        base = bases["after"]
-        tmpl = _template(state)
-        res: dict[str, list[float]] = {"verify_then_load": [], "load_only": []}
-        disk: dict[str, list[float]] = {k: [] for k in res}
-        for i in range(args.n):
-            for k in (
-                ("verify_then_load", "load_only")
-                if i % 2 == 0
-                else ("load_only", "verify_then_load")
-            ):
-                _evict(work)
-                r0, t0 = _disk_read(), time.perf_counter()
-                if k == "verify_then_load":
-                    path = latest_checkpoint(base, warn=lambda _: None)
-                else:
-                    path = latest_checkpoint(base, warn=lambda _: None, verify=False)
-                load(path, tmpl, verify=False)
-                res[k].append(time.perf_counter() - t0)
-                disk[k].append((_disk_read() - r0) / 1e6)
-        assert torch.equal(tmpl["model"]["w0"], state["model"]["w0"])
+        # resume from a cold page cache: the old way, the trainer's way, and the floor
+        res, disk = _bench_resume(bases["after"], state, args.n, evict=lambda: _evict(work))
         out["local_resume_cold_s"] = {k: _summary(v) for k, v in res.items()}
         out["local_resume_disk_read_mb"] = {k: round(statistics.median(v)) for k, v in disk.items()}
 
         if args.gcs:
-            out["gcs_save_s"] = _bench_gcs(state, args.n)
+            out.update(_bench_gcs(state, args.n))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out, indent=1))
@@ -144,7 +160,11 @@ def _bench_gcs(state: dict, n: int) -> dict:
         fsspec.filesystem("gs", skip_instance_cache=True).mkdir("bench-ckpt")
         bases = {k: f"gs://bench-ckpt/{k}" for k in ("before", "after")}
         times = _bench_save(bases, state, n)
-        return {k: _summary(v) for k, v in times.items()}
+        res, _ = _bench_resume(bases["after"], state, n)
+        return {
+            "gcs_save_s": {k: _summary(v) for k, v in times.items()},
+            "gcs_resume_s": {k: _summary(v) for k, v in res.items()},
+        }
     finally:
         server.stop()
 

@@ -11,7 +11,14 @@ import torch
 from modxla.config import Config, ConfigError
 from modxla.errors import UserError
 from modxla.io import rundir
-from modxla.io.checkpoint import CheckpointError, checkpoint_id, latest_checkpoint, read_marker
+from modxla.io.checkpoint import (
+    CheckpointError,
+    checkpoint_id,
+    latest_checkpoint,
+    list_checkpoints,
+    load_newest,
+    read_marker,
+)
 from modxla.io.checkpoint import load as load_checkpoint
 from modxla.io.layout import to_unrolled
 from modxla.model import Transformer, build_model
@@ -56,19 +63,27 @@ def load_run(
         cfg = rundir.load_config(run_dir)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    path = latest_checkpoint(predictor_ckpt_dir(run_dir), warn) if prefer_predictor else None
+
+    def read(path: str, cfg: Config, predictor: bool) -> Transformer:  # verified as read
+        if predictor:
+            _check_base(run_dir, cfg, path, stale_predictor, warn)
+        model = build_model(cfg.model)
+        model.load_state_dict(load_checkpoint(path, {"model": model.state_dict()})["model"])
+        return model
+
+    run_cfg, found = cfg, None
     pred_dir = rundir.join(run_dir, rundir.PREDICTOR)
-    # predictors even when the run was trained without them (absent in older runs)
-    if path and rundir.exists(rundir.join(pred_dir, rundir.CONFIG)):
-        cfg = rundir.load_config(pred_dir)
-    if path:
-        _check_base(run_dir, cfg, path, stale_predictor, warn)
-    path = path or latest_checkpoint(rundir.checkpoints(run_dir, cfg), warn)
-    if path is None:
+    if prefer_predictor and list_checkpoints(predictor_ckpt_dir(run_dir), warn):
+        # predictors even when the run was trained without them (absent in older runs)
+        if rundir.exists(rundir.join(pred_dir, rundir.CONFIG)):
+            cfg = rundir.load_config(pred_dir)
+        found = load_newest(predictor_ckpt_dir(run_dir), lambda p: read(p, cfg, True), warn)
+    if found is None:
+        cfg = run_cfg
+        found = load_newest(rundir.checkpoints(run_dir, cfg), lambda p: read(p, cfg, False), warn)
+    if found is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
-    model = build_model(cfg.model)
-    state = load_checkpoint(path, {"model": model.state_dict()})
-    model.load_state_dict(state["model"])
+    path, model = found
     cal = read_calibration(run_dir, path, warn, cfg.data.seq_len) if calibrated else None
     if cfg.model.scan and (unrolled or cal):
         cfg = copy.deepcopy(cfg)

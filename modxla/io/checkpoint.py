@@ -26,12 +26,18 @@ that seeked back, hosts saving without a process group) is read back once, as be
 
 Loading: tensors are read as whole CPU tensors and then placed and sharded like a fresh run,
 so a checkpoint restores onto any mesh shape (resharding for free; one host copy per tensor).
+Checksums are verified as the files are read, not by a read before: the reader's streams
+serve DCP's per-tensor slices in file order and update a CRC-32 as the bytes pass, reading
+the bytes between and after them only for the CRC (`_CrcReadStream`), so each file is read
+once. `load_newest` loads the newest checkpoint and, when a file fails its checksum, falls
+back to an older one.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import time
@@ -39,11 +45,12 @@ import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from modxla.errors import EXIT_DISK_FULL, UserError
@@ -62,6 +69,10 @@ CHUNK = 16 << 20  # bytes per read when checksumming: streams multi-GB shards
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete everywhere, or does not fit the model."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A file of a checkpoint failed its checksum as it was read (bit rot, a bad copy)."""
 
 
 class DiskFullError(CheckpointError):
@@ -308,12 +319,142 @@ def _gather_crcs(sums: dict) -> dict:
     return merged
 
 
-def _reader(path: str):
-    if "://" in path:
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+class _CrcReadStream:
+    """A read stream that computes its file's CRC-32 in one forward pass. DCP reads a file
+    as one slice per tensor (`item`): each is read whole into memory, in file order, and the
+    bytes between the slices and after the last are read only for the CRC. A slice before
+    one already read (or a seek elsewhere) makes the CRC unusable: the file is then read
+    again for its checksum."""
 
-        return FsspecReader(path)
-    return dcp.FileSystemReader(path)
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.crc = 0
+        self.pos = 0  # bytes of the file read in order so far
+        self.sequential = True
+
+    def _take(self, n: int) -> bytes:
+        parts = []
+        while n > 0 and (chunk := self._stream.read(min(n, CHUNK))):
+            parts.append(chunk)
+            n -= len(chunk)
+        data = b"".join(parts)
+        self.crc = zlib.crc32(data, self.crc)
+        self.pos += len(data)
+        return data
+
+    def item(self, offset: int, length: int) -> io.BytesIO:
+        if self.sequential and offset >= self.pos:
+            while self.pos < offset and self._take(min(offset - self.pos, CHUNK)):
+                pass
+            return io.BytesIO(self._take(length))
+        self.sequential = False
+        self._stream.seek(offset)
+        return io.BytesIO(self._stream.read(length))
+
+    def read(self, n: int = -1) -> bytes:  # `.metadata`: pickle reads it in order
+        data = self._stream.read(n)
+        if self.sequential:
+            self.crc = zlib.crc32(data, self.crc)
+            self.pos += len(data)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        data = self._stream.readline(limit)
+        if self.sequential:
+            self.crc = zlib.crc32(data, self.crc)
+            self.pos += len(data)
+        return data
+
+    def seek(self, offset, whence=0):
+        pos = self._stream.seek(offset, whence)
+        if pos != self.pos:
+            self.sequential = False
+        return pos
+
+    def finish(self) -> tuple[str, int] | None:
+        """(crc, size) of the whole file, reading what was not read yet; None: unknown."""
+        if not self.sequential:
+            return None
+        while self._take(CHUNK):
+            pass
+        return f"{self.crc:08x}", self.pos
+
+    def __getattr__(self, name):  # tell, readable, seekable, ...
+        return getattr(self._stream, name)
+
+
+class _CrcReadFileSystem:
+    """DCP's FileSystem whose read streams record {file name: (crc, size) or None}."""
+
+    def __init__(self, fs, sums: dict) -> None:
+        self._fs = fs
+        self._sums = sums
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        with self._fs.create_stream(path, mode) as stream:
+            if mode != "rb":
+                yield stream
+                return
+            crc = _CrcReadStream(stream)
+            name = os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
+            self._sums[name] = None  # read, CRC unknown: stays so if the read fails
+            yield crc
+            self._sums[name] = crc.finish()
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+
+class _CrcSlices:
+    """DCP reader whose per-tensor slices come from `_CrcReadStream.item`, requested in file
+    order (DCP's own order follows the state dict, not the file)."""
+
+    def read_data(self, plan, planner):
+        def where(item):
+            info = self.storage_data[item.storage_index]
+            return info.relative_path, info.offset
+
+        return super().read_data(replace(plan, items=sorted(plan.items, key=where)), planner)
+
+    def _slice_file(self, file, sinfo):
+        if isinstance(file, _CrcReadStream):
+            return file.item(sinfo.offset, sinfo.length)
+        return super()._slice_file(file, sinfo)
+
+
+class _CrcFileSystemReader(_CrcSlices, dcp.FileSystemReader):
+    pass
+
+
+class _CrcFsspecReader(_CrcSlices, FsspecReader):
+    pass
+
+
+def _reader(path: str, verify: bool = False):
+    """DCP's reader for `path`; `verify`: with `.crc32`, {file: (crc, size) or None} of what
+    it read."""
+    url = "://" in path
+    if not verify:
+        return FsspecReader(path) if url else dcp.FileSystemReader(path)
+    reader = _CrcFsspecReader(path) if url else _CrcFileSystemReader(path)
+    reader.crc32 = {}
+    reader.fs = _CrcReadFileSystem(reader.fs, reader.crc32)
+    return reader
+
+
+def _damaged(fs, root: str, read: dict) -> str | None:
+    """The first file read whose checksum differs from the marker's, or None. Files DCP did
+    not read gave nothing to the state; files read out of order are read again here."""
+    with fs.open(_join(root, MARKER), "r") as f:
+        expected = json.load(f).get("crc32", {})
+    for name, crc in expected.items():
+        if name not in read:
+            continue
+        got = read[name][0] if read[name] else _crc32(fs, _join(root, name))
+        if got != crc:
+            return f"{name} fails its checksum (damaged after it was written)"
+    return None
 
 
 @dataclass
@@ -437,17 +578,37 @@ def read_metadata(path: str) -> dict[str, torch.Size]:
 def load(path: str, template: dict, verify: bool = True) -> dict:
     """Fill `template` (nested dicts of CPU tensors and plain values) from a checkpoint.
 
-    `verify` re-checks every file's checksum (skip it for a path `latest_checkpoint` just
-    verified).
+    `verify`: every file read is checked against its checksum as it is read (each file read
+    once); a mismatch raises DamagedCheckpoint and `template` must not be used.
     """
     fs, root = _fs(path)
     if not fs.exists(root):
         raise CheckpointError(f"checkpoint {path} does not exist")
-    problem = _incomplete(fs, root, verify)
+    problem = _incomplete(fs, root)
     if problem:
         raise CheckpointError(f"checkpoint {path} is incomplete ({problem})")
-    dcp.load(template, storage_reader=_reader(path))
+    reader = _reader(path, verify)
+    try:
+        dcp.load(template, storage_reader=reader)
+    except (Exception, CheckpointException):  # damaged bytes can break unpickling first
+        if verify and (problem := _damaged(fs, root, dict.fromkeys(reader.crc32))):
+            raise DamagedCheckpoint(f"checkpoint {path} is incomplete ({problem})") from None
+        raise
+    if verify and (problem := _damaged(fs, root, reader.crc32)):
+        raise DamagedCheckpoint(f"checkpoint {path} is incomplete ({problem})")
     return template
+
+
+def load_newest(base: str, read, warn=print):
+    """(path, read(path)) of the newest complete checkpoint under `base` whose files pass
+    their checksums as `read` loads them (with `load(..., verify=True)`); a damaged one is
+    reported and an older one tried. None when there is none."""
+    for _, path in reversed(list_checkpoints(base, warn)):
+        try:
+            return path, read(path)
+        except DamagedCheckpoint as e:
+            warn(f"{e}; falling back to an older one")
+    return None
 
 
 def check_model_shapes(path: str, model_state: dict[str, torch.Tensor]) -> None:

@@ -18,8 +18,9 @@ from modxla.io import rundir
 from modxla.io.checkpoint import (
     CheckpointError,
     checkpoint_id,
-    latest_checkpoint,
+    list_checkpoints,
     load,
+    load_newest,
     read_marker,
     read_metadata,
 )
@@ -106,10 +107,9 @@ class PredictorTrainer(Loop):
         self.cfg: Config = copy.deepcopy(run_cfg)
         self.cfg.model.mod.predictor = True  # fresh predictors are added to such a model
         self._ablation(run_cfg)
-        self.base = latest_checkpoint(rundir.checkpoints(self.run_dir, run_cfg), warn=say)
-        if self.base is None:
+        self.base_dir = rundir.checkpoints(self.run_dir, run_cfg)
+        if not list_checkpoints(self.base_dir, warn=say):  # before any costly setup
             raise CheckpointError(f"{run_dir} has no complete checkpoint to load")
-        self.base_id = checkpoint_id(self.base)  # recorded by every predictor checkpoint
 
         self.rt = rt = setup_runtime(self.cfg)
         streams = build_streams(self.cfg.data, self.cfg.model.vocab_size, progress=False)
@@ -125,12 +125,17 @@ class PredictorTrainer(Loop):
         super().__init__(rt, ckpt_dir, opts.steps, opts.checkpoint_every, opts.keep, stop=stop)
         if opts.restart and rt.is_main:
             self.ckpt.clear()  # asked for: a complete step is otherwise never rewritten
-        resume = None if opts.restart else self.find_resume("must" if opts.resume else "auto")
-        self._load_base(model)
+        found = load_newest(self.base_dir, lambda path: self._load_base(model, path), say)
+        if found is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint that passes its checksums")
+        self.base = found[0]
+        self.base_id = checkpoint_id(self.base)  # recorded by every predictor checkpoint
         for name, p in model.named_parameters():
             p.requires_grad_(_is_predictor(name))
         self.ocfg = OptimizerConfig(lr=opts.lr, weight_decay=0.0, warmup_steps=0)
-        restored = self._load_resume(resume, model) if resume else None
+        mode = "must" if opts.resume else "auto"
+        read = functools.partial(self._load_resume, model=model)
+        restored = None if opts.restart else self.resume(mode, read)
         self.model = model.to(rt.device)
         specs = rt.shard_model(self.model)
         self.opt = build_optimizer(self.model, self.ocfg)
@@ -173,9 +178,9 @@ class PredictorTrainer(Loop):
                 raise UserError("--pos-weight needs model.scan: false (per-block logits)")
             self.pos_weight = w
 
-    def _load_base(self, model: Transformer) -> None:
+    def _load_base(self, model: Transformer, path: str) -> None:
         """The training checkpoint's weights; its predictors too when continuing."""
-        saved = {k[len("model.") :] for k in read_metadata(self.base) if k.startswith("model.")}
+        saved = {k[len("model.") :] for k in read_metadata(path) if k.startswith("model.")}
         state = model.state_dict()
         keep = {
             k: v
@@ -184,16 +189,14 @@ class PredictorTrainer(Loop):
         }
         missing = sorted(k for k in state if k not in keep and not _is_predictor(k))
         if missing:
-            raise CheckpointError(
-                f"{self.base} does not match the run's config: missing {missing[:5]}"
-            )
-        loaded = load(self.base, {"model": keep}, verify=False)  # verified when found
+            raise CheckpointError(f"{path} does not match the run's config: missing {missing[:5]}")
+        loaded = load(path, {"model": keep})  # checksums verified as it reads
         model.load_state_dict(loaded["model"], strict=False)
         how = {
             "fresh": "fresh predictors (new initialisation)",
             "continue": "continuing from the jointly trained predictors",
         }[self.init]
-        say(f"{how}; frozen model from {self.base}")
+        say(f"{how}; frozen model from {path}")
 
     def marker(self) -> dict:
         return {"base": self.base_id}
@@ -211,7 +214,7 @@ class PredictorTrainer(Loop):
             "optim": state_template(model, self.ocfg),
             "meta": {"step": 0, "loader": self.loader.state_dict(), "init": ""},
         }
-        loaded = load(path, template, verify=False)
+        loaded = load(path, template)
         if loaded["meta"]["init"] != self.init:
             raise UserError(
                 f"{path} holds predictors trained with --init {loaded['meta']['init']}, not "

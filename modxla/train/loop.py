@@ -12,7 +12,7 @@ import contextlib
 import signal
 from collections.abc import Callable
 
-from modxla.io.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
+from modxla.io.checkpoint import Checkpointer, CheckpointError, list_checkpoints, load_newest
 from modxla.io.logger import say
 
 RESUME_MODES = ("auto", "must", "never")
@@ -54,22 +54,24 @@ class Loop:
         self.on_checkpoint: list[Callable[[], None]] = []  # before each save (logs upload)
         self.ckpt = Checkpointer(ckpt_dir, keep, async_save, rt.is_main)
 
-    def find_resume(self, mode: str) -> str | None:
-        """The newest complete checkpoint (checksums verified: a damaged one -> an older one);
-        `never`: none; `must`: an error when there is none."""
+    def resume(self, mode: str, read: Callable[[str], dict]) -> dict | None:
+        """`read(path)` of the newest complete checkpoint (it loads with checksums verified
+        as the files are read: a damaged one -> an older one), or None for a fresh start;
+        `never`: refused where checkpoints exist; `must`: an error when there are none."""
         if mode not in RESUME_MODES:
             raise CheckpointError(f"resume must be one of {', '.join(RESUME_MODES)}: {mode!r}")
-        path = latest_checkpoint(self.ckpt.base, warn=say)
         if mode == "never":
-            if path is not None:  # a new run here would mix with the old one's checkpoints
+            found = list_checkpoints(self.ckpt.base, warn=say)
+            if found:  # a new run here would mix with the old one's checkpoints
                 raise CheckpointError(
                     f"resume=never, but {self.ckpt.base} holds checkpoints of a run (newest: "
-                    f"{path}): use another run directory, or delete them to start over"
+                    f"{found[-1][1]}): use another run directory, or delete them to start over"
                 )
             return None
-        if path is None and mode == "must":
+        found = load_newest(self.ckpt.base, read, warn=say)
+        if found is None and mode == "must":
             raise CheckpointError(f"resume: no complete checkpoint in {self.ckpt.base}")
-        return path
+        return found[1] if found else None
 
     def state(self) -> dict:
         """What a checkpoint of the current step holds."""
@@ -113,6 +115,8 @@ class Loop:
                         return False
                     stopping = self.rt.hosts.agree(self.stop.requested)
                     if stopping or (self.every and self.step % self.every == 0):
+                        if self.watchdog:
+                            self.watchdog.first("save")
                         saved = self.save()
                         beat()
                     if stopping:

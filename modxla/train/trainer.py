@@ -69,8 +69,7 @@ class Trainer(Loop):
         model = build_model(cfg.model, seed=cfg.train.seed)
         model.remat = cfg.train.remat
         marks.append(("model", time.time()))
-        resume = self.find_resume(cfg.checkpoint.resume)
-        restored = self._load(resume, model) if resume else None
+        restored = self.resume(cfg.checkpoint.resume, lambda path: self._load(path, model))
         self.model = model.to(rt.device)
         self.specs = rt.shard_model(self.model)
         self.opt = build_optimizer(self.model, cfg.optimizer)
@@ -172,7 +171,7 @@ class Trainer(Loop):
             "optim": state_template(model, self.cfg.optimizer, [state[n] for n in names]),
             "meta": self._meta(),
         }
-        loaded = load_checkpoint(path, template, verify=False)  # verified when found
+        loaded = load_checkpoint(path, template)  # checksums verified as it reads
         own = optimizer_names(model.state_dict())
         loaded["optim"] = convert_optimizer_state(loaded["optim"], names, own, unit)
         model.load_state_dict(convert_state(loaded["model"], unit, scan))

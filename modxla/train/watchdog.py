@@ -2,9 +2,10 @@
 every thread's Python stack goes to the log and to <run-dir>/hangs/, and the process exits
 124 (EXIT_HUNG), which the launchers read as "restart and resume", like a preemption.
 
-The bound is train.hang_timeout_s when set, else measured: before the first step completes it
-covers compiling (train.hang_first_step_s, 30 min), after it max(10 x the median step, 10 min):
-room for an evaluation's first compile and a checkpoint save.
+Until the first step completes, and during the first save (imports, the first write), the
+bound is train.hang_first_step_s (30 min): room to compile. After that it is
+train.hang_timeout_s when set, else measured: max(10 x the median step, 10 min), room for an
+evaluation's first compile and a later save.
 """
 
 from __future__ import annotations
@@ -31,20 +32,30 @@ class Watchdog:
         self.times: list[float] = []  # seconds between beats, newest last
         self.last = time.monotonic()
         self.on_hang = None  # called before the exit (the goodput record); errors ignored
+        self._cold = False  # what runs until the next beat runs for the first time
+        self._seen: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="modxla-watchdog", daemon=True)
 
     def bound(self) -> float:
+        if self._cold or not self.times:
+            return self.first_step_s
         if self.timeout_s > 0:
             return self.timeout_s
-        if not self.times:
-            return self.first_step_s
         return max(10 * statistics.median(self.times[-50:]), MIN_BOUND_S)
+
+    def first(self, what: str) -> None:
+        """`what` (e.g. "save") runs next: the first time, it gets the first-step bound."""
+        if what not in self._seen:
+            self._seen.add(what)
+            self._cold = True
 
     def beat(self) -> None:
         """A step (or a save) completed."""
         now = time.monotonic()
-        self.times.append(now - self.last)
+        if not self._cold:  # a first save is no step time
+            self.times.append(now - self.last)
+        self._cold = False
         self.last = now
 
     def __enter__(self):
