@@ -43,6 +43,22 @@ class ModConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts MLP (Switch/GShard), and with noop_experts the integrated MoDE."""
+
+    experts: int = 0  # E experts with parameters per MoE layer; 0 = off (dense MLPs)
+    every: int = 1  # every `every`-th block's MLP is the MoE (blocks every-1, 2*every-1, ...)
+    top_k: int = 1  # experts per token (token choice): 1 = Switch, 2 = GShard
+    # per-sequence buffer of C = round(capacity_factor * n * top_k / (experts + noop_experts))
+    # slots per expert, n the tokens the MLP sees (T, or MoD's k in a routed block)
+    capacity_factor: float = 1.25
+    routing: str = "token"  # token: each token picks top_k experts | expert: each picks top-C
+    load_balance_weight: float = 0.01  # Switch: E * sum_e f_e * P_e
+    z_loss_weight: float = 0.001  # mean logsumexp(router logits)^2
+    noop_experts: int = 0  # integrated MoDE: parameter-free experts a token may choose (skip)
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 4096
     d_model: int = 256
@@ -57,6 +73,7 @@ class ModelConfig:
     init_std: float = 0.02
     scan: bool = False  # stack each period's blocks and run them with XLA scan (compiles once)
     mod: ModConfig = field(default_factory=ModConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def ffn_dim(self) -> int:
@@ -81,6 +98,14 @@ class ModelConfig:
         if self.mod.capacity >= 1.0 or self.mod.every == 0:
             return []
         e = self.mod.every
+        return [i for i in range(self.num_layers) if i % e == e - 1]
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the blocks whose MLP is the MoE; empty when model.moe is off."""
+        if self.moe.experts == 0 or self.moe.every == 0:
+            return []
+        e = self.moe.every
         return [i for i in range(self.num_layers) if i % e == e - 1]
 
 
@@ -239,6 +264,7 @@ def validate(cfg: Config) -> Config:
     _check(mod.predictor_loss_weight >= 0, "model.mod.predictor_loss_weight", "must be >= 0")
     _check(mod.predictor_hidden > 0, "model.mod.predictor_hidden", "must be > 0")
     _check(mod.predictor_input in ("x", "normed"), "model.mod.predictor_input", "x or normed")
+    _check_moe(m)
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
         _check(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
     _check(
@@ -291,6 +317,11 @@ def validate(cfg: Config) -> Config:
         "optimizer.moment_dtype",
         f"must be float32 or bfloat16, got {o.moment_dtype!r}",
     )
+    _check(
+        not (m.moe_layers and t.remat != "none"),
+        "train.remat",
+        "with model.moe, only none yet (the recomputed block would lose the MoE's losses)",
+    )
     _check(t.remat in REMAT, "train.remat", f"must be one of {', '.join(REMAT)}, got {t.remat!r}")
     _check(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
     _check(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
@@ -315,6 +346,33 @@ def validate(cfg: Config) -> Config:
         f"must be auto, must or never, got {cfg.checkpoint.resume!r}",
     )
     return cfg
+
+
+def _check_moe(m: ModelConfig) -> None:
+    moe = m.moe
+    _check(moe.experts >= 0, "model.moe.experts", f"must be >= 0, got {moe.experts}")
+    _check(moe.every >= 0, "model.moe.every", f"must be >= 0, got {moe.every}")
+    _check(moe.noop_experts >= 0, "model.moe.noop_experts", "must be >= 0")
+    _check(moe.capacity_factor > 0, "model.moe.capacity_factor", "must be > 0")
+    _check(moe.load_balance_weight >= 0, "model.moe.load_balance_weight", "must be >= 0")
+    _check(moe.z_loss_weight >= 0, "model.moe.z_loss_weight", "must be >= 0")
+    _check(
+        moe.routing in ("token", "expert"),
+        "model.moe.routing",
+        f"must be token or expert, got {moe.routing!r}",
+    )
+    if not m.moe_layers:
+        return
+    total = moe.experts + moe.noop_experts
+    _check(1 <= moe.top_k <= total, "model.moe.top_k", f"must be in [1, {total}]")
+    _check(
+        moe.routing == "token" or moe.noop_experts == 0,
+        "model.moe.noop_experts",
+        "needs model.moe.routing=token (a no-op expert cannot choose tokens)",
+    )
+    # The MoE reports its losses and stats outside the (out, RoutingInfo) block interface
+    # that scan and the XLA checkpoint carry: neither is wired for it yet.
+    _check(not m.scan, "model.scan", "not supported with model.moe yet")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

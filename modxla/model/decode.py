@@ -56,6 +56,8 @@ class KVCache:
         run; default model.cfg.max_seq_len, the longest sequence a bare model's config
         allows: pass the trained length whenever it is shorter)."""
         cfg = model.cfg
+        if cfg.moe_layers:  # a one-token MoE step would size its expert buffers for n = 1
+            raise ValueError("decoding a model with model.moe is not supported yet")
         seq_len = cfg.max_seq_len if seq_len is None else seq_len
         if cfg.routed_layers and length > seq_len:
             raise ValueError(

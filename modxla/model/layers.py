@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modxla.config import ModelConfig
+from modxla.model.moe import MoEMLP
 
 
 class RMSNorm(nn.Module):
@@ -98,14 +99,14 @@ class MLP(nn.Module):
 
 
 class BlockDelta(nn.Module):
-    """f of a pre-norm block: attention + MLP, returning the delta only (no residual)."""
+    """f of a pre-norm block: attention + MLP (or the MoE), returning the delta only."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: bool = False) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEMLP(cfg) if moe else MLP(cfg)
 
     def mlp_delta(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return a + self.mlp(self.mlp_norm(x + a))
@@ -120,9 +121,9 @@ class DenseBlock(nn.Module):
 
     routed = False
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: bool = False) -> None:
         super().__init__()
-        self.f = BlockDelta(cfg)
+        self.f = BlockDelta(cfg, moe)
 
     def forward(self, x, positions, routing: str = "topk"):
         return x + self.f(x, positions), None

@@ -67,11 +67,11 @@ class MoDBlock(nn.Module):
 
     routed = True
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: bool = False) -> None:
         super().__init__()
         self.capacity = cfg.mod.capacity
         self.random = cfg.mod.router == "random"
-        self.f = BlockDelta(cfg)
+        self.f = BlockDelta(cfg, moe)  # staged MoDE: the MoE sees the k routed tokens only
         # One router per block, never shared; random routing has none to learn.
         self.router = None if self.random else nn.Linear(cfg.d_model, 1, bias=False)
         self.predictor = (

@@ -20,22 +20,19 @@ from modxla.model.scan import block_terms, run_block, stack_blocks, stack_terms
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
-    aux_loss: torch.Tensor  # weighted router BCE + predictor BCE, mean over routed blocks
+    aux_loss: torch.Tensor  # weighted router + predictor BCE (routed blocks), MoE balance + z
     router_loss: torch.Tensor  # unweighted router BCE (mean over routed blocks)
     predictor_loss: torch.Tensor  # unweighted predictor BCE (mean over routed blocks)
     routing: list[RoutingInfo] = field(default_factory=list)  # one per routed block (not scan)
-    block_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # routed_frac/blockN, ...
+    block_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # routed_frac/blockN, moe_*
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        routed = set(cfg.routed_layers)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(
-            MoDBlock(cfg) if i in routed else DenseBlock(cfg) for i in range(cfg.num_layers)
-        )
+        self.blocks = _make_blocks(cfg)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
         self.remat = "none"  # train.remat: none | block (set by the trainer)
@@ -55,7 +52,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
-            elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+            elif name.endswith(("attn.wo.weight", "mlp.w2.weight", "mlp.w2")):  # mlp.w2: MoE
                 nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -96,7 +93,26 @@ class Transformer(nn.Module):
             stats[f"routed_frac/block{layer}"] = terms["routed_frac"][n]
             if "predictor_acc" in terms:
                 stats[f"predictor_acc/block{layer}"] = terms["predictor_acc"][n]
+        if self.cfg.moe_layers:
+            aux = aux + self._moe_terms(stats)
         return ModelOutput(logits, aux, router_loss, predictor_loss, infos, stats)
+
+    def _moe_terms(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The MoE layers' weighted aux losses; their per-layer fractions go into stats."""
+        per_layer = []
+        for layer in self.cfg.moe_layers:
+            mlp = self.blocks[layer].f.mlp
+            per_layer.append(mlp.terms)
+            mlp.terms = {}  # this forward's tensors are not kept past it
+        terms = stack_terms(per_layer)
+        for n, layer in enumerate(self.cfg.moe_layers):
+            for name in ("routed_frac", "dropped_frac", "noop_frac"):
+                if name in terms:
+                    stats[f"moe_{name}/block{layer}"] = terms[name][n]
+        balance, z = terms["balance_loss"].mean(), terms["z_loss"].mean()
+        stats["moe_balance_loss"], stats["moe_z_loss"] = balance, z
+        moe = self.cfg.moe
+        return moe.load_balance_weight * balance + moe.z_loss_weight * z
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -117,12 +133,9 @@ class Transformer(nn.Module):
         return self.__dict__["_views"][1]
 
     def _build_views(self) -> nn.ModuleList:
-        unit, routed = self.cfg.scan_unit, set(self.cfg.routed_layers)
+        unit = self.cfg.scan_unit
         with torch.device("meta"):
-            blocks = nn.ModuleList(
-                MoDBlock(self.cfg) if i in routed else DenseBlock(self.cfg)
-                for i in range(self.cfg.num_layers)
-            )
+            blocks = _make_blocks(self.cfg)
         for name, v in self.layers.named_parameters():
             j, rest = name.split(".", 1)
             for p in range(self._periods()):
@@ -198,6 +211,13 @@ class Transformer(nn.Module):
         if exclude_embeddings:
             n -= self.embed.weight.numel()
         return n
+
+
+def _make_blocks(cfg: ModelConfig) -> nn.ModuleList:
+    routed, moe = set(cfg.routed_layers), set(cfg.moe_layers)
+    return nn.ModuleList(
+        (MoDBlock if i in routed else DenseBlock)(cfg, i in moe) for i in range(cfg.num_layers)
+    )
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

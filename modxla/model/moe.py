@@ -1,0 +1,148 @@
+"""Mixture-of-Experts MLP: a router per layer, static per-sequence expert buffers (B, E, C, D).
+
+Token choice (Switch top-1, GShard top-2): each token picks top_k of the E + N choices, N
+being parameter-free no-op experts (integrated MoDE). A choice's slot in its expert's buffer
+is its rank among the sequence's choices of that expert in position order (a cumsum); those
+past C are dropped. A dropped or no-op choice adds nothing, so the block passes the token's
+residual through. Slots depend on earlier positions only: one sequence decoded alone can
+equal the full forward.
+
+Expert choice: each expert takes its top-C tokens of the sequence by router probability, kept
+in position order (the routing family MoD uses); a token may be taken by several or none.
+
+C = round(capacity_factor * n * top_k / (E + N)) per sequence of n tokens. Dispatch and combine
+are one flat row index per slot (index_add / index_select), as in MoD's block: static shapes,
+no one-hot (B, n, E, C) tensor. The expert axis of the buffer and of the weights (E, ...) is
+the one an `expert` mesh axis can shard.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modxla.config import ModelConfig, MoEConfig
+
+
+def expert_capacity(moe: MoEConfig, n: int) -> int:
+    """Slots per expert and sequence of n tokens: a Python int, so XLA sees one shape."""
+    total = moe.experts + moe.noop_experts
+    return max(1, min(n, int(round(moe.capacity_factor * n * moe.top_k / total))))
+
+
+@dataclass
+class MoEInfo:
+    """One MoE layer's decisions, token-major, for tests and tools.
+
+    Token choice: K = top_k choices per token. Expert choice: K = E, choice e is expert e and
+    `kept` says whether expert e took the token.
+    """
+
+    router_logits: torch.Tensor  # (B, n, E + N) float32
+    expert: torch.Tensor  # (B, n, K) expert index of each choice (>= E: a no-op expert)
+    gate: torch.Tensor  # (B, n, K) combine weight
+    kept: torch.Tensor  # (B, n, K) bool, processed by a real expert within its capacity
+    capacity: int  # C
+
+
+class MoEMLP(nn.Module):
+    """delta = sum over a token's kept choices of gate * expert_e(h); 0 for the others."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        moe, d, f = cfg.moe, cfg.d_model, cfg.ffn_dim
+        self.moe = moe
+        self.num_experts = moe.experts
+        self.router = nn.Linear(d, moe.experts + moe.noop_experts, bias=False)  # one per layer
+        self.w1 = nn.Parameter(torch.empty(moe.experts, d, f))  # (E, D, F)
+        self.w3 = nn.Parameter(torch.empty(moe.experts, d, f)) if cfg.mlp == "swiglu" else None
+        self.w2 = nn.Parameter(torch.empty(moe.experts, f, d))  # (E, F, D)
+        for p in (self.router.weight, self.w1, self.w3):
+            if p is not None:
+                nn.init.normal_(p, 0.0, cfg.init_std)
+        nn.init.normal_(self.w2, 0.0, cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        # This forward's losses and stats, taken (and cleared) by the Transformer: the block
+        # interface (out, RoutingInfo | None) has no place for them.
+        self.terms: dict[str, torch.Tensor] = {}
+
+    def experts(self, xs: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own buffer: (B, E, C, D) -> (B, E, C, D)."""
+        h = torch.einsum("becd,edf->becf", xs, self.w1)
+        if self.w3 is not None:
+            h = F.silu(h) * torch.einsum("becd,edf->becf", xs, self.w3)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return torch.einsum("becf,efd->becd", h, self.w2)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        delta, _, self.terms = self.route(h)
+        return delta
+
+    def route(self, h: torch.Tensor):
+        """h (B, n, D), the normed MLP input -> (delta (B, n, D), MoEInfo, terms)."""
+        if self.moe.routing == "expert":
+            return self._expert_choice(h)
+        return self._token_choice(h)
+
+    def _token_choice(self, h):
+        b, n, d = h.shape
+        e, k = self.num_experts, self.moe.top_k
+        c = expert_capacity(self.moe, n)
+        logits = self.router(h).float()  # (B, n, E + N)
+        probs = logits.softmax(-1)
+        gate, expert = probs.topk(k, dim=-1)  # (B, n, K)
+        if k > 1:  # GShard: the chosen gates sum to 1
+            gate = gate / gate.sum(-1, keepdim=True)
+        # Position-major (token t's choices before token t+1's): a slot depends on the past only.
+        onehot = F.one_hot(expert, logits.shape[-1]).flatten(1, 2)  # (B, n*K, E + N)
+        slot = ((onehot.cumsum(1) * onehot).sum(-1) - 1).view(b, n, k)  # rank within expert
+        kept = (slot < c) & (expert < e)  # no-op experts have no buffer
+        # Flat row in a (B*E*C + 1, D) buffer; the extra last row takes every unkept choice.
+        batch = torch.arange(b, device=h.device)[:, None, None]
+        dest = torch.where(kept, (batch * e + expert) * c + slot, b * e * c).flatten()
+        src = h.unsqueeze(2).expand(b, n, k, d).reshape(-1, d)  # (B*n*K, D)
+        buf = h.new_zeros(b * e * c + 1, d).index_add(0, dest, src)
+        y = self.experts(buf[:-1].view(b, e, c, d)).reshape(-1, d)  # (B*E*C, D)
+        y = torch.cat([y, y.new_zeros(1, d)]).index_select(0, dest).view(b, n, k, d)
+        delta = (y * (gate * kept)[..., None].to(y.dtype)).sum(2)  # (B, n, D)
+        noop = expert >= e
+        # Switch: (E + N) * sum_e f_e * P_e, f_e the fraction of choices given to e
+        share, mean_prob = onehot.float().mean((0, 1)), probs.mean((0, 1))  # (E + N,) each
+        terms = {
+            "balance_loss": logits.shape[-1] * (share * mean_prob).sum(),
+            "z_loss": torch.logsumexp(logits, -1).pow(2).mean(),
+            # fractions of the n*K choices: routed + dropped + noop = 1
+            "routed_frac": kept.float().mean(),
+            "dropped_frac": (~kept & ~noop).float().mean(),
+        }
+        if self.moe.noop_experts:
+            terms["noop_frac"] = noop.float().mean()
+        return delta.to(h.dtype), MoEInfo(logits, expert, gate, kept, c), terms
+
+    def _expert_choice(self, h):
+        b, n, d = h.shape
+        e = self.num_experts
+        c = expert_capacity(self.moe, n)
+        logits = self.router(h).float()  # (B, n, E)
+        probs = logits.softmax(-1)
+        by_expert = probs.transpose(1, 2)  # (B, E, n)
+        idx = by_expert.topk(c, dim=-1).indices.sort(-1).values  # (B, E, C) position order
+        gate = by_expert.gather(2, idx)  # (B, E, C)
+        rows = (idx + n * torch.arange(b, device=h.device)[:, None, None]).flatten()
+        xs = h.flatten(0, 1).index_select(0, rows).view(b, e, c, d)
+        y = self.experts(xs) * gate[..., None].to(h.dtype)
+        delta = h.new_zeros(b * n, d).index_add(0, rows, y.flatten(0, 2).to(h.dtype))
+        taken = torch.zeros_like(by_expert).scatter(2, idx, 1.0).transpose(1, 2) > 0  # (B, n, E)
+        routed = taken.any(-1).float()  # (B, n) taken by at least one expert
+        terms = {
+            "balance_loss": logits.new_zeros(()),  # every expert fills its C slots
+            "z_loss": torch.logsumexp(logits, -1).pow(2).mean(),
+            "routed_frac": routed.mean(),  # fractions of tokens
+            "dropped_frac": 1 - routed.mean(),
+        }
+        expert = torch.arange(e, device=h.device).expand(b, n, e)
+        return delta.view(b, n, d), MoEInfo(logits, expert, probs, taken, c), terms
