@@ -1,5 +1,5 @@
 """The MoE MLP and both MoDE variants: per-token references, exact capacity, pass-through of
-dropped and no-op tokens, router gradients, expert choice, aux losses, training through the CLI."""
+dropped and no-op tokens, router gradients, expert choice, aux losses, FLOPs and parameters."""
 
 import math
 
@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from modxla.analysis.flops import forward_flops, param_count
+from modxla.analysis.memory_plan import plan
 from modxla.config import ConfigError, load_config
 from modxla.model import build_model
 from modxla.model.layers import DenseBlock
@@ -194,6 +196,51 @@ def test_moe_is_off_by_default_and_checked():
         _cfg(**{"model.scan": True})
     with pytest.raises(ConfigError, match="train.remat"):
         _cfg(**{"train.remat": "block"})
+
+
+FLOP_CASES = {  # (overrides, C, mlp FLOPs of the MoE layer, its router's FLOPs)
+    # T=32, D=64, F=192 (SwiGLU: 3 matmuls), E=4, factor 1.25, one MoE layer (block 1)
+    "moe": ({}, 10, 2 * 4 * 10 * 64 * 192 * 3, 2 * 32 * 64 * 4),
+    # MoD k = round(0.25 * 32) = 8 tokens reach the MoE: C = round(1.25 * 8 / 4) = 2
+    "staged": ({"model.mod.capacity": 0.25}, 2, 2 * 4 * 2 * 64 * 192 * 3, 2 * 8 * 64 * 4),
+    # 4 no-op experts: C = round(1.25 * 32 / 8) = 5; the router scores 8 choices
+    "integrated": ({"model.moe.noop_experts": 4}, 5, 2 * 4 * 5 * 64 * 192 * 3, 2 * 32 * 64 * 8),
+}
+
+
+@pytest.mark.parametrize("case", FLOP_CASES)
+def test_flops_count_experts_at_capacity_routers_and_free_noops(case):
+    over, c, mlp, router = FLOP_CASES[case]
+    cfg = _cfg(**{"model.moe.capacity_factor": 1.25, "model.moe.every": 2, **over}).model
+    assert cfg.ffn_dim == 192
+    dense = forward_flops(_cfg(**{"model.moe.experts": 0, **over}).model, 32)
+    got = forward_flops(cfg, 32)
+    mod_router = 2 * 32 * 64 if cfg.routed_layers else 0
+    predictor = 2 * 32 * (64 * 16 + 16) if cfg.routed_layers else 0
+    layer1_dense_mlp = 2 * (8 if cfg.routed_layers else 32) * 64 * 192 * 3
+    assert got["mlp"] == dense["mlp"] - layer1_dense_mlp + mlp
+    assert got["router"] == mod_router + router
+    assert got["predictor"] == predictor
+    assert got["total"] == dense["total"] - layer1_dense_mlp + mlp + router
+    if case == "moe":  # the whole forward by hand: 2 blocks' attention, block 0's MLP, head
+        attn = 2 * 32 * 64 * 64 * 4 + 2 * 2 * 32 * 32 * 64
+        assert got["total"] == 2 * attn + 2 * 32 * 64 * 192 * 3 + mlp + router + 2 * 32 * 64 * 128
+        assert got["total"] == 8_470_528
+
+
+@pytest.mark.parametrize("name", ["moe", "mode_staged", "mode_integrated"])
+def test_param_count_and_memory_plan_know_the_expert_weights(name):
+    cfg = load_config(f"configs/{name}.yaml")
+    model = build_model(cfg.model)
+    assert param_count(cfg.model) == model.num_params()
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.w" in n and p.ndim == 3)
+    assert experts == 4 * 64 * 192 * 3  # one MoE layer of 4 SwiGLU experts, D64, F192
+    p = plan(cfg, devices=1)
+    assert p.params_total == model.num_params()
+    assert p.parameters == 4 * model.num_params()
+    dense = plan(load_config(f"configs/{name}.yaml", ["model.moe.experts=0"]), devices=1)
+    router = 64 * (4 + cfg.model.moe.noop_experts)
+    assert p.params_total - dense.params_total == 3 * 64 * 192 * 3 + router
 
 
 @pytest.mark.parametrize("name", ["moe", "mode_staged", "mode_integrated"])

@@ -7,6 +7,11 @@ is a gather (0 FLOPs); the output head counts 2*T*D*V. Backward counts twice the
 except where no input gradient exists: the predictor runs on stop_gradient(x) (its backward is
 the weight gradients and fc2's input gradient, 2*T*(D*H + 2H)). Random routing's router
 (Gaussian weights on detached x, no backward) is not counted.
+
+An MoE layer (model.moe) counts its experts at capacity: E buffers of C slots each run the
+MLP whether full or not (empty slots are computed too), plus its router 2*n*D*(E + N) over
+the n tokens its MLP sees (T, or MoD's k in a staged MoDE block). No-op experts are free, and
+dispatch and combine (gathers, scatters, the gate multiply) are not counted.
 """
 
 from __future__ import annotations
@@ -15,19 +20,24 @@ import time
 
 from modxla.config import Config, ModelConfig
 from modxla.model.mod import capacity_k
+from modxla.model.moe import expert_capacity
 
 # Dense bf16 peak per chip, from the Cloud TPU documentation.
 TPU_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5litepod": 197e12, "v5p": 459e12, "v6e": 918e12}
 
 
-def block_flops(cfg: ModelConfig, n: int) -> dict[str, int]:
-    """Forward FLOPs of one block's f over n tokens (one sequence)."""
+def block_flops(cfg: ModelConfig, n: int, moe: bool = False) -> dict[str, int]:
+    """Forward FLOPs of one block's f over n tokens (one sequence); `moe`: its MLP is the MoE."""
     d, f = cfg.d_model, cfg.ffn_dim
-    return {
+    slots = cfg.moe.experts * expert_capacity(cfg.moe, n) if moe else n
+    out = {
         "attn_proj": 2 * n * d * d * 4,  # q, k, v, o
         "attn_scores": 2 * 2 * n * n * d,  # q k^T and p v, all heads
-        "mlp": 2 * n * d * f * (3 if cfg.mlp == "swiglu" else 2),
+        "mlp": 2 * slots * d * f * (3 if cfg.mlp == "swiglu" else 2),
     }
+    if moe:
+        out["router"] = 2 * n * d * (cfg.moe.experts + cfg.moe.noop_experts)
+    return out
 
 
 def forward_flops(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
@@ -36,12 +46,13 @@ def forward_flops(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
     routed = set(cfg.routed_layers)
     k = capacity_k(cfg.mod.capacity, t)
     out = {"embedding": 0, "attn_proj": 0, "attn_scores": 0, "mlp": 0, "router": 0, "predictor": 0}
+    moe = set(cfg.moe_layers)
     for i in range(cfg.num_layers):
-        for name, v in block_flops(cfg, k if i in routed else t).items():
+        for name, v in block_flops(cfg, k if i in routed else t, i in moe).items():
             out[name] += v
     n_routed = len(routed)
     if cfg.mod.router == "learned":
-        out["router"] = n_routed * 2 * t * d
+        out["router"] += n_routed * 2 * t * d
     if cfg.mod.predictor:
         h = cfg.mod.predictor_hidden
         out["predictor"] = n_routed * 2 * t * (d * h + h)
@@ -70,15 +81,18 @@ def flops_per_step(cfg: Config) -> int:
 def param_count(cfg: ModelConfig, exclude_embeddings: bool = False) -> int:
     """Parameters of the model a config builds, without building it."""
     d, f, v = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
-    block = 4 * d * d + d * f * (3 if cfg.mlp == "swiglu" else 2) + 2 * d
+    mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
+    block = 4 * d * d + mlp + 2 * d
     n_routed = len(cfg.routed_layers)
+    moe = cfg.moe  # an MoE layer: E experts' MLPs in place of one, and its router
+    moe_extra = (moe.experts - 1) * mlp + d * (moe.experts + moe.noop_experts)
     extra = 0
     if cfg.mod.router == "learned":
         extra += d
     if cfg.mod.predictor:
         h = cfg.mod.predictor_hidden
         extra += d * h + h + h + 1
-    n = cfg.num_layers * block + n_routed * extra + d  # + final norm
+    n = cfg.num_layers * block + n_routed * extra + len(cfg.moe_layers) * moe_extra + d
     emb = v * d
     head = 0 if cfg.tie_embeddings else v * d
     return n + head + (0 if exclude_embeddings else emb)

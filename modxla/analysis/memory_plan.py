@@ -12,6 +12,7 @@ import torch
 
 from modxla.config import Config
 from modxla.model.mod import capacity_k
+from modxla.model.moe import expert_capacity
 
 
 @dataclass
@@ -76,7 +77,8 @@ def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
     remat a block keeps only its input; one block's full set is live again while it is
     recomputed. The logits (float32) count once: the fused cross entropy
     (modxla.model.transformer.lm_loss) writes their gradient over them, and with remat they
-    are gone before the first recompute.
+    are gone before the first recompute. Expert weights come in through the built model
+    (param_bytes_per_device); an MoE layer keeps its experts' activations at capacity.
     """
     m, t = cfg.model, cfg.data.seq_len
     width = 2 if cfg.train.dtype == "bfloat16" else 4
@@ -84,15 +86,24 @@ def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
     routed = set(m.routed_layers)
     k = capacity_k(m.mod.capacity, t)
 
-    def block(n: int) -> int:  # elements per sequence kept by one block's f over n tokens
-        return n * (20 * d + 4 * f) + 2 * h * n * n
+    moe_layers, moe = set(m.moe_layers), m.moe
+
+    def block(n: int, i: int) -> int:  # elements per sequence kept by block i's f over n tokens
+        if i not in moe_layers:
+            return n * (20 * d + 4 * f) + 2 * h * n * n
+        # MoE: the MLP's 4 F-sized tensors for every expert slot, the slots' input and output
+        # buffers (2 D each), the K gathered outputs per token, and the router's (n, E + N)
+        # logits, probabilities, one-hot and cumsum.
+        slots = moe.experts * expert_capacity(moe, n)
+        per_token = 20 * d + moe.top_k * d + 4 * (moe.experts + moe.noop_experts)
+        return n * per_token + slots * (4 * f + 2 * d) + 2 * h * n * n
 
     per_block = []
     for i in range(m.num_layers):
         if i in routed:
-            per_block.append(block(k) + 8 * t + 2 * k * d)
+            per_block.append(block(k, i) + 8 * t + 2 * k * d)
         else:
-            per_block.append(block(t))
+            per_block.append(block(t, i))
     unit = m.scan_unit if m.scan else 1  # a scanned model recomputes a whole unit at once
     logits = t * m.vocab_size * 4  # float32; the fused cross entropy's gradient overwrites them
     if remat == "none":
