@@ -2,18 +2,26 @@
 
 - `stdlib`: the Python standard library source of the running interpreter (always present).
 - a local path, directory or glob: .txt/.py/.md (one document per file), .jsonl/.json, .parquet.
+- an object-store URL (`gs://bucket/corpus/*.jsonl`, a prefix, one object): the same file
+  types, copied into the local cache first (`fetch_objects`) and then read as local files.
 - anything else: a dataset name on the Hugging Face hub (optionally streamed).
 """
 
 from __future__ import annotations
 
+import base64
 import glob
+import hashlib
 import os
+import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
 import datasets
+import fsspec
 from datasets.arrow_writer import SchemaInferenceError
+from tqdm import tqdm
 
 from modxla.config import DataConfig
 from modxla.errors import UserError
@@ -31,8 +39,21 @@ def stdlib_files() -> list[str]:
     return sorted(str(p) for p in root.rglob("*.py") if "site-packages" not in p.parts)
 
 
+def note(msg: str) -> None:
+    """A status line on stderr, as `io.logger.say` writes them (data may not import io)."""
+    tqdm.write(f"[modxla] {msg}", file=sys.stderr)
+
+
+def is_url(source: str) -> bool:
+    """An object-store URL (`gs://`, `s3://`, `memory://`); file:// is a local path."""
+    return "://" in source and not source.startswith("file://")
+
+
 def is_local(source: str) -> bool:
     """Local files, unless it reads as a hub name such as `allenai/c4` or `wikitext`."""
+    if is_url(source):
+        return False
+    source = source.removeprefix("file://")
     if source == "stdlib" or os.path.exists(os.path.expanduser(source)):
         return True
     if any(c in source for c in "*?[") or source.startswith(("/", ".", "~")):
@@ -44,7 +65,7 @@ def local_files(source: str) -> list[str]:
     """Expand a path, directory or glob to its files, sorted; errors name the path."""
     if source == "stdlib":
         return stdlib_files()
-    path = os.path.expanduser(source)
+    path = os.path.expanduser(source.removeprefix("file://"))
     if os.path.isdir(path):
         files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
     elif any(c in path for c in "*?["):
@@ -55,10 +76,15 @@ def local_files(source: str) -> list[str]:
         raise DataError(f"data.source: no such file or directory: {source}")
     if not files:
         raise DataError(f"data.source: no files match {source}")
-    kinds = {_kind(f) for f in files}
+    _one_kind(source, files)
+    return files
+
+
+def _one_kind(source: str, names: list[str]) -> str:
+    kinds = {_kind(f) for f in names}
     if len(kinds) > 1:
         raise DataError(f"data.source: {source} mixes file types {sorted(kinds)}; use one type")
-    return files
+    return kinds.pop()
 
 
 def _kind(path: str) -> str:
@@ -66,6 +92,133 @@ def _kind(path: str) -> str:
     if suffix in TABLE_BUILDERS:
         return TABLE_BUILDERS[suffix]
     return "text"
+
+
+# --- object stores ------------------------------------------------------------------------
+# The objects are copied into the local cache (keyed by their signature) before anything reads
+# them, rather than handing the URLs to `datasets`: (1) the signature and the bytes read come
+# from one listing, and each copy is checked against that listing's size and md5, so a cache
+# key never names other bytes; (2) every store call goes through `store_call`, the one place a
+# retry policy for transient errors needs wrapping, where `datasets` would read with its own;
+# (3) text objects (one document each) and tables then take the tested local-file path; (4)
+# a copy is renamed into place whole, so a kill mid-download leaves no file that looks done.
+# The packed corpus is stored locally anyway, so the copy costs no more disk than it needs.
+
+VERSION_KEYS = ("generation", "md5Hash", "crc32c", "etag", "ETag", "VersionId", "updated",
+                "LastModified", "mtime", "created")  # fmt: skip
+
+
+def store_call(what: str, fn, *args, **kwargs):
+    """Call `fn` (one object-store request of the corpus: listing, metadata or download).
+
+    The single entry for store I/O, so a retry policy for transient errors wraps only this.
+    A missing object or a refused read is a DataError naming `what`; anything else (network,
+    5xx after gcsfs' own retries) propagates as raised, for such a policy to judge.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except FileNotFoundError:
+        raise DataError(f"data.source: no such object: {what}") from None
+    except PermissionError as e:
+        raise DataError(f"data.source: access to {what} refused: {e}") from None
+
+
+def list_objects(source: str) -> tuple[fsspec.AbstractFileSystem, list[dict]]:
+    """(filesystem, info of every object `source` names: a glob, a prefix or one object)."""
+    fs, path = fsspec.core.url_to_fs(source)
+    fs.invalidate_cache()  # gcsfs keeps listings per process: an edited object must show
+    if any(c in path for c in "*?["):
+        infos = list(store_call(source, fs.glob, path, detail=True).values())
+    else:
+        info = store_call(source, fs.info, path)
+        if info["type"] == "directory":
+            infos = list(store_call(source, fs.find, path, detail=True).values())
+        else:
+            infos = [info]
+    infos = sorted((i for i in infos if i["type"] == "file"), key=lambda i: i["name"])
+    if not infos:
+        raise DataError(f"data.source: no objects match {source}")
+    _one_kind(source, [i["name"] for i in infos])
+    return fs, infos
+
+
+def _objects_signature(fs, infos: list[dict]) -> str:
+    """Names, sizes and versions (generation, checksums, update time: what the store gives)."""
+    h = hashlib.sha1()
+    for i in infos:
+        version = [f"{k}={i[k]}" for k in VERSION_KEYS if i.get(k) is not None]
+        h.update(f"{fs.unstrip_protocol(i['name'])}\0{i['size']}\0{version}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def _md5_b64(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return base64.b64encode(h.digest()).decode()
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file to disk before it is renamed into place (a crash then finds it whole)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def remove_stale(folder: Path, pattern: str) -> None:
+    """Remove temporaries `pattern` (ending `.PID` or `.PID.part`) of processes now dead."""
+    for tmp in folder.glob(pattern):
+        pid = tmp.name.removesuffix(".part").rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fetch_objects(source: str, cache_dir: str) -> list[str]:
+    """Local copies of the objects `source` names, under <cache>/objects/<signature>/."""
+    fs, infos = list_objects(source)
+    root = Path(os.path.expanduser(cache_dir)) / "objects" / _objects_signature(fs, infos)
+    files = []
+    for info in infos:
+        local = root / info["name"].lstrip("/")
+        if not (local.is_file() and local.stat().st_size == info["size"]):
+            if local.exists():  # only damage does this: copies are renamed into place whole
+                note(f"data: the cached copy of {fs.unstrip_protocol(info['name'])} is damaged;"
+                     " downloading it again")  # fmt: skip
+            _download(fs, info, local)
+        files.append(str(local))
+    return files
+
+
+def _download(fs, info: dict, local: Path) -> None:
+    url = fs.unstrip_protocol(info["name"])
+    local.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(local.parent, f".{local.name}.*.part")
+    tmp = local.parent / f".{local.name}.{os.getpid()}.part"
+    try:
+        store_call(url, fs.get_file, info["name"], str(tmp))
+        size, md5 = tmp.stat().st_size, info.get("md5Hash")
+        if size != info["size"] or (md5 and _md5_b64(tmp) != md5):
+            raise DataError(
+                f"data.source: {url} changed while it was read (got {size} bytes, listed "
+                f"{info['size']}); run again"
+            )
+        fsync_file(tmp)
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_documents(files: list[str], max_chars: int, strict: bool = True):
@@ -95,7 +248,7 @@ def _read_documents(files: list[str], max_chars: int, strict: bool = True):
 def load_documents(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
     """The source as a dataset of documents with a `text` column (cached by `datasets`)."""
     cache = os.path.join(os.path.expanduser(cfg.cache_dir), "hf")
-    if not is_local(cfg.source):
+    if not is_url(cfg.source) and not is_local(cfg.source):
         ds = datasets.load_dataset(
             cfg.source,
             cfg.hub_config or None,
@@ -104,7 +257,10 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDatas
             cache_dir=cache,
         )
         return _select_text(ds, cfg)
-    files = local_files(cfg.source)
+    if is_url(cfg.source):
+        files = fetch_objects(cfg.source, cfg.cache_dir)
+    else:
+        files = local_files(cfg.source)
     kind = _kind(files[0])
     if kind == "text":
         gen_kwargs = {
@@ -157,8 +313,6 @@ def _truncate(ds: datasets.Dataset, max_chars: int) -> datasets.Dataset:
 
 
 def _files_signature(files: list[str], max_chars: int) -> str:
-    import hashlib
-
     h = hashlib.sha1(str(max_chars).encode())
     for f in files:
         st = os.stat(f)
@@ -170,11 +324,15 @@ def source_signature(cfg: DataConfig) -> dict:
     """What identifies the text a source yields, for cache keys that must follow the corpus.
 
     Local sources: the files' absolute names, sizes and mtimes (so an edited, added or removed
-    file changes it) and `text_field`; hub sources: the name, config, split and `text_field`
-    (no revision is configurable: a hub dataset is read as `datasets` resolves it).
+    file changes it) and `text_field`; URLs: the objects' names, sizes and versions from the
+    store's metadata; hub sources: the name, config, split and `text_field` (no revision is
+    configurable: a hub dataset is read as `datasets` resolves it).
     """
     sig: dict = {"source": cfg.source, "text_field": cfg.text_field}
-    if is_local(cfg.source):
+    if is_url(cfg.source):
+        fs, infos = list_objects(cfg.source)
+        sig.update(kind=_kind(infos[0]["name"]), objects=_objects_signature(fs, infos))
+    elif is_local(cfg.source):
         files = [os.path.abspath(f) for f in local_files(cfg.source)]
         sig.update(kind=_kind(files[0]), files=_files_signature(files, 0))
     else:
