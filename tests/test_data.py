@@ -307,3 +307,70 @@ def test_every_trainer_setting_and_the_training_cap_key_the_tokenizer(
     real = tok.trainer_settings
     monkeypatch.setattr(tok, "trainer_settings", lambda *a: {**real(*a), "split_digits": False})
     assert tok.default_tokenizer_path(cfg, VOCAB) != base
+
+
+def _packed_dirs(cache):
+    return sorted(p for p in (cache / "packed").iterdir())
+
+
+def _first_batches(streams, n=4):
+    loader = BatchLoader(streams.sequences("train", 32), 4, seed=0)
+    return [next(loader).numpy() for _ in range(n)]
+
+
+def test_a_half_written_packed_cache_is_rebuilt_never_read(corpus, tmp_path, tokenizer, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    root, _ = corpus
+    clean = build_streams(data_cfg(root, tmp_path / "clean", tokenizer).data, VOCAB, False)
+    want_train, want_val = np.array(clean.train), np.array(clean.val)
+    want_batches = _first_batches(clean)
+
+    # a build killed (SIGKILL) after writing its streams, before they are renamed into place
+    cache = tmp_path / "killed" / "cache"
+    script = (
+        "import os, signal, sys\n"
+        "from modxla.config import load_config\n"
+        "from modxla.data import pipeline\n"
+        "pipeline.fsync_file = lambda p: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "pipeline.build_streams(load_config(None, sys.argv[1:]).data, 384, False)\n"
+    )
+    over = [
+        f"data.source={root}", f"data.tokenizer={tokenizer}", "data.seq_len=32",
+        f"data.cache_dir={cache}", "data.val_fraction=0.2", f"model.vocab_size={VOCAB}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script, *over], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    (left,) = _packed_dirs(cache)  # only the temporary folder, with the full-size streams
+    assert left.name.startswith(".") and (left / "train.bin").stat().st_size > 0
+    cfg = data_cfg(root, tmp_path / "killed", tokenizer)
+    after_kill = build_streams(cfg.data, VOCAB, progress=False)
+    (out,) = _packed_dirs(cache)  # the dead process' temporary is gone
+    assert not out.name.startswith(".")
+    assert np.array_equal(after_kill.train, want_train)
+    assert np.array_equal(after_kill.val, want_val)
+
+    # damage under the key itself: a truncated stream, an empty meta.json (what a kill during
+    # the old in-place write of meta.json left); each is rebuilt, with a note, never read
+    size = (out / "train.bin").stat().st_size
+    for name, keep, reason in (
+        ("train.bin", size // 2, f"train.bin has {size // 2} bytes, meta.json says {size}"),
+        ("meta.json", 0, "Expecting value"),
+    ):
+        capsys.readouterr()
+        os.truncate(out / name, keep)
+        again = build_streams(cfg.data, VOCAB, progress=False)
+        err = capsys.readouterr().err
+        assert f"packed corpus {out} is incomplete ({reason}" in err and "rebuilding it" in err
+        assert np.array_equal(again.train, want_train) and np.array_equal(again.val, want_val)
+        for got, want in zip(_first_batches(again), want_batches, strict=True):
+            assert np.array_equal(got, want)  # the trainer's batches of a clean build
+    capsys.readouterr()
+    build_streams(cfg.data, VOCAB, progress=False)
+    assert "rebuilding" not in capsys.readouterr().err  # a whole cache is read, not rebuilt

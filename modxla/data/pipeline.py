@@ -5,6 +5,12 @@ split into train/validation by a seeded permutation of documents, and concatenat
 EOS separator after each document into one flat token stream per split (an int32 file). A
 stream of L tokens is read as L // (T+1) sequences of T+1 tokens (inputs and shifted targets);
 the final partial sequence of each split is dropped.
+
+The packed cache (<cache>/packed/<key>/: train.bin, val.bin, meta.json) is built in a
+temporary folder beside it, flushed to disk and renamed into place whole, so a build killed
+midway leaves no folder under the key. A folder that is there but does not add up (meta.json
+unreadable, a .bin of another size than meta.json says: damage, or a cache written before the
+rename) is rebuilt with a note, never read as data.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +27,14 @@ import datasets
 import numpy as np
 
 from modxla.config import DataConfig
-from modxla.data.sources import DataError, iter_text, load_documents
+from modxla.data.sources import (
+    DataError,
+    fsync_file,
+    iter_text,
+    load_documents,
+    note,
+    remove_stale,
+)
 from modxla.data.tokenizer import EOS_ID, file_digest, load_tokenizer, resolve_tokenizer
 
 SPLITS = ("train", "val")
@@ -85,16 +99,37 @@ def build_streams(cfg: DataConfig, vocab_size: int, progress: bool = True) -> To
         / "packed"
         / hashlib.sha1(key.encode()).hexdigest()[:16]
     )
-    if not (out / "meta.json").exists():
+    streams = _read_packed(out)
+    if streams is None:
         _pack(docs, cfg, tok_path, digest, out, progress)
-    meta = json.loads((out / "meta.json").read_text())
-    streams = {
-        s: np.memmap(out / f"{s}.bin", dtype=np.int32, mode="r", shape=(meta[s],))
-        if meta[s]
+        streams = _read_packed(out)
+    if streams is None:  # the build itself came out short: a bug or a failing disk
+        raise DataError(f"data.cache_dir: the packed corpus {out} was written incomplete")
+    return TokenStreams(streams["train"], streams["val"], tok_path, cfg.source)
+
+
+def _read_packed(out: Path) -> dict[str, np.ndarray] | None:
+    """The cached streams under `out`, or None (after removing it) if absent or incomplete."""
+    if not out.exists():
+        return None
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        sizes = {s: int(meta[s]) for s in SPLITS}
+        for s in SPLITS:  # a split of 0 tokens is a 1-token file (memmaps cannot be empty)
+            have, want = (out / f"{s}.bin").stat().st_size, 4 * max(1, sizes[s])
+            if have != want:
+                raise ValueError(f"{s}.bin has {have} bytes, meta.json says {want}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        note(f"data: the packed corpus {out} is incomplete ({reason}); rebuilding it")
+        shutil.rmtree(out, ignore_errors=True)
+        return None
+    return {
+        s: np.memmap(out / f"{s}.bin", dtype=np.int32, mode="r", shape=(sizes[s],))
+        if sizes[s]
         else np.zeros(0, np.int32)
         for s in SPLITS
     }
-    return TokenStreams(streams["train"], streams["val"], tok_path, cfg.source)
 
 
 def _pack(docs, cfg: DataConfig, tok_path: str, digest: str, out: Path, progress: bool) -> None:
@@ -112,9 +147,12 @@ def _pack(docs, cfg: DataConfig, tok_path: str, digest: str, out: Path, progress
     is_val = split_documents(len(tokenized), cfg.val_fraction, cfg.seed)
     lengths = np.asarray(tokenized["n"], dtype=np.int64)
     sizes = {"train": int(lengths[~is_val].sum()), "val": int(lengths[is_val].sum())}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
+    # built beside `out` and renamed into place whole: a kill leaves only the temporary
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out.parent, f".{out.name}.*")
+    tmp = out.parent / f".{out.name}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     files = {
         s: np.memmap(tmp / f"{s}.bin", dtype=np.int32, mode="w+", shape=(max(1, sizes[s]),))
         for s in SPLITS
@@ -130,6 +168,14 @@ def _pack(docs, cfg: DataConfig, tok_path: str, digest: str, out: Path, progress
             row += 1
     for s in SPLITS:
         files[s].flush()
-        os.replace(tmp / f"{s}.bin", out / f"{s}.bin")
-    (out / "meta.json").write_text(json.dumps({**sizes, "documents": row, "tokenizer": tok_path}))
-    tmp.rmdir()
+    del files
+    meta = {**sizes, "documents": row, "tokenizer": tok_path}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    for name in ("train.bin", "val.bin", "meta.json"):
+        fsync_file(tmp / name)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process (a host on this machine) renamed its build first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not out.exists():
+            raise
