@@ -270,7 +270,9 @@ def test_preemption_recreates_and_resumes_to_the_uninterrupted_losses(
     url = "gs://modxla-test/runs/launch-preempted"
     script = {"waiting_polls": 2, "preempt_on_log": "checkpoint step 4 ->"}
     args = fake_args("pre", "v5e-8", url, f"data.cache_dir={data_cache}", *RESUME_STEPS)
+    launched = time.time()
     proc = fake_gcloud(script, *args)
+    returned = time.time()
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "SUSPENDED (preempted)" in proc.stderr and "retry 1/3" in proc.stderr
     state = fake_gcloud.state()
@@ -289,6 +291,30 @@ def test_preemption_recreates_and_resumes_to_the_uninterrupted_losses(
     starts = [json.loads(x) for h in fake_gcloud.homes() for x in (h / "starts.jsonl").open()]
     assert len(starts) == 2
     assert all(not s["leftover_alive"] and not s["lockfile"] for s in starts)
+    goodput_adds_up(url + "/goodput.jsonl", launched, returned)
+
+
+def goodput_adds_up(path, launched, returned):
+    """Goodput of a preempted and recreated run: both attempts' records, within the launch,
+    and every second of each attempt's wall-clock given to productive steps or one cause."""
+    from modxla.analysis.goodput import read_records, summarize
+
+    records = read_records(path)
+    s = summarize(records)
+    first, second = s["attempts"]
+    assert first["cause"].startswith("unknown") and second["cause"] == "finished"
+    assert second["resumed_at"] in (4, 8) and second["last_step"] == 12
+    # the records are the trainers' clocks, within the launcher's call (same machine)
+    times = [r["time"] for r in records]
+    assert launched <= min(times) and max(times) <= returned
+    assert s["wall_s"] + s["between_attempts_s"] == pytest.approx(max(times) - min(times))
+    for row in (first, second, s):
+        assert row["wall_s"] > 0 and row["productive_s"] > 0
+        parts = row["productive_s"] + sum(row["badput_s"].values())
+        assert parts == pytest.approx(row["wall_s"], rel=0, abs=1e-6)  # floats of time.time()
+    # steps: each of the 12 counted productive once; those redone after the resume are lost
+    assert s["productive_steps"] == 12
+    assert s["lost_steps"] == max(0, first["last_step"] - second["resumed_at"])
 
 
 @pytest.mark.slow
