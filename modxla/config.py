@@ -111,7 +111,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | local path or glob (txt, jsonl, parquet) | hub dataset name
+    source: str = "stdlib"  # stdlib | path, glob or gs:// URL (txt, jsonl, parquet) | hub name
     hub_config: str = ""  # dataset config name, for hub sources
     text_field: str = "text"
     split: str = "train"

@@ -149,7 +149,7 @@ def _pack(docs, cfg: DataConfig, tok_path: str, digest: str, out: Path, progress
     sizes = {"train": int(lengths[~is_val].sum()), "val": int(lengths[is_val].sum())}
     # built beside `out` and renamed into place whole: a kill leaves only the temporary
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out.parent, f".{out.name}.*")
+    remove_stale(out.parent, f".{out.name}.*")  # KEY is hex: no glob characters
     tmp = out.parent / f".{out.name}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

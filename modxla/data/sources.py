@@ -181,8 +181,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -195,8 +195,8 @@ def fetch_objects(source: str, cache_dir: str) -> list[str]:
         local = root / info["name"].lstrip("/")
         if not (local.is_file() and local.stat().st_size == info["size"]):
             if local.exists():  # only damage does this: copies are renamed into place whole
-                note(f"data: the cached copy of {fs.unstrip_protocol(info['name'])} is damaged;"
-                     " downloading it again")  # fmt: skip
+                url = fs.unstrip_protocol(info["name"])
+                note(f"data: the cached copy of {url} is damaged; downloading it again")
             _download(fs, info, local)
         files.append(str(local))
     return files
@@ -205,7 +205,7 @@ def fetch_objects(source: str, cache_dir: str) -> list[str]:
 def _download(fs, info: dict, local: Path) -> None:
     url = fs.unstrip_protocol(info["name"])
     local.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(local.parent, f".{local.name}.*.part")
+    remove_stale(local.parent, f".{glob.escape(local.name)}.*.part")
     tmp = local.parent / f".{local.name}.{os.getpid()}.part"
     try:
         store_call(url, fs.get_file, info["name"], str(tmp))
