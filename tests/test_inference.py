@@ -11,7 +11,7 @@ from modxla.cli.generate import clip_to_context
 from modxla.inference.load import InferenceError, set_thresholds
 from modxla.inference.sample import generate, sample_next
 from modxla.model import build_model, capacity_k
-from modxla.model.decode import KVCache, decode_step
+from modxla.model.decode import KVCache, decode_step, python_cond
 from modxla.routing.calibration import fit_thresholds
 from modxla.routing.evaluate import evaluate_routing
 from tests.conftest import read_metrics, run, train_args
@@ -27,21 +27,18 @@ def _model(tiny_cfg, seed=3, **kw):
     return build_model(cfg.model, seed=seed).eval()
 
 
-def _decode_all(model, tokens, routing, device=None, seq_len=T):
+def _decode_all(model, tokens, routing, seq_len=T):
     """Logits of every position, feeding tokens (B, S) one at a time through the cache of a
     model trained at `seq_len`."""
     b, s = tokens.shape
-    step = decode_step
-    if device is not None:
-        step = torch_xla.compile(decode_step, full_graph=True, name="decode_step")
-    cache = KVCache.empty(model, b, s, device, seq_len=seq_len)
-    out, compiles = [], []
-    for t in range(s):
-        pos = torch.full((b,), t).to(device)  # a host-made tensor: data, not a traced op
-        out.append(step(model, cache, tokens[:, t].to(device), pos, routing))
-        if device is not None:
-            compiles.append(met.metric_data("CompileTime")[0])
-    return torch.stack([o.cpu() for o in out], 1), cache, compiles
+    cache = KVCache.empty(model, b, s, seq_len=seq_len)
+    out = [decode_step(model, cache, tokens[:, t], torch.full((b,), t), routing) for t in range(s)]
+    return torch.stack(out, 1), cache
+
+
+def _compiles() -> int:
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
 
 
 def _check_cache(model, full, cache, row=0):
@@ -87,7 +84,7 @@ def test_incremental_decoding_matches_the_full_forward(tiny_cfg, routing, mode, 
     full = model(seq, routing=routing)
     k = full.routing[0].idx.shape[1]
     assert any(bool((i.decided > k).any()) for i in full.routing)  # overflow is exercised
-    inc, cache, _ = _decode_all(model, seq, routing)
+    inc, cache = _decode_all(model, seq, routing)
     torch.testing.assert_close(inc, full.logits, rtol=1e-5, atol=1e-5)
     _check_cache(model, full, cache)
 
@@ -97,7 +94,7 @@ def test_batched_decoding_processes_only_routing_rows(tiny_cfg):
     torch.manual_seed(1)
     seq = torch.randint(0, 128, (3, T))
     full = model(seq, routing="predictor")
-    inc, cache, _ = _decode_all(model, seq, "predictor")
+    inc, cache = _decode_all(model, seq, "predictor")
     torch.testing.assert_close(inc, full.logits, rtol=1e-5, atol=1e-5)
     for row in range(3):
         _check_cache(model, full, cache, row)
@@ -106,8 +103,9 @@ def test_batched_decoding_processes_only_routing_rows(tiny_cfg):
     assert not torch.equal(masks[0], masks[1])
 
 
+@pytest.mark.parametrize("cond", [None, python_cond], ids=["eager", "cond"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_a_skipped_token_does_no_block_work(tiny_cfg, monkeypatch, batch):
+def test_a_skipped_token_does_no_block_work(tiny_cfg, monkeypatch, batch, cond):
     model = _model(tiny_cfg)
     layer = model.cfg.routed_layers[0]
     block = model.blocks[layer]
@@ -123,10 +121,12 @@ def test_a_skipped_token_does_no_block_work(tiny_cfg, monkeypatch, batch):
     s = 24
     cache = KVCache.empty(model, batch, s, seq_len=T)
     for t in range(s):
-        decode_step(model, cache, torch.full((batch,), 5), torch.full((batch,), t), "predictor")
+        tokens, pos = torch.full((batch,), 5), torch.full((batch,), t)
+        decode_step(model, cache, tokens, pos, "predictor", cond)
     k = cache.k[layer].shape[2]
     assert k == capacity_k(0.25, T) == 16 < s  # the trained capacity, not round(C * s)
     # row 1 routes its first k tokens (then the buffer is full); row 0 is never processed
+    # (the conditional path: bucket 1 of (1, 2) takes the one routing row)
     assert rows == [1] * (k if batch == 2 else 0)
     assert cache.count[layer].tolist() == [0, k][:batch]
 
@@ -142,7 +142,7 @@ def test_a_shorter_decode_keeps_the_trained_capacity(tiny_cfg, routing):
     full = model(seq, routing=routing)  # the trained length: k = 16
     k = capacity_k(0.25, T)
     for n in (8, 40):
-        inc, cache, _ = _decode_all(model, seq[:, :n], routing)
+        inc, cache = _decode_all(model, seq[:, :n], routing)
         torch.testing.assert_close(inc, full.logits[:, :n], rtol=1e-5, atol=1e-5)
         for info, layer in zip(full.routing, model.cfg.routed_layers, strict=True):
             assert cache.k[layer].shape[2] == k  # not round(C * n)
@@ -163,17 +163,87 @@ def test_a_shorter_decode_keeps_the_trained_capacity(tiny_cfg, routing):
         generate(model, seq[0].tolist(), 1, routing, seq_len=T)
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize(
+    "routing,mode", [("predictor", "learned"), ("router", "learned"), ("predictor", "random")]
+)
+def test_conditional_decoding_matches_the_full_forward(tiny_cfg, routing, mode, batch):
+    """The XLA path's logic (routed blocks in conditionals, routing rows in buckets of
+    1, 2, 4, 8), run eagerly with a Python `cond`: equal to the full forward, overflow too."""
+    model = _model(tiny_cfg, **{"model.mod.router": mode})
+    torch.manual_seed(batch)
+    seq = torch.randint(0, 128, (batch, T))
+    full = model(seq, routing=routing)
+    k = full.routing[0].idx.shape[1]
+    assert any(bool((i.decided > k).any()) for i in full.routing)  # overflow is exercised
+    cache = KVCache.empty(model, batch, T, seq_len=T)
+    inc = torch.stack(
+        [
+            decode_step(model, cache, seq[:, t], torch.full((batch,), t), routing, python_cond)
+            for t in range(T)
+        ],
+        1,
+    )
+    torch.testing.assert_close(inc, full.logits, rtol=1e-5, atol=1e-5)
+    for row in range(batch):
+        _check_cache(model, full, cache, row)
+
+
 @pytest.mark.slow
-def test_xla_decoding_matches_and_compiles_one_step_graph(tiny_cfg):
-    model = _model(tiny_cfg)
-    torch.manual_seed(0)
-    seq = torch.randint(0, 128, (2, T))
-    expected = model(seq, routing="predictor").logits
+@pytest.mark.parametrize(
+    "routing,mode,batch",
+    [("predictor", "learned", 1), ("router", "learned", 8), ("predictor", "random", 8)],
+)
+def test_xla_decoding_is_traced_once_and_matches(tiny_cfg, routing, mode, batch):
+    from modxla.xla.decode import Decoder
+
+    over = {"model.mod.router": mode}
+    model = _model(tiny_cfg, **over)
     dev = torch_xla.device()
-    xla_model = _model(tiny_cfg).to(dev)
-    inc, _, compiles = _decode_all(xla_model, seq, "predictor", dev)
-    torch.testing.assert_close(inc, expected, rtol=1e-5, atol=1e-5)
-    assert compiles[2] == compiles[-1]  # 64 tokens, no graph after the first steps
+    decoder = Decoder(_model(tiny_cfg, **over).to(dev), routing)
+    for prompt in range(2):  # a second prompt: a fresh cache, the same graph
+        torch.manual_seed(10 * batch + prompt)
+        seq = torch.randint(0, 128, (batch, T))
+        full = model(seq, routing=routing)
+        cache = KVCache.empty(decoder.model, batch, T, dev, seq_len=T)
+        before = _compiles()
+        out = []
+        for t in range(T):
+            pos = torch.full((batch,), t).to(dev)  # the position is a tensor input
+            out.append(decoder(cache, seq[:, t].to(dev), pos).cpu())
+        torch.testing.assert_close(torch.stack(out, 1), full.logits, rtol=1e-5, atol=1e-5)
+        k = full.routing[0].idx.shape[1]
+        assert any(bool((i.decided > k).any()) for i in full.routing)  # overflow
+        cpu = KVCache(
+            *(
+                [
+                    [None if t is None else t.cpu() for t in ts]
+                    for ts in (cache.k, cache.v, cache.pos, cache.count)
+                ]
+            ),
+            cache.length,
+            cache.seq_len,
+        )
+        for row in range(batch):
+            _check_cache(model, full, cpu, row)
+        # traced at the first token and once more to check what it read; replayed after,
+        # at every later token, position and prompt
+        assert (decoder.calls, decoder.traces) == ((prompt + 1) * T, 2)
+        if prompt:  # at most the new cache's zeros compile: no decode graph
+            assert _compiles() - before <= 1
+
+
+@pytest.mark.slow
+def test_xla_decoding_traced_every_token_counts_every_trace(tiny_cfg):
+    """The benchmark's old path: the counter tells it from the replayed one."""
+    from modxla.xla.decode import Decoder
+
+    dev = torch_xla.device()
+    decoder = Decoder(_model(tiny_cfg).to(dev), "predictor", skip="where", replay=False)
+    cache = KVCache.empty(decoder.model, 2, T, dev, seq_len=T)
+    for t in range(8):
+        decoder(cache, torch.full((2,), 3).to(dev), torch.full((2,), t).to(dev)).cpu()
+    assert decoder.traces == decoder.calls == 8
 
 
 def test_generate_clips_to_the_context(capsys):

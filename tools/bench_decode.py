@@ -5,7 +5,9 @@
 
 Both models decode the same random tokens, one position at a time over the whole trained
 context (S = data.seq_len, so a routed block keeps the k = round(C * S) slots it trains with),
-with `modxla.model.decode.decode_step` as modxla-generate runs it.
+with `modxla.model.decode.decode_step` as modxla-generate runs it: on XLA traced once and
+replayed, routed blocks in HLO conditionals (`modxla.xla.decode.Decoder`), interleaved with the
+same decoding traced at every token with every row computed (`--xla-modes`, as before).
 Steps alternate baseline, MoD, baseline, ... so both see the same machine load. Each
 repetition decodes S tokens with fresh caches; the figure per repetition is its mean time per
 token (a routed block's cost differs from token to token, so a per-token median would hide
@@ -81,34 +83,50 @@ def _quartiles(xs: list[float]) -> list[float]:
     return [q[0], statistics.median(xs), q[2]]
 
 
-def bench(models, batch: int, seq_len: int, reps: int, device, desc: str) -> dict:
-    """Interleaved decoding of `reps` sequences; per-variant ms/token and cache bytes."""
-    step = decode_step
-    if device is not None and device.type == "xla":
-        import torch_xla
+def steppers(models, device, modes: list[str]) -> dict:
+    """Per variant: (model name, step(cache, tokens, pos) -> logits)."""
+    if device is None or device.type != "xla":
+        return {n: (n, _eager(m)) for n, m in models.items()}
+    from modxla.xla.decode import Decoder
 
-        step = torch_xla.compile(decode_step, full_graph=True, name="decode_step")
+    out = {}
+    for mode in modes:  # replayed: traced once, cond; traced: every token, where (as before)
+        replay = mode == "replayed"
+        for n, m in models.items():
+            dec = Decoder(m, "predictor", skip="cond" if replay else "where", replay=replay)
+            out[n if replay else f"{n}_traced"] = (n, dec)
+    return out
+
+
+def _eager(model):
+    return lambda cache, tok, pos: decode_step(model, cache, tok, pos, "predictor")
+
+
+def bench(models, batch: int, seq_len: int, reps: int, device, desc: str, modes=()) -> dict:
+    """Interleaved decoding of `reps` sequences; per-variant ms/token and cache bytes."""
+    steps = steppers(models, device, list(modes))
     gen = torch.Generator().manual_seed(1)
-    per_rep = {name: [] for name in models}
+    per_rep = {name: [] for name in steps}
     caches = {}
     for rep in tqdm(range(reps + 1), desc=desc, file=sys.stderr):  # rep 0 warms up/compiles
         vocab = models["baseline"].cfg.vocab_size
         tokens = torch.randint(0, vocab, (batch, seq_len), generator=gen)
         caches = {
-            n: KVCache.empty(m, batch, seq_len, device, seq_len=seq_len) for n, m in models.items()
+            v: KVCache.empty(models[n], batch, seq_len, device, seq_len=seq_len)
+            for v, (n, _) in steps.items()
         }
-        total = dict.fromkeys(models, 0.0)
+        total = dict.fromkeys(steps, 0.0)
         for t in range(seq_len if rep else 3):
             tok = tokens[:, t].to(device)  # host-made: device data, not a traced op
             pos = torch.full((batch,), t).to(device)
-            for name, model in models.items():
+            for v, (_, step) in steps.items():
                 t0 = time.perf_counter()
-                logits = step(model, caches[name], tok, pos, "predictor")
+                logits = step(caches[v], tok, pos)
                 logits.cpu()  # sampling needs the logits on the host
-                total[name] += time.perf_counter() - t0
+                total[v] += time.perf_counter() - t0
         if rep:
-            for name in models:
-                per_rep[name].append(1e3 * total[name] / seq_len)
+            for v in steps:
+                per_rep[v].append(1e3 * total[v] / seq_len)
     out = {}
     for name, times in per_rep.items():
         q1, med, q3 = _quartiles(times)
@@ -120,6 +138,17 @@ def bench(models, batch: int, seq_len: int, reps: int, device, desc: str) -> dic
     out["kv_bytes_mod"] = mod.nbytes()
     out["routed_block_kv_over_dense"] = round(mod.nbytes(routed[0]) / base.nbytes(dense[0]), 4)
     out["routed_frac"] = [round(float(mod.count[i].float().mean()) / seq_len, 4) for i in routed]
+    if "mod_traced" in out:  # the same decoding traced at every token, interleaved
+        bt, mt = out.pop("baseline_traced"), out.pop("mod_traced")
+        out["traced_every_token"] = {
+            "decode_ms_baseline": round(bt["ms"], 3),
+            "decode_ms_mod": round(mt["ms"], 3),
+            "quartiles_ms_baseline": bt["quartiles"],
+            "quartiles_ms_mod": mt["quartiles"],
+            "speedup": round(bt["ms"] / mt["ms"], 3),
+            "replay_speedup_baseline": round(bt["ms"] / out["baseline"]["ms"], 3),
+            "replay_speedup_mod": round(mt["ms"] / out["mod"]["ms"], 3),
+        }
     return out
 
 
@@ -132,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         "--backends",
         default="eager,xla",
         help="eager (CPU PyTorch), xla and/or cuda (eager on a GPU)",
+    )
+    ap.add_argument(
+        "--xla-modes",
+        default="replayed,traced",
+        help="xla: replayed (traced once, routed blocks in conditionals: what\n"
+        "modxla-generate runs) and/or traced (traced every token, every row computed)",
     )
     ap.add_argument("--reps", type=int, default=3, help="timed sequences per (backend, batch)")
     ap.add_argument(
@@ -146,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         batches = [int(b) for b in args.batches.split(",")]
         backends = args.backends.split(",")
+        modes = args.xla_modes.split(",")
+        if "replayed" not in modes or not set(modes) <= {"replayed", "traced"}:
+            raise ValueError("--xla-modes: replayed[,traced]")
         if (
             any(b < 1 for b in batches)
             or not set(backends) <= {"eager", "xla", "cuda"}
@@ -195,12 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                 run_models[n].load_state_dict(models[n].state_dict())
                 run_models[n].to(device)
         for batch in batches:
-            r = bench(run_models, batch, seq_len, args.reps, device, f"{backend} B{batch}")
+            desc = f"{backend} B{batch}"
+            r = bench(run_models, batch, seq_len, args.reps, device, desc, modes)
             base, mod = r.pop("baseline"), r.pop("mod")
             result["results"][f"{backend}/B{batch}"] = {
                 "decode_ms_baseline": round(base["ms"], 3),
                 "decode_ms_mod": round(mod["ms"], 3),
                 "speedup": round(base["ms"] / mod["ms"], 3),
+                "share_of_flop_ratio": round(base["ms"] / mod["ms"] / result["flop_ratio"], 3),
                 "quartiles_ms_baseline": base["quartiles"],
                 "quartiles_ms_mod": mod["quartiles"],
                 **r,

@@ -10,9 +10,12 @@ training checkpoint.
 
 Routed blocks keep k = round(C * T) slots, T the length the run was trained at
 (data.seq_len), whatever the prompt and --max-tokens: the logits at a position are those of
-the full forward at the trained length and do not change with --max-tokens. On the CPU (the
-default) a routed block does no attention or MLP work for a token it skips, which is where
-MoD's sampling speed comes from; the speed in tokens/s goes to stderr. The prompt plus the new
+the full forward at the trained length and do not change with --max-tokens. A routed block
+does no attention or MLP work for a token it skips, which is where MoD's sampling speed comes
+from: eagerly by a branch, on XLA by conditionals in one decode graph traced once and replayed
+at every token. The device defaults to XLA where there is a TPU, else the CPU (eager: no
+compile before the first token). The speed in tokens/s and, for MoD, the share of tokens each
+routed block processed go to stderr. The prompt plus the new
 tokens must fit the trained length data.seq_len (a dense model: its max_seq_len): --max-tokens
 (and, if need be, the prompt's start) is clipped to fit, with a note on stderr.
 """
@@ -26,7 +29,13 @@ from modxla.cli.common import parser
 from modxla.data import EOS_ID, load_tokenizer
 from modxla.errors import UserError, report
 from modxla.inference.load import InferenceError, load_run, tokenizer_path, uncalibrated_router
-from modxla.inference.sample import context_length, generate
+from modxla.inference.sample import (
+    context_length,
+    default_device,
+    generate,
+    routed_fraction,
+    xla_device,
+)
 from modxla.io.logger import say
 
 
@@ -66,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--device",
         choices=("cpu", "xla"),
-        default="cpu",
-        help="xla runs one compiled decode step per token",
+        default=None,
+        help="xla: one decode graph, traced once (default where there is a TPU, else cpu)",
     )
     ap.add_argument(
         "--stale-predictor",
@@ -89,11 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.routing == "router" and (msg := uncalibrated_router(cfg, model, args.run_dir)):
             print(msg, file=sys.stderr)
         sp = load_tokenizer(tokenizer_path(args.run_dir), cfg.model.vocab_size)
-        device = None
-        if args.device == "xla":
-            import torch_xla
-
-            device = torch_xla.device()
+        device = xla_device() if args.device == "xla" else None
+        if args.device is None:
+            device = default_device()
+        if device is not None:
             model = model.to(device)
         prompt = sp.encode(args.prompt)
         # routed blocks: the trained length, so their k is the trained one (see the docstring)
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         name = "data.seq_len (the trained length)" if cfg.model.routed_layers else "max_seq_len"
         prompt, max_tokens = clip_to_context(prompt, args.max_tokens, context, name)
         t0 = time.perf_counter()
-        tokens, _ = generate(
+        tokens, cache = generate(
             model,
             prompt,
             max_tokens,
@@ -124,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{new / max(secs, 1e-9):.1f} tokens/s]",
         file=sys.stderr,
     )
+    if cfg.model.routed_layers:  # the tokens fed through the blocks: all but the last
+        frac = routed_fraction(model, cache, len(tokens) - 1)
+        shares = ", ".join(f"block {i}: {f:.3f}" for i, f in frac.items())
+        print(f"[routed fraction per routed block: {shares}]", file=sys.stderr)
     print(sp.decode(tokens))
     return 0
 

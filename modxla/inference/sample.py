@@ -1,4 +1,4 @@
-"""Sampling text from a trained model: one compiled decode step per token."""
+"""Sampling text from a trained model: one decode step per token (on XLA traced once)."""
 
 from __future__ import annotations
 
@@ -79,17 +79,19 @@ def generate(
         raise InferenceError(
             f"prompt ({len(prompt)} tokens) + max tokens ({max_tokens}) exceed {what}"
         )
-    step = decode_step
     if device is not None and device.type == "xla":
-        import torch_xla
+        from modxla.xla.decode import Decoder
 
-        step = torch_xla.compile(decode_step, full_graph=True, name="decode_step")
+        # a cache of the whole context: one graph for every prompt and --max-tokens
+        step, length = Decoder(model, routing), context
+    else:
+        step = lambda cache, tok, pos: decode_step(model, cache, tok, pos, routing)  # noqa: E731
     cache = KVCache.empty(model, 1, length, device, seq_len=context)
     gen = torch.Generator().manual_seed(seed)
     out = list(prompt)
-    for t in range(length - 1):
+    for t in range(len(prompt) + max_tokens - 1):
         tok = torch.tensor([out[t]]).to(device)  # host-made: device data, not a traced op
-        logits = step(model, cache, tok, torch.tensor([t]).to(device), routing)
+        logits = step(cache, tok, torch.tensor([t]).to(device))
         if t + 1 < len(prompt):
             continue  # still reading the prompt
         nxt = int(sample_next(logits.cpu(), temperature, top_k, top_p, gen)[0])
@@ -97,3 +99,22 @@ def generate(
         if stop_id is not None and nxt == stop_id:
             break
     return out, cache
+
+
+def routed_fraction(model: Transformer, cache: KVCache, fed: int) -> dict[int, float]:
+    """Per routed block: the share of the `fed` tokens decoded so far that it processed."""
+    return {i: float(cache.count[i][0]) / max(fed, 1) for i in model.cfg.routed_layers}
+
+
+def xla_device():
+    from modxla.xla.runtime import xla_device
+
+    return xla_device()
+
+
+def default_device():
+    """XLA where there is a TPU, else None (eager on the CPU: no compile before the first
+    token, and a routed block skips a token's work there too)."""
+    from modxla.xla.runtime import tpu_present
+
+    return xla_device() if tpu_present() else None

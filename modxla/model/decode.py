@@ -169,10 +169,11 @@ def _routed_step_static(block: MoDBlock, cache: KVCache, i: int, x, pos, routing
     take = _decide(block, x, routing) & (count < k)  # (B,)
     q, k_new, v_new = f.attn.qkv(f.attn_norm(x), pos[:, None])  # (B, H, 1, hd)
     write = (torch.arange(k, device=x.device)[None, :] == count[:, None]) & take[:, None]
-    cache.k[i] = torch.where(write[:, None, :, None], k_new, cache.k[i])
-    cache.v[i] = torch.where(write[:, None, :, None], v_new, cache.v[i])
-    cache.pos[i] = torch.where(write, pos[:, None], cache.pos[i])
-    cache.count[i] = count + take.long()
+    # in place: a replayed step (modxla/xla/replay.py) updates the cache tensors it holds
+    cache.k[i].copy_(torch.where(write[:, None, :, None], k_new, cache.k[i]))
+    cache.v[i].copy_(torch.where(write[:, None, :, None], v_new, cache.v[i]))
+    cache.pos[i].copy_(torch.where(write, pos[:, None], cache.pos[i]))
+    cache.count[i].copy_(count + take.long())
     mask = cache.pos[i] >= 0  # (B, k)
     mask = mask | ~mask.any(-1, keepdim=True)  # a skipped row with an empty cache stays finite
     a = f.attn.attend(q, cache.k[i], cache.v[i], mask[:, None, None, :])
@@ -180,11 +181,95 @@ def _routed_step_static(block: MoDBlock, cache: KVCache, i: int, x, pos, routing
     return torch.where(take[:, None, None], y, x)
 
 
+def _process(block: MoDBlock, x, pos, take, kc, vc, pc, count, n, *order):
+    """The block on rows x (c, 1, D); rows with take False (bucket padding) change nothing."""
+    f = block.f
+    k = kc.shape[2]
+    q, k_new, v_new = f.attn.qkv(f.attn_norm(x), pos[:, None])  # (c, H, 1, hd)
+    write = (torch.arange(k, device=x.device)[None, :] == count[:, None]) & take[:, None]
+    kc = torch.where(write[:, None, :, None], k_new, kc)  # (c, H, k, hd)
+    vc = torch.where(write[:, None, :, None], v_new, vc)
+    pc = torch.where(write, pos[:, None], pc)  # (c, k)
+    mask = pc >= 0
+    mask = mask | ~mask.any(-1, keepdim=True)  # a padding row with an empty cache stays finite
+    a = f.attn.attend(q, kc, vc, mask[:, None, None, :])
+    y = x + _weight(block, x) * f.mlp_delta(x, a)
+    y = torch.where(take[:, None, None], y, x)
+    return y, pos, take, kc, vc, pc, count + take.long(), n, *order
+
+
+def _bucket(block: MoDBlock, c: int, *state):
+    """The first c routing rows gathered, processed and written back: static shape c."""
+    x, pos, take, kc, vc, pc, count, n, order = state
+    rows = order[:c]  # (c,) distinct: the routing rows first
+    x_r, pos_r, kc_r, vc_r, pc_r, count_r = (
+        t.index_select(0, rows) for t in (x, pos, kc, vc, pc, count)
+    )
+    take_r = take.long().index_select(0, rows) > 0  # XLA:CPU crashes on a bool index_select
+    part = _process(block, x_r, pos_r, take_r, kc_r, vc_r, pc_r, count_r, n)
+    x, kc, vc, pc, count = (
+        t.index_copy(0, rows, p)
+        for t, p in zip((x, kc, vc, pc, count), (part[0], *part[3:7]), strict=True)
+    )
+    return x, pos, take, kc, vc, pc, count, n, order
+
+
+def _routed_step_cond(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str, cond):
+    """A conditional per routed block: a step where no row routes runs none of its work.
+
+    B = 1: process the row or not. B > 1: the n routing rows go through the smallest
+    bucket c >= n of (1, 2, 4, ..., B), each a static-shape branch, chosen by nested
+    conditionals. `cond(pred, true_fn, false_fn, operands)` is modxla.xla.cond.cond on XLA
+    (eagerly: a Python if)."""
+    k = cache.k[i].shape[2]
+    take = _decide(block, x, routing) & (cache.count[i] < k)  # (B,)
+    n = take.long().sum(0, keepdim=True)  # (1,): cond operands have rank >= 1
+    state = (x, pos, take, cache.k[i], cache.v[i], cache.pos[i], cache.count[i], n)
+    b = x.shape[0]
+    if b > 1:  # rows, routing ones first: a permutation without topk (which a branch of
+        # XLA:CPU's conditional fails to lower), built here from cumulative counts
+        t = take.long()
+        key = torch.where(take, t.cumsum(0) - 1, n + (1 - t).cumsum(0) - 1)  # (B,) 0..B-1
+        at = torch.arange(b, device=x.device)
+        state += (((key[None, :] == at[:, None]).long() * at[None, :]).sum(1),)  # (B,)
+    buckets = [c for c in (2**j for j in range(b.bit_length())) if c < b] + [b]
+
+    def level(j: int):
+        c = buckets[j]
+
+        def run(*s):
+            return _process(block, *s) if c == b == 1 else _bucket(block, c, *s)
+
+        if j == len(buckets) - 1:
+            return run
+        return lambda *s: cond(s[7] <= c, run, level(j + 1), s)
+
+    out = cond(n > 0, level(0), lambda *s: s, state)
+    for t, new in zip(
+        (cache.k[i], cache.v[i], cache.pos[i], cache.count[i]), out[3:7], strict=True
+    ):
+        t.copy_(new)  # in place: a replayed step updates the cache tensors it holds
+    return out[0]
+
+
+def python_cond(pred, true_fn, false_fn, operands):
+    """The eager `cond`: a Python branch (for tests of the conditional path off XLA)."""
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
 @torch.no_grad()
 def decode_step(
-    model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor, routing: str
+    model: Transformer,
+    cache: KVCache,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    routing: str,
+    cond=None,
 ) -> torch.Tensor:
-    """Logits (B, V) for tokens (B,) at positions pos (B,), given the cache of earlier ones."""
+    """Logits (B, V) for tokens (B,) at positions pos (B,), given the cache of earlier ones.
+
+    `cond`: run routed blocks through conditionals (`_routed_step_cond`; on XLA pass
+    modxla.xla.cond.cond); None: eagerly a Python branch, on XLA every row and a select."""
     if routing not in ("predictor", "router") and model.cfg.routed_layers:
         raise ValueError(f"decoding needs a causal routing mode, got {routing!r}")
     x = model.embed(tokens[:, None])  # (B, 1, D)
@@ -192,7 +277,9 @@ def decode_step(
     static = x.device.type == "xla"
     routed_step = _routed_step_static if static else _routed_step_eager
     for i, block in enumerate(model.blocks):
-        if isinstance(block, MoDBlock):
+        if isinstance(block, MoDBlock) and cond is not None:
+            x = _routed_step_cond(block, cache, i, x, pos, routing, cond)
+        elif isinstance(block, MoDBlock):
             x = routed_step(block, cache, i, x, pos, routing)
         else:
             x = _dense_step(block, cache, i, x, pos, seen)

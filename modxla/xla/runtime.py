@@ -186,6 +186,20 @@ def feed(batches, rt: Runtime, batch_dim: int):
     )
 
 
+def xla_device() -> torch.device:
+    import torch_xla
+
+    return torch_xla.device()
+
+
+def tpu_present() -> bool:
+    """A TPU is what XLA would run on: PJRT_DEVICE=TPU, or unset with libtpu installed."""
+    import importlib.util
+
+    device = os.environ.get("PJRT_DEVICE")
+    return device == "TPU" or (device is None and importlib.util.find_spec("libtpu") is not None)
+
+
 def compile_count() -> int:
     import torch_xla.debug.metrics as met
 
