@@ -333,11 +333,9 @@ class _CrcReadStream:
         self.sequential = True
 
     def _take(self, n: int) -> bytes:
-        parts = []
-        while n > 0 and (chunk := self._stream.read(min(n, CHUNK))):
-            parts.append(chunk)
-            n -= len(chunk)
-        data = b"".join(parts)
+        data = self._stream.read(n)  # one piece: io.BytesIO shares bytes without a copy
+        while len(data) < n and (more := self._stream.read(n - len(data))):
+            data += more  # a short read (an object store's block), rare
         self.crc = zlib.crc32(data, self.crc)
         self.pos += len(data)
         return data
