@@ -4,7 +4,13 @@
         [--base configs/tiny.yaml] [--variants baseline mod_c12 mod_c50 mod_c50_random] \\
         [--seeds 0 1 2] [--set train.device=cpu data.source=corpus/man]
 
-Sizes are LAYERSxD_MODEL (head size 32). Steps come from the analytic FLOPs per step
+Sizes are LAYERSxD_MODEL (head size --head-dim, 32 by default). --ladder NAME chooses them
+instead: each variant's own rungs of one aspect-ratio ladder (modxla.analysis.ladder) around
+its predicted optimum at this budget, two each side, at least six, each within 200 steps and
+--max-tokens; --print-sizes prints the choice ("VARIANT SIZE...") and writes nothing:
+
+    modxla-isoflop --budget 1e13 --ladder aspect16 --print-sizes --set train.batch_size=16
+ Steps come from the analytic FLOPs per step
 (modxla.analysis.flops); a run whose whole steps cannot land within 2% of the budget is refused.
 Writes one ready-to-run config per run and run_all.sh with the commands.
 
@@ -23,6 +29,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from modxla.analysis import ladder
 from modxla.analysis.flops import flops_per_step, param_count
 from modxla.cli.common import parser
 from modxla.config import Config, ConfigError, load_config, save_config
@@ -42,7 +49,7 @@ VARIANTS = {
 TOLERANCE = 0.02
 
 
-def size_overrides(size: str) -> list[str]:
+def size_overrides(size: str, head_dim: int = 32) -> list[str]:
     try:
         layers, d = (int(x) for x in size.lower().split("x"))
     except ValueError:
@@ -50,7 +57,7 @@ def size_overrides(size: str) -> list[str]:
     return [
         f"model.num_layers={layers}",
         f"model.d_model={d}",
-        f"model.num_heads={max(1, d // 32)}",
+        f"model.num_heads={max(1, d // head_dim)}",
     ]
 
 
@@ -62,28 +69,70 @@ def budget_name(budget: float) -> str:
 SWEEP_KEYS = ("train.steps", "train.seed")  # set by the sweep itself, never by --set
 
 
-def plan(
-    base: str,
-    budget: float,
-    sizes: list[str],
-    variants: list[str],
-    seeds: list[int] = (0,),
-    extra: list[str] = (),
-    seed_data: bool = False,
-) -> list[dict]:
-    """One entry per run: name, overrides, config, steps, the FLOPs it will spend, its seed."""
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {list(seeds)}: give one or more distinct seeds")
+def check_extra(extra: list[str], seed_data: bool = False) -> None:
     owned = (*SWEEP_KEYS, "data.seed") if seed_data else SWEEP_KEYS
     for text in extra:
         if text.split("=", 1)[0].strip() in owned:
             raise ConfigError(f"--set {text}: the sweep sets {' and '.join(owned)} itself")
+
+
+def ladder_plan(
+    base: str,
+    budget: float,
+    ladder_name: str,
+    variants: list[str],
+    extra: list[str] = (),
+    side: int = 2,
+    max_tokens: float = ladder.MAX_TOKENS,
+    min_steps: int = ladder.MIN_STEPS,
+) -> tuple[dict[str, list[ladder.Rung]], list[str], int]:
+    """Each variant's rungs of a ladder at one budget, warnings (prefixed by the variant), and
+    the ladder's head size."""
+    check_extra(extra)
+    chosen, warnings = {}, []
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise ConfigError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
+
+        def config_of(size: str, head: int, v: str = variant) -> Config:
+            return load_config(base, [*size_overrides(size, head), *VARIANTS[v], *extra])
+
+        rungs, warn = ladder.choose_sizes(
+            ladder_name,
+            budget,
+            variant,
+            config_of,
+            side,
+            max_tokens=max_tokens,
+            min_steps=min_steps,
+        )
+        chosen[variant] = rungs
+        warnings += [f"{variant}: {w}" for w in warn]
+    return chosen, warnings, ladder.LADDERS[ladder_name][1]
+
+
+def plan(
+    base: str,
+    budget: float,
+    sizes: list[str] | dict[str, list[str]],
+    variants: list[str],
+    seeds: list[int] = (0,),
+    extra: list[str] = (),
+    seed_data: bool = False,
+    head_dim: int = 32,
+) -> list[dict]:
+    """One entry per run: name, overrides, config, steps, the FLOPs it will spend, its seed.
+
+    sizes: one list for every variant, or each variant's own (a ladder's choice)."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {list(seeds)}: give one or more distinct seeds")
+    check_extra(extra, seed_data)
     runs = []
     for variant in variants:
         if variant not in VARIANTS:
             raise ConfigError(f"variant {variant!r}: choose from {', '.join(VARIANTS)}")
-        for size in sizes:
-            over = [*size_overrides(size), *VARIANTS[variant], *extra]
+        for size in sizes[variant] if isinstance(sizes, dict) else sizes:
+            over = [*size_overrides(size, head_dim), *VARIANTS[variant], *extra]
             cfg: Config = load_config(base, over)
             per_step = flops_per_step(cfg)
             steps = round(budget / per_step)
@@ -116,10 +165,32 @@ def plan(
 def main(argv: list[str] | None = None) -> int:
     ap = parser("modxla-isoflop", __doc__)
     ap.add_argument("--budget", type=float, required=True, help="training FLOPs per run")
-    ap.add_argument("--sizes", nargs="+", required=True, help="LAYERSxD_MODEL, e.g. 4x128")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sizes", nargs="+", help="LAYERSxD_MODEL, e.g. 4x128")
+    which.add_argument(
+        "--ladder",
+        choices=sorted(ladder.LADDERS),
+        help="choose each variant's sizes from this ladder for the budget (d_model = 16 or 32 "
+        "x layers, heads of 16 or 32)",
+    )
+    ap.add_argument("--head-dim", type=int, default=32, help="head size of --sizes (default 32)")
+    ap.add_argument(
+        "--side", type=int, default=2, help="--ladder: sizes each side of the predicted optimum"
+    )
+    ap.add_argument(
+        "--max-tokens",
+        type=float,
+        default=ladder.MAX_TOKENS,
+        help="--ladder: most tokens a run may read (the corpus's training tokens: none twice)",
+    )
+    ap.add_argument(
+        "--print-sizes",
+        action="store_true",
+        help="--ladder: print 'VARIANT SIZE...' per variant and write nothing",
+    )
     ap.add_argument("--variants", nargs="+", default=["baseline", "mod_c12"])
     ap.add_argument("--base", default="configs/tiny.yaml", help="config the sizes modify")
-    ap.add_argument("--out", required=True, help="folder for the configs and run_all.sh")
+    ap.add_argument("--out", help="folder for the configs and run_all.sh")
     ap.add_argument(
         "--runs-dir",
         default="runs/isoflop",
@@ -144,15 +215,44 @@ def main(argv: list[str] | None = None) -> int:
         help="config overrides for every run, e.g. train.device=cpu data.source=corpus/man",
     )
     args = ap.parse_args(argv)
+    if not args.out and not args.print_sizes:
+        ap.error("--out is required (unless --ladder ... --print-sizes)")
+    if args.print_sizes and not args.ladder:
+        ap.error("--print-sizes needs --ladder")
     try:
+        sizes, head = args.sizes, args.head_dim
+        if args.ladder:
+            chosen, warnings, head = ladder_plan(
+                args.base,
+                args.budget,
+                args.ladder,
+                args.variants,
+                args.extra,
+                args.side,
+                args.max_tokens,
+            )
+            for w in warnings:
+                print(f"warning: {w}", file=sys.stderr)
+            sizes = {v: [r.size for r in rungs] for v, rungs in chosen.items()}
+            if args.print_sizes:
+                for v, names in sizes.items():
+                    print(v, *names)
+                return 0
+            for v, rungs in chosen.items():
+                for r in rungs:
+                    print(
+                        f"{v} {r.size}: params {r.params:,}  steps {r.steps}  "
+                        f"tokens {r.tokens / 1e6:.2f} M  tokens/param {r.tpp:.2g}"
+                    )
         runs = plan(
             args.base,
             args.budget,
-            args.sizes,
+            sizes,
             args.variants,
             args.seeds,
             args.extra,
             args.seed_data,
+            head,
         )
     except UserError as e:
         return report(e)
