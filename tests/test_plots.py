@@ -32,6 +32,48 @@ def test_parabola_fit_recovers_a_known_optimum():
         isoflop.fit_parabola([1e5, 1e5, 2e5], [1, 2, 3])
 
 
+def test_fit_reports_its_residuals_and_a_bootstrap_interval_that_covers_the_truth():
+    # six sizes equally spaced in log10(params); truth 2 + 0.8 (x - 5.5)^2, optimum 2.0 at
+    # 10^5.5. The seed means sit off it by e, a cubic orthogonal to 1, x, x^2 on these points
+    # (the n=6 orthogonal polynomial -5 7 4 -4 -7 5): least squares returns the truth and
+    # leaves exactly e as residuals. Three seeds per size at mean -0.03, 0, +0.03.
+    x = 5.0 + 0.2 * np.arange(6)
+    e = 0.002 * np.array([-5, 7, 4, -4, -7, 5])
+    mean = 2 + 0.8 * (x - 5.5) ** 2 + e
+    points = [
+        {
+            "budget": 1e13,
+            "variant": "v",
+            "params": 10**xi,
+            "fwd_flops": 100 * 10**xi,  # a power law: FLOPs/fwd at the optimum is 100 x params
+            "loss": float(m),
+            "losses": [m - 0.03, m, m + 0.03],
+        }
+        for xi, m in zip(x, mean, strict=True)
+    ]
+    (entry,) = isoflop.summarize(points)
+    opt = entry["optimum"]
+    assert opt["residuals"] == pytest.approx(list(e), abs=1e-9)
+    assert opt["rms_residual"] == pytest.approx(0.002 * math.sqrt(180 / 6))
+    assert opt["loss"] == pytest.approx(2.0) and opt["params"] == pytest.approx(10**5.5)
+    iv = opt["interval"]
+    lo, hi = iv["loss"]
+    assert lo < 2.0 < hi and hi - lo < 0.06  # seed means move by at most 0.03
+    assert iv["params"][0] < 10**5.5 < iv["params"][1]
+    assert iv["fwd_flops"][0] < 100 * 10**5.5 < iv["fwd_flops"][1]
+    assert (iv["min_seeds"], iv["resamples"], iv["level"]) == (3, 1000, 0.95)
+    assert iv["bracketed_fraction"] == 1.0  # the vertex is never pushed out of 5.0..6.0
+    table = isoflop.markdown([entry])
+    assert "| 1e+13 | v | 6 | 2.0000 | 316,228 | 3.16e+07 | yes | [" in table
+    assert table.splitlines()[2].endswith(f"| {0.002 * math.sqrt(180 / 6):.4f} |")
+    # one seed per size: no seed noise to resample, the interval is the fit itself
+    for p in points:
+        p.pop("losses")
+    iv = isoflop.summarize(points)[0]["optimum"]["interval"]
+    assert iv["min_seeds"] == 1 and iv["loss"] == pytest.approx([2.0, 2.0])
+    assert "(1 seed somewhere" in isoflop.markdown(isoflop.summarize(points))
+
+
 def test_budgets_cluster_within_two_percent():
     assert isoflop.budget_of([1e12, 1.01e12, 2e12, 0.995e12, 2.03e12, 4e12]) == [
         0,
@@ -117,10 +159,16 @@ def test_seed_groups_average_and_the_isoflop_fit_finds_the_synthetic_optimum(tmp
         assert math.log10(opt["params"]) == pytest.approx(5.75, abs=1e-6)
         assert opt["loss"] == pytest.approx(2.0 - (0.05 if "MoD" in e["variant"] else 0))
         assert [p["seeds"] for p in e["points"]] == [3, 3, 3, 3]
+        # seed means on the parabola: no residual; seeds 0.03 either side: the interval
+        # holds the vertex
+        assert [p["residual"] for p in e["points"]] == pytest.approx([0] * 4, abs=1e-9)
+        assert [len(p["losses"]) for p in e["points"]] == [3, 3, 3, 3]
+        lo, hi = opt["interval"]["params"]
+        assert lo < 10**5.75 < hi
     base_fwd = summary[0]["optimum"]["fwd_flops"]
     assert 2e7 < base_fwd < 3e8  # between the sampled sizes' FLOPs per forward pass
     table = isoflop.markdown(summary)
-    assert "| 3e+12 | Baseline | 4 | 2.0000 | 562," in table and "| yes |" in table
+    assert "| 3e+12 | Baseline | 4 | 2.0000 | 562," in table and "| yes | [" in table
     rows = runs.runs_table(groups).splitlines()[2:]  # what render_all writes to runs.md
     assert len(rows) == 8 and rows[0].startswith("| base_2x64 |")
     m = true["base_4x128_s0"]

@@ -11,6 +11,8 @@ import math
 import numpy as np
 
 TOLERANCE = 0.02  # runs whose training FLOPs agree this closely share a budget (as the planner)
+RESAMPLES = 1000  # bootstrap resamples of the seeds
+LEVEL = 0.95  # the bootstrap interval's coverage
 
 
 def fit_parabola(params, losses) -> dict:
@@ -67,9 +69,49 @@ def interp_loglog(x: float, xs, ys) -> float:
     return float(math.exp(icpt + slope * math.log(x)))
 
 
+def _optimum(pts: list[dict], losses) -> tuple[dict, float]:
+    """The parabola's fit through one loss per point, and FLOPs per forward pass there."""
+    fit = fit_parabola([p["params"] for p in pts], losses)
+    fwd = interp_loglog(fit["params"], [p["params"] for p in pts], [p["fwd_flops"] for p in pts])
+    return fit, fwd
+
+
+def bootstrap(pts: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Intervals of the optimum's loss, parameters and FLOPs per forward pass over the seeds:
+    each resample draws every size's seeds with replacement and refits the seed means.
+
+    Only seed noise is in it: with one seed at every size the interval is a point (min_seeds
+    says so), and the parabola's own misfit is in the residuals instead.
+    """
+    rng = np.random.default_rng(seed)
+    seeds = [np.asarray(p.get("losses") or [p["loss"]], dtype=float) for p in pts]
+    out: dict[str, list[float]] = {"loss": [], "params": [], "fwd_flops": []}
+    bracketed = 0
+    for _ in range(resamples):
+        means = [float(rng.choice(s, size=len(s)).mean()) for s in seeds]
+        fit, fwd = _optimum(pts, means)
+        out["loss"].append(fit["loss"])
+        out["params"].append(fit["params"])
+        out["fwd_flops"].append(fwd)
+        bracketed += fit["bracketed"]
+    tail = 100 * (1 - LEVEL) / 2
+    return {
+        **{
+            k: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]
+            for k, v in out.items()
+        },
+        "level": LEVEL,
+        "resamples": resamples,
+        "bracketed_fraction": bracketed / resamples,  # resamples whose vertex lies inside
+        "min_seeds": min(len(s) for s in seeds),
+    }
+
+
 def summarize(points: list[dict]) -> list[dict]:
-    """One entry per (budget, variant) from points {budget, variant, params, loss, fwd_flops}
-    (one per size, loss the seed mean). Entries with fewer than 3 sizes carry no fit."""
+    """One entry per (budget, variant) from points {budget, variant, params, loss, fwd_flops,
+    optionally losses: one per seed} (one per size, loss the seed mean). Entries with fewer
+    than 3 sizes carry no fit; a fit carries its residuals (seed mean - parabola, ascending in
+    parameters) and the bootstrap interval over seeds."""
     by: dict[tuple, list[dict]] = {}
     for p in points:
         by.setdefault((p["budget"], p["variant"]), []).append(p)
@@ -86,16 +128,19 @@ def summarize(points: list[dict]) -> list[dict]:
             },
         }
         if len({p["params"] for p in pts}) >= 3:
-            fit = fit_parabola([p["params"] for p in pts], [p["loss"] for p in pts])
-            fwd = interp_loglog(
-                fit["params"], [p["params"] for p in pts], [p["fwd_flops"] for p in pts]
-            )
+            fit, fwd = _optimum(pts, [p["loss"] for p in pts])
+            x = np.log10([p["params"] for p in pts])
+            fitted = np.polyval(fit["coef"], x)
+            residuals = [float(v) for v in np.asarray([p["loss"] for p in pts]) - fitted]
             entry["optimum"] = {
                 "loss": fit["loss"],
                 "params": fit["params"],
                 "fwd_flops": fwd,
                 "bracketed": fit["bracketed"],
                 "coef": fit["coef"],
+                "residuals": residuals,
+                "rms_residual": float(np.sqrt(np.mean(np.square(residuals)))),
+                "interval": bootstrap(pts),
             }
         out.append(entry)
     return out
@@ -104,21 +149,34 @@ def summarize(points: list[dict]) -> list[dict]:
 def markdown(summary: list[dict]) -> str:
     """The summary as a markdown table."""
     rows = [
-        "| budget (FLOPs) | variant | sizes | optimum loss | params | FLOPs/fwd pass | bracketed |",
-        "|---|---|---|---|---|---|---|",
+        "| budget (FLOPs) | variant | sizes | optimum loss | params | FLOPs/fwd pass | bracketed "
+        "| loss interval | params interval | FLOPs/fwd interval | rms residual |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
         o = e.get("optimum")
         if o is None:
             b = e["best_sampled"]
             cells = [f"{b['loss']:.4f} (best sampled; no fit)", f"{b['params']:,.0f}"]
-            cells += [f"{b['fwd_flops']:.3g}", "n/a (< 3 sizes)"]
+            cells += [f"{b['fwd_flops']:.3g}", "n/a (< 3 sizes)", "", "", "", ""]
         else:
+            iv = o["interval"]
             cells = [f"{o['loss']:.4f}", f"{o['params']:,.0f}", f"{o['fwd_flops']:.3g}"]
             cells.append("yes" if o["bracketed"] else "no (edge of the range)")
+            cells += [
+                f"[{iv['loss'][0]:.4f}, {iv['loss'][1]:.4f}]",
+                f"[{iv['params'][0]:,.0f}, {iv['params'][1]:,.0f}]",
+                f"[{iv['fwd_flops'][0]:.3g}, {iv['fwd_flops'][1]:.3g}]",
+                f"{o['rms_residual']:.4f}",
+            ]
+            if iv["min_seeds"] < 2:
+                cells[-4] += " (1 seed somewhere: seed noise not sampled there)"
         rows.append(
             f"| {e['budget_flops']:.3g} | {e['variant']} | {e['sizes']} | "
             + " | ".join(cells)
             + " |"
         )
-    return "\n".join(rows)
+    return "\n".join(rows) + (
+        f"\n\nIntervals: {LEVEL:.0%} bootstrap over seeds ({RESAMPLES} resamples of each "
+        "size's seeds, refitted); rms residual: the seed means' distance from the parabola."
+    )

@@ -244,7 +244,8 @@ def _budget_values(groups: list[Group]) -> dict[int, float]:
 
 
 def fit_summary(groups: list[Group]) -> list[dict]:
-    """isoflop_fit.json: per (budget, variant) the fitted optimum, plus the points it used."""
+    """isoflop_fit.json: per (budget, variant) the fitted optimum with its bootstrap interval
+    over seeds, plus the points it used, each with its residual from the parabola."""
     values = _budget_values(groups)
     points = []
     for g in groups:
@@ -260,17 +261,18 @@ def fit_summary(groups: list[Group]) -> list[dict]:
                 "loss_max": s.hi,
                 "loss_std": s.std,
                 "seeds": s.n,
+                "losses": [r.final_loss for r in g.runs],  # what the bootstrap resamples
                 "run": g.name,
             }
         )
     summary = summarize(points)
+    keys = ("run", "params", "loss", "loss_min", "loss_max", "loss_std", "seeds", "losses")
     for e in summary:
         e["points"] = [
-            {
-                k: p[k]
-                for k in ("run", "params", "loss", "loss_min", "loss_max", "loss_std", "seeds")
-            }
+            {k: p[k] for k in keys}
             for p in sorted(points, key=lambda p: p["params"])
             if p["budget"] == e["budget_flops"] and p["variant"] == e["variant"]
         ]
+        for p, r in zip(e["points"], e.get("optimum", {}).get("residuals", []), strict=False):
+            p["residual"] = r  # seed mean - parabola (summarize's order: ascending params)
     return summary
