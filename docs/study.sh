@@ -9,6 +9,15 @@
 #      what the routed blocks do;
 #   6. figures, run tables and isoFLOP fits (docs/figures), post-hoc reports (docs/study);
 #   7. eager vs XLA:CPU step time at one of the study's sizes (docs/study).
+# The ladder sweep (issue 25; optional, ~6 h two at a time: docs/results.md "Planned sweep"):
+# baseline and MoD 12.5% every 2nd on one aspect-ratio ladder (LADDER, d_model = 16 x layers,
+# 16-dim heads), each variant's sizes chosen by tools/isoflop.py --ladder around its predicted
+# optimum, on the whole standard library:
+#   8. 1e12 and 2e12, three seeds at every size;
+#   9. 1e13, three seeds at every size;
+#  10. 3e13, seed 0 at every size;
+#  11. 3e13, seeds 1 and 2 at each variant's best size (seed 0) and its two neighbours;
+#  12. figures and fits of the ladder runs (docs/figures/ladder).
 # Runs use eager PyTorch on the CPU (at these sizes ~2x faster than XLA:CPU, no compile), one
 # thread each, JOBS at a time. Finished runs are skipped, so the script can be re-run after
 # an interruption. PHASES selects steps, e.g. PHASES="1 2" bash docs/study.sh.
@@ -17,7 +26,7 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 out=${OUT:-runs/study}
 jobs=${JOBS:-2}
-phases=${PHASES:-1 2 3 5 6 7}  # 4 (seeds at the large budget's optima) is optional
+phases=${PHASES:-1 2 3 5 6 7}  # 4 and 8-12 are optional
 small=${SMALL:-1e12}
 large=${LARGE:-2e12}
 # Ascending in parameters. At these budgets the optimum sits among the smallest models.
@@ -30,6 +39,11 @@ base=(train.batch_size=16 data.max_chars=24000000)
 export COMMON="train.device=cpu train.log_every=10 train.eval_every=100 train.eval_batches=16
   data.val_fraction=0.03 checkpoint.keep=1"
 mkdir -p "$out"
+ladder=${LADDER:-aspect16}
+lroot=$out/ladder
+# The whole standard library (31.5 M characters, ~16.7 M training tokens): the 3e13 rungs
+# read up to 14 M tokens; tools/isoflop.py --ladder keeps every run under 15 M (none twice).
+lbase=(train.batch_size=16 data.max_chars=0)
 
 # One training run: CONFIG RUN_DIR SEED [overrides...]; skipped once it has finished.
 train() {
@@ -96,6 +110,43 @@ for size in sizes:
     vals = [json.loads(x)["val_loss"] for x in m.read_text().splitlines() if "val_loss" in x]
     final[size] = vals[-1]
 print(min(final, key=final.get))
+EOF
+}
+
+lplan() {  # BUDGET: each variant's rungs (once): configs, plan.txt (with warnings), sizes.txt
+  local dir=$lroot/configs/$1
+  [ -e "$dir/sizes.txt" ] && return 0
+  mkdir -p "$dir"
+  $py tools/isoflop.py --budget "$1" --ladder "$ladder" --out "$dir" --variants baseline mod_c12 \
+    --set "${lbase[@]}" >"$dir/plan.txt" 2>&1
+  $py tools/isoflop.py --budget "$1" --ladder "$ladder" --print-sizes --variants baseline mod_c12 \
+    --set "${lbase[@]}" >"$dir/sizes.txt.tmp" && mv "$dir/sizes.txt.tmp" "$dir/sizes.txt"
+}
+
+lsweep() {  # BUDGET SEEDS < lines "VARIANT SIZE...": one training line per (variant, size, seed)
+  local budget=$1 seeds=$2 v sizes seed size
+  while read -r v sizes; do
+    for seed in $seeds; do
+      for size in $sizes; do
+        echo "$lroot/configs/$budget/${v}_$size.yaml $lroot/$budget/${v}_${size}_s$seed $seed"
+      done
+    done
+  done
+}
+
+lbest() {  # BUDGET: "VARIANT SIZE..." of each variant's best size (seed 0) and its neighbours
+  $py - "$lroot/$1" "$lroot/configs/$1/sizes.txt" <<'EOF'
+import json, pathlib, sys
+root, plan = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+for line in plan.read_text().splitlines():
+    variant, *sizes = line.split()
+    final = []
+    for size in sizes:
+        m = root / f"{variant}_{size}_s0" / "metrics.jsonl"
+        vals = [json.loads(x)["val_loss"] for x in m.read_text().splitlines() if "val_loss" in x]
+        final.append(vals[-1])
+    i = min(range(len(sizes)), key=final.__getitem__)
+    print(variant, *sizes[max(0, i - 1) : i + 2])
 EOF
 }
 
@@ -198,6 +249,31 @@ EOF
       [ $backend = eager ] && over=(train.device=cpu)
       $py tools/bench_step.py --baseline "$c/baseline_3x96.yaml" --mod "$c/mod_c12_3x96.yaml" \
         --steps 40 "${over[@]}" >"docs/study/step_3x96_$backend.json"
+    done
+    ;;
+  8)  # the ladder at 1e12 and 2e12, three seeds at every size
+    lplan 1e12 && lplan 2e12
+    lsweep 1e12 0 <"$lroot/configs/1e12/sizes.txt" | sed -n 1p | run_all  # alone: tokenizer
+    for b in 1e12 2e12; do lsweep "$b" "0 1 2" <"$lroot/configs/$b/sizes.txt"; done | run_all
+    ;;
+  9)  # the ladder at 1e13, three seeds at every size
+    lplan 1e13
+    lsweep 1e13 "0 1 2" <"$lroot/configs/1e13/sizes.txt" | run_all
+    ;;
+  10)  # the ladder at 3e13, seed 0 at every size
+    lplan 3e13
+    lsweep 3e13 0 <"$lroot/configs/3e13/sizes.txt" | run_all
+    ;;
+  11)  # 3e13: seeds 1 and 2 at each variant's best size and its two neighbours
+    lbest 3e13 | lsweep 3e13 "1 2" | run_all
+    ;;
+  12)  # figures, run tables and fits (with intervals) of the ladder runs, and each plan
+    mkdir -p docs/figures/ladder
+    # shellcheck disable=SC2046
+    $py tools/plot.py --out docs/figures/ladder $(ls -d "$lroot"/*/*_s?) \
+      >docs/figures/ladder/plot.txt
+    for b in 1e12 2e12 1e13 3e13; do
+      [ -e "$lroot/configs/$b/plan.txt" ] && cp "$lroot/configs/$b/plan.txt" "docs/figures/ladder/plan_$b.txt"
     done
     ;;
   *)
