@@ -54,6 +54,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from modxla.errors import EXIT_DISK_FULL, UserError
+from modxla.io.retry import install, retrying
 
 # Single-process saves are intended; these warnings would print on every checkpoint.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -92,7 +93,17 @@ def _no_space(e: BaseException) -> bool:
 
 def _fs(path: str):
     fs, root = fsspec.core.url_to_fs(path)
+    install(fs)  # gcsfs's own per-request retries follow modxla's policy
     return fs, root
+
+
+def _remove(fs, root: str) -> None:
+    """Delete a folder and everything in it; one already gone (a delete that took effect
+    before its reply was lost) is done."""
+    try:
+        retrying(fs.rm, root, recursive=True, what=f"delete {root}")
+    except FileNotFoundError:
+        pass
 
 
 def _join(base: str, name: str) -> str:
@@ -232,8 +243,9 @@ def _is_local(fs) -> bool:
 class _CrcStream:
     """A write stream that updates a CRC-32 with every byte written through it."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream, landed=None) -> None:
         self._stream = stream
+        self._landed = landed  # (size) -> bool: is the object in the store, whole?
         self.crc = 0
         self.size = 0
         self.sequential = True  # False once it seeks anywhere but the end: crc is unusable
@@ -253,7 +265,16 @@ class _CrcStream:
             self.sequential = False
         return pos
 
-    def __getattr__(self, name):  # tell, flush, fileno (fsync), close, ...
+    def close(self) -> None:
+        """Close (upload); a lost last reply whose upload landed whole is no error. GCS
+        answers a resent final chunk 200, the emulator 404, which gcsfs raises."""
+        try:
+            self._stream.close()
+        except FileNotFoundError:
+            if not (self.sequential and self._landed and self._landed(self.size)):
+                raise
+
+    def __getattr__(self, name):  # tell, flush, fileno (fsync), ...
         return getattr(self._stream, name)
 
 
@@ -273,17 +294,41 @@ class _CrcFileSystem:
         name = os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
         self._sums.pop(name, None)
         with self._fs.create_stream(path, mode) as stream:
-            crc = _CrcStream(stream)
+            crc = _CrcStream(stream, landed=lambda size: self._landed(path, size))
             yield crc
+            crc.close()  # here, not in create_stream's exit: a landed upload is no error
         if crc.sequential and "a" not in mode and "+" not in mode:
             self._sums[name] = (f"{crc.crc:08x}", crc.size)
 
+    def _landed(self, path, size: int) -> bool:
+        fs = getattr(self._fs, "fs", None)
+        if fs is None or _is_local(fs):
+            return False
+        fs.invalidate_cache()
+        return retrying(lambda: fs.exists(path) and fs.size(path) == size, what=f"look up {path}")
+
     def rename(self, path, new_path) -> None:  # .metadata.tmp -> .metadata
-        self._fs.rename(path, new_path)
         old = os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
         new = os.fspath(new_path).rstrip("/").rsplit("/", 1)[-1]
+        fs = getattr(self._fs, "fs", None)  # fsspec's (FsspecWriter); the local writer's: none
+        if fs is None or _is_local(fs):
+            self._fs.rename(path, new_path)
+        else:
+            size = self._sums[old][1] if old in self._sums else fs.size(path)
+            retrying(self._idempotent_rename, fs, path, new_path, size, what=f"rename {path}")
         if old in self._sums:
             self._sums[new] = self._sums.pop(old)
+
+    def _idempotent_rename(self, fs, path, new_path, size: int) -> None:
+        """On an object store a rename is a copy and a delete (or a move): when a reply is
+        lost after the store did it, the retry finds the source gone (404). Gone with the
+        target there at the right size means done; anything else is still an error."""
+        try:
+            self._fs.rename(path, new_path)
+        except FileNotFoundError:
+            fs.invalidate_cache()
+            if fs.exists(path) or not fs.exists(new_path) or fs.size(new_path) != size:
+                raise
 
     def __getattr__(self, name):
         return getattr(self._fs, name)
@@ -481,8 +526,8 @@ class Checkpointer:
             return None
         partial = path + PARTIAL
         fs, root = _fs(partial)
-        if self.is_main and fs.exists(root):
-            fs.rm(root, recursive=True)  # a leftover of an interrupted save of this step
+        if self.is_main and retrying(fs.exists, root, what=f"look up {partial}"):
+            _remove(fs, root)  # a leftover of an interrupted save of this step
         host = _to_host(state)  # device -> host now; the write may go on in the background
         if self._pool is None:
             self._write(path, step, host, extra or {})
@@ -494,8 +539,8 @@ class Checkpointer:
 
         fs, root = _fs(path)
         local = _is_local(fs)
-        if not local and self.is_main and fs.exists(root):
-            fs.rm(root, recursive=True)  # incomplete or damaged: a complete one is skipped
+        if not local and self.is_main and retrying(fs.exists, root, what=f"look up {path}"):
+            _remove(fs, root)  # incomplete or damaged: a complete one is skipped
         target = path + PARTIAL if local else path
         try:
             self._write_files(fs, path, target, local, step, host, extra)
@@ -520,10 +565,12 @@ class Checkpointer:
         if not self.is_main:
             return
         tmp_root = _fs(target)[1]
-        files = _manifest(fs, tmp_root)
+        fs.invalidate_cache(tmp_root)  # list what the store holds, not what gcsfs recalls
+        files = retrying(_manifest, fs, tmp_root, what=f"list {target}")
         # computed as written; any file without one (or of another size) is read back
         sums = {n: written[n][0] for n in files if written.get(n, (None, -1))[1] == files[n]}
-        sums.update(_checksums(fs, tmp_root, [n for n in files if n not in sums]))
+        unsummed = [n for n in files if n not in sums]
+        sums.update(retrying(_checksums, fs, tmp_root, unsummed, what=f"read back {target}"))
         info = {
             "step": step,
             "time": time.time(),
@@ -537,9 +584,9 @@ class Checkpointer:
             if fs.exists(root):  # incomplete or damaged: a complete one is skipped
                 fs.rm(root, recursive=True)
             os.rename(tmp_root, root)
-        else:  # one object written whole, after every shard
-            with fs.open(_join(root, MARKER), "w") as f:
-                json.dump(info, f)
+        else:  # one object written whole, after every shard (a retry rewrites the same one)
+            marker = _join(root, MARKER)
+            retrying(fs.pipe_file, marker, json.dumps(info).encode(), what=f"write {marker}")
         self._prune()
 
     def wait(self) -> None:
@@ -549,17 +596,18 @@ class Checkpointer:
             pending.result()
 
     def _prune(self) -> None:
-        found = list_checkpoints(self.base, warn=lambda _: None)
+        quiet = lambda _: None  # noqa: E731
+        found = retrying(list_checkpoints, self.base, quiet, what=f"list {self.base}")
         fs, _ = _fs(self.base)
         for _, path in found[: -self.keep]:
-            fs.rm(_fs(path)[1], recursive=True)
+            _remove(fs, _fs(path)[1])
 
     def clear(self) -> None:
         """Delete every checkpoint here (complete or not): an explicit fresh start."""
         self.wait()
         fs, root = _fs(self.base)
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
+        if retrying(fs.exists, root, what=f"look up {self.base}"):
+            _remove(fs, root)
 
     def close(self) -> None:
         self.wait()

@@ -9,6 +9,9 @@ atomic. So files that grow (metrics.jsonl, TensorBoard events) are staged in a l
 uploaded whole at every checkpoint and at exit (see `Staging`): a crash loses at most what was
 logged after the last checkpoint, which a resumed run logs again. Local run directories are
 written in place (append + flush), so they lose nothing.
+
+Every operation goes through `retry.retrying` (one policy for transient store errors), and
+each is idempotent: a retried upload leaves the same whole object.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import fsspec
 import yaml
 
 from modxla.config import Config, ConfigError, from_dict, to_dict
+from modxla.io.retry import MissingError, install, retrying
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -52,17 +56,27 @@ def basename(path: str) -> str:
 
 def fs_of(path: str):
     """(filesystem, path inside it) for a local path or URL."""
-    return fsspec.core.url_to_fs(str(path))
+    fs, p = fsspec.core.url_to_fs(str(path))
+    install(fs)  # gcsfs's own per-request retries follow modxla's policy
+    return fs, p
 
 
 def exists(path: str) -> bool:
     fs, p = fs_of(path)
-    return fs.exists(p)
+    return retrying(fs.exists, p, what=f"look up {path}")
 
 
 def isfile(path: str) -> bool:
     fs, p = fs_of(path)
-    return fs.isfile(p)
+    return retrying(fs.isfile, p, what=f"look up {path}")
+
+
+def _must_exist(fn, path: str, what: str):
+    """`retrying(fn)` for an object that must exist: a missing one is one clear error."""
+    try:
+        return retrying(fn, what=f"{what} {path}")
+    except FileNotFoundError:
+        raise MissingError(f"{path} does not exist") from None
 
 
 def makedirs(path: str) -> None:
@@ -73,8 +87,7 @@ def makedirs(path: str) -> None:
 
 def read_text(path: str) -> str:
     fs, p = fs_of(path)
-    with fs.open(p, "r", encoding="utf-8") as f:
-        return f.read()
+    return _must_exist(lambda: fs.cat_file(p), path, "read").decode("utf-8")
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -85,7 +98,7 @@ def write_bytes(path: str, data: bytes) -> None:
     """
     if is_url(path):
         fs, p = fs_of(path)
-        fs.pipe_file(p, data)
+        retrying(fs.pipe_file, p, data, what=f"write {path}")  # one whole object
         return
     local = path.removeprefix("file://")
     folder = os.path.dirname(local) or "."
@@ -104,7 +117,7 @@ def put_file(local: str, path: str) -> None:
     """Upload (or copy) a local file to `path`, whole."""
     if is_url(path):
         fs, p = fs_of(path)
-        fs.put_file(local, p)
+        retrying(fs.put_file, local, p, what=f"upload {path}")  # whole, again if retried
     else:
         with open(local, "rb") as f:
             write_bytes(path, f.read())
@@ -118,7 +131,7 @@ def local_copy(path: str, suffix: str = "") -> str:
     fs, p = fs_of(path)
     fd, tmp = tempfile.mkstemp(prefix="modxla-", suffix=suffix or "-" + basename(path))
     os.close(fd)
-    fs.get_file(p, tmp)
+    _must_exist(lambda: fs.get_file(p, tmp), path, "download")
     return tmp
 
 
