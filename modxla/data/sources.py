@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from modxla.config import DataConfig
 from modxla.errors import UserError
+from modxla.io.retry import StoreError, install, retrying
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -111,21 +112,21 @@ VERSION_KEYS = ("generation", "md5Hash", "crc32c", "etag", "ETag", "VersionId", 
 def store_call(what: str, fn, *args, **kwargs):
     """Call `fn` (one object-store request of the corpus: listing, metadata or download).
 
-    The single entry for store I/O, so a retry policy for transient errors wraps only this.
-    A missing object or a refused read is a DataError naming `what`; anything else (network,
-    5xx after gcsfs' own retries) propagates as raised, for such a policy to judge.
+    The single entry for store I/O: transient errors are retried by the run directory's
+    policy (`io.retry`); a missing object or a refused read is a DataError naming `what`.
     """
     try:
-        return fn(*args, **kwargs)
+        return retrying(fn, *args, what=what, **kwargs)
     except FileNotFoundError:
         raise DataError(f"data.source: no such object: {what}") from None
-    except PermissionError as e:
+    except (PermissionError, StoreError) as e:
         raise DataError(f"data.source: access to {what} refused: {e}") from None
 
 
 def list_objects(source: str) -> tuple[fsspec.AbstractFileSystem, list[dict]]:
     """(filesystem, info of every object `source` names: a glob, a prefix or one object)."""
     fs, path = fsspec.core.url_to_fs(source)
+    install(fs)  # gcsfs's own per-request retries follow the same policy
     fs.invalidate_cache()  # gcsfs keeps listings per process: an edited object must show
     if any(c in path for c in "*?["):
         infos = list(store_call(source, fs.glob, path, detail=True).values())
