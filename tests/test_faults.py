@@ -11,7 +11,7 @@ import pytest
 
 from modxla.io import retry, rundir
 from modxla.io.checkpoint import Checkpointer, list_checkpoints
-from tests.conftest import run, train_args
+from tests.conftest import ROOT, run, train_args
 from tests.fault_proxy import Fault, FaultProxy
 from tests.gcs_emulator import RESUME_STEPS, gcs, signal_on
 
@@ -235,6 +235,12 @@ def test_kill_9_and_resume_through_faults_gives_the_fault_free_losses(
     for r in records:
         assert r["loss"] == pytest.approx(uninterrupted_losses[r["step"]], rel=0, abs=1e-6)
     assert [s for s, _ in list_checkpoints(f"{url}/checkpoints")] == [4, 8, 12]
+    fs, root = gcs(), url.removeprefix("gs://")
+    assert {"config.yaml", "metrics.jsonl", "tokenizer.model", "tb", "checkpoints"} <= {
+        p.rsplit("/", 1)[-1] for p in fs.ls(root)
+    }
+    assert fs.ls(f"{root}/tb") and all(fs.size(p) > 0 for p in fs.find(f"{root}/tb"))
+    assert not (ROOT / "gs:").exists()  # a URL taken for a path becomes a local folder `gs:`
 
 
 @pytest.mark.slow
@@ -253,6 +259,10 @@ def test_predictor_sampling_and_plots_through_faults(faulty_run, proxy):
     assert due.start >= 3 and io_retries(pred.stderr) + io_retries(sampled.stderr) in due
     ev = json.loads(gcs().cat_file(f"{root}/predictor/eval.json"))
     assert ev["base_checkpoint"] == f"{url}/checkpoints/step_00000012"
+    assert 0.0 <= ev["predictor"]["topk_accuracy"] <= 1.0 and ev["topk"]["nll"] > 0
+    assert f"[{url}/predictor/checkpoints/step_00000004, routing=predictor, 8 tokens" in (
+        sampled.stderr
+    )
     pre = [json.loads(x) for x in gcs().cat_file(f"{root}/predictor/metrics.jsonl").splitlines()]
     assert [r["step"] for r in pre] == [2, 4]
     assert [s for s, _ in list_checkpoints(f"{url}/predictor/checkpoints")] == [4]
@@ -268,3 +278,6 @@ def test_predictor_sampling_and_plots_through_faults(faulty_run, proxy):
     assert proxy.injected == {"503": 2} and retry.count() - before == 2
     pngs = [p for p in gcs().find(f"{root}/plots") if p.endswith(".png")]
     assert len(pngs) >= 3 and all(gcs().cat_file(p)[:4] == b"\x89PNG" for p in pngs)
+    assert all(gcs().size(p) > 5000 for p in pngs)
+    assert gcs().exists(f"{root}/plots/runs.md") and gcs().exists(f"{root}/plots/isoflop_fit.json")
+    assert not (ROOT / "gs:").exists()
