@@ -1,13 +1,19 @@
 """Shared fixtures and helpers. XLA runs on the CPU with 8 virtual devices (set before
 torch_xla loads)."""
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
+# One intra-op thread pool per core: with every xdist worker (and its training subprocesses)
+# using all cores, eager torch's spinning OpenMP threads made tiny eager runs 5-9x slower.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 os.environ.setdefault("CPU_NUM_DEVICES", "8")
 # Test models are tiny: compiling dominates, executing does not. LLVM at -O0 halves the
 # suite's XLA compile time (inherited by the training subprocesses); HLO passes still run.
@@ -16,6 +22,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 import torch_xla  # noqa: E402
 
 from modxla.config import load_config  # noqa: E402
@@ -23,6 +30,7 @@ from modxla.config import load_config  # noqa: E402
 # The autograd engine sizes its per-device queues at the first backward pass; the XLA devices
 # must exist by then, or an XLA backward after a CPU one fails inside the engine.
 torch_xla.device()
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # were torch imported before us
 
 
 def tiny_overrides(**kw) -> list[str]:
@@ -58,10 +66,34 @@ def tiny_cfg():
     return make
 
 
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder `name` that build(folder) fills once per test run: the xdist workers share
+    it (their base temps have one parent), the others wait for the first one's build."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
+
+
+def _build_data(path: Path) -> None:
+    from modxla.data import build_streams
+
+    cfg = load_config("configs/tiny.yaml", [*TINY, f"data.cache_dir={path}"])
+    build_streams(cfg.data, cfg.model.vocab_size, progress=False)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
-    """One tokenizer and packed corpus for every training test of the session."""
-    return str(tmp_path_factory.mktemp("data_cache"))
+    """One tokenizer and packed corpus (TINY's) for every training test of the run."""
+    return str(shared_once(tmp_path_factory, "data_cache", _build_data))
 
 
 # --- training helpers shared by the trainer, checkpoint, launcher and tool tests ---------

@@ -73,10 +73,12 @@ def gcs():
 @pytest.fixture(scope="session")
 def uninterrupted_losses(tmp_path_factory, data_cache):
     """{step: loss} of the RESUME_STEPS run trained without interruption (1 CPU device)."""
-    from tests.conftest import read_metrics, run, train_args
+    from tests.conftest import read_metrics, run, shared_once, train_args
 
-    straight = tmp_path_factory.mktemp("uninterrupted")
-    run(train_args(straight, data_cache, *RESUME_STEPS), 1)
+    def train(path):
+        run(train_args(path / "run", data_cache, *RESUME_STEPS), 1)
+
+    straight = shared_once(tmp_path_factory, "uninterrupted", train) / "run"
     return {r["step"]: r["loss"] for r in read_metrics(straight) if "loss" in r}
 
 

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from modxla.config import load_config
-from modxla.data import build_streams
 from modxla.errors import EXIT_STOPPED
 from modxla.io.checkpoint import latest_checkpoint, list_checkpoints, read_metadata
 from tests.conftest import ROOT, TINY, read_metrics
 
 HOSTS = 2
-
-
-def _prepare_data(data_cache: str) -> None:
-    """Build the tokenizer and packed corpus once: hosts must not race to write the cache."""
-    cfg = load_config("configs/tiny.yaml", [*TINY, f"data.cache_dir={data_cache}"])
-    build_streams(cfg.data, cfg.model.vocab_size, progress=False)
 
 
 def _start(run_dir: Path, data_cache: str, exits: Path, tag: str, log) -> subprocess.Popen:
@@ -88,7 +80,7 @@ def _steps_logged(run_dir: Path) -> int:
     ids=["host1", "writer", "both-apart"],
 )
 def test_a_sigterm_to_any_host_stops_every_host_after_the_same_step(tmp_path, data_cache, signals):
-    _prepare_data(data_cache)
+    # data_cache is built (hosts must not race to write it)
     run_dir, exits, tag = tmp_path / "run", tmp_path / "exits", tmp_path.name
     exits.mkdir()
     log_path = tmp_path / "hosts.log"

@@ -320,7 +320,9 @@ def goodput_adds_up(path, launched, returned):
 @pytest.mark.slow
 def test_a_crashed_host_stops_the_others_without_a_recreate(fake_gcloud, data_cache):
     script = {"workers": {"crash-w0": "hang", "crash-w1": "crash"}}
-    args = fake_args("crash", "v5p-16", "gs://modxla-test/runs/launch-crash")
+    # --crash-grace: the slice stays ACTIVE, so the launcher would wait its default 60 s
+    # before calling it a crash (test_launch_pod checks that wait on a virtual clock)
+    args = fake_args("crash", "v5p-16", "gs://modxla-test/runs/launch-crash", "--crash-grace", "3")
     t0 = time.time()
     proc = fake_gcloud(script, *args)
     assert proc.returncode == 1, proc.stderr[-3000:]
