@@ -10,6 +10,11 @@ Cache layout, for a sequence of at most S tokens of a model trained at length T 
   the routed tokens past the k-th (overflow), so does decoding: position t's logits equal
   those of the full forward at the trained length T (causal routing: they depend on tokens
   0..t only). A sequence longer than T is refused: no k reproduces training there.
+- an MoE MLP (model.moe, token choice) keeps `experts`, the slots each of its E experts has
+  filled so far in the sequence, (B, E): a choice is kept while its expert has a free slot of
+  the full forward's C (at the trained length T; in a routed block, of its k routed tokens),
+  dropped after, in position order as there. No-op experts (integrated MoDE) take no slot.
+  Expert choice (each expert's top-C tokens of the sequence) is not causal: refused.
 
 Execution strategies for a routed block:
 - eager (CPU/GPU): a real branch. The causal decision (predictor or router logit) is computed
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from modxla.model.mod import MoDBlock, capacity_k
+from modxla.model.moe import MoEMLP, expert_capacity
 from modxla.model.transformer import Transformer
 
 
@@ -42,6 +48,7 @@ class KVCache:
     count: list[torch.Tensor | None]  # routed blocks: (B,) slots filled
     length: int  # S, the longest sequence the cache serves
     seq_len: int  # T, the length the model was trained at: routed blocks hold round(C*T)
+    experts: list[torch.Tensor | None] | None = None  # MoE blocks: (B, E) expert slots used
 
     @classmethod
     def empty(
@@ -56,16 +63,20 @@ class KVCache:
         run; default model.cfg.max_seq_len, the longest sequence a bare model's config
         allows: pass the trained length whenever it is shorter)."""
         cfg = model.cfg
-        if cfg.moe_layers:  # a one-token MoE step would size its expert buffers for n = 1
-            raise ValueError("decoding a model with model.moe is not supported yet")
-        seq_len = cfg.max_seq_len if seq_len is None else seq_len
-        if cfg.routed_layers and length > seq_len:
+        if cfg.moe_layers and cfg.moe.routing == "expert":
             raise ValueError(
-                f"a cache of {length} tokens exceeds the trained length {seq_len}: routed "
-                f"blocks hold k = round(C * {seq_len}) slots, the capacity they trained with"
+                "decoding needs token-choice MoE routing: expert choice (model.moe.routing: "
+                "expert) gives each expert its top-C tokens of the whole sequence, not causal"
+            )
+        seq_len = cfg.max_seq_len if seq_len is None else seq_len
+        if (cfg.routed_layers or cfg.moe_layers) and length > seq_len:
+            what = "routed blocks hold k = round(C * T)" if cfg.routed_layers else "MoE experts"
+            raise ValueError(
+                f"a cache of {length} tokens exceeds the trained length {seq_len}: {what} "
+                f"slots, the capacity they trained with at T = {seq_len}"
             )
         dtype = model.embed.weight.dtype
-        k, v, pos, count = [], [], [], []
+        k, v, pos, count, experts = [], [], [], [], []
         for block in model.blocks:
             routed = isinstance(block, MoDBlock)
             slots = capacity_k(block.capacity, seq_len) if routed else length
@@ -74,16 +85,38 @@ class KVCache:
             v.append(torch.zeros(shape, device=device, dtype=dtype))
             pos.append(torch.full((batch, slots), -1, device=device) if routed else None)
             count.append(torch.zeros(batch, dtype=torch.long, device=device) if routed else None)
-        return cls(k, v, pos, count, length, seq_len)
+            e = block.f.mlp.num_experts if isinstance(block.f.mlp, MoEMLP) else 0
+            experts.append(torch.zeros(batch, e, dtype=torch.long, device=device) if e else None)
+        return cls(k, v, pos, count, length, seq_len, experts)
+
+    def expert_slots(self, i: int) -> torch.Tensor | None:
+        """Block i's (B, E) expert slots used, None without an MoE."""
+        return None if self.experts is None else self.experts[i]
 
     def nbytes(self, layer: int | None = None) -> int:
         """Bytes held for keys, values and slot positions (all blocks, or one)."""
         layers = range(len(self.k)) if layer is None else [layer]
         total = 0
         for i in layers:
-            for t in (self.k[i], self.v[i], self.pos[i], self.count[i]):
+            for t in (self.k[i], self.v[i], self.pos[i], self.count[i], self.expert_slots(i)):
                 total += 0 if t is None else t.numel() * t.element_size()
         return total
+
+
+def moe_capacity(block, seq_len: int) -> int:
+    """C of the block's MoE in the full forward at the trained length: over its T tokens, or
+    in a routed block over its k = round(C_mod * T) routed ones."""
+    n = capacity_k(block.capacity, seq_len) if isinstance(block, MoDBlock) else seq_len
+    return expert_capacity(block.f.mlp.moe, n)
+
+
+def _mlp_delta(block, x, a, used, seq_len: int, take=None):
+    """f.mlp_delta for one token a row, and the MoE's expert slots used after it (or None)."""
+    f = block.f
+    if used is None:
+        return f.mlp_delta(x, a), None
+    delta, used = f.mlp.step(f.mlp_norm(x + a), used, moe_capacity(block, seq_len), take)
+    return a + delta, used
 
 
 def _dense_step(block, cache: KVCache, i: int, x, pos, seen):
@@ -94,7 +127,11 @@ def _dense_step(block, cache: KVCache, i: int, x, pos, seen):
     cache.k[i].scatter_(2, at, k_new)
     cache.v[i].scatter_(2, at, v_new)
     a = f.attn.attend(q, cache.k[i], cache.v[i], seen[:, None, None, :])
-    return x + f.mlp_delta(x, a)
+    used = cache.expert_slots(i)
+    delta, new = _mlp_delta(block, x, a, used, cache.seq_len)
+    if used is not None:
+        used.copy_(new)  # in place: a replayed step updates the cache tensors it holds
+    return x + delta
 
 
 def _decide(block: MoDBlock, x, routing: str) -> torch.Tensor:
@@ -126,7 +163,11 @@ def _routed_rows(block: MoDBlock, cache: KVCache, i: int, x, pos, rows):
     cache.count[i][rows] += 1
     mask = cache.pos[i][rows] >= 0  # (n, k): written slots, all at or before pos
     a = f.attn.attend(q, cache.k[i][rows], cache.v[i][rows], mask[:, None, None, :])
-    return x + _weight(block, x) * f.mlp_delta(x, a)
+    used = cache.expert_slots(i)
+    delta, new = _mlp_delta(block, x, a, None if used is None else used[rows], cache.seq_len)
+    if used is not None:
+        used[rows] = new
+    return x + _weight(block, x) * delta
 
 
 def _routed_one(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str):
@@ -144,7 +185,11 @@ def _routed_one(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str):
     cache.count[i] += 1
     n = slot + 1  # slots 0..slot hold this block's routed tokens so far, all at or before pos
     a = f.attn.attend(q, cache.k[i][:, :, :n], cache.v[i][:, :, :n], None)
-    return x + _weight(block, x) * f.mlp_delta(x, a)
+    used = cache.expert_slots(i)
+    delta, new = _mlp_delta(block, x, a, used, cache.seq_len)
+    if used is not None:
+        used.copy_(new)
+    return x + _weight(block, x) * delta
 
 
 def _routed_step_eager(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str):
@@ -177,12 +222,18 @@ def _routed_step_static(block: MoDBlock, cache: KVCache, i: int, x, pos, routing
     mask = cache.pos[i] >= 0  # (B, k)
     mask = mask | ~mask.any(-1, keepdim=True)  # a skipped row with an empty cache stays finite
     a = f.attn.attend(q, cache.k[i], cache.v[i], mask[:, None, None, :])
-    y = x + _weight(block, x) * f.mlp_delta(x, a)
+    used = cache.expert_slots(i)
+    delta, new = _mlp_delta(block, x, a, used, cache.seq_len, take)  # take: skipped rows count 0
+    if used is not None:
+        used.copy_(new)
+    y = x + _weight(block, x) * delta
     return torch.where(take[:, None, None], y, x)
 
 
-def _process(block: MoDBlock, x, pos, take, kc, vc, pc, count, n, *order):
-    """The block on rows x (c, 1, D); rows with take False (bucket padding) change nothing."""
+def _process(block: MoDBlock, seq_len: int, x, pos, take, kc, vc, pc, count, used, n, *order):
+    """The block on rows x (c, 1, D); rows with take False (bucket padding) change nothing.
+
+    used: the MoE's (c, E) expert slots used, or a stand-in (any tensor) without an MoE."""
     f = block.f
     k = kc.shape[2]
     q, k_new, v_new = f.attn.qkv(f.attn_norm(x), pos[:, None])  # (c, H, 1, hd)
@@ -193,25 +244,27 @@ def _process(block: MoDBlock, x, pos, take, kc, vc, pc, count, n, *order):
     mask = pc >= 0
     mask = mask | ~mask.any(-1, keepdim=True)  # a padding row with an empty cache stays finite
     a = f.attn.attend(q, kc, vc, mask[:, None, None, :])
-    y = x + _weight(block, x) * f.mlp_delta(x, a)
-    y = torch.where(take[:, None, None], y, x)
-    return y, pos, take, kc, vc, pc, count + take.long(), n, *order
+    moe = isinstance(f.mlp, MoEMLP)
+    delta, new = _mlp_delta(block, x, a, used if moe else None, seq_len, take)
+    y = torch.where(take[:, None, None], x + _weight(block, x) * delta, x)
+    used = new if moe else used
+    return y, pos, take, kc, vc, pc, count + take.long(), used, n, *order
 
 
-def _bucket(block: MoDBlock, c: int, *state):
+def _bucket(block: MoDBlock, seq_len: int, c: int, *state):
     """The first c routing rows gathered, processed and written back: static shape c."""
-    x, pos, take, kc, vc, pc, count, n, order = state
+    x, pos, take, kc, vc, pc, count, used, n, order = state
     rows = order[:c]  # (c,) distinct: the routing rows first
-    x_r, pos_r, kc_r, vc_r, pc_r, count_r = (
-        t.index_select(0, rows) for t in (x, pos, kc, vc, pc, count)
+    x_r, pos_r, kc_r, vc_r, pc_r, count_r, used_r = (
+        t.index_select(0, rows) for t in (x, pos, kc, vc, pc, count, used)
     )
     take_r = take.long().index_select(0, rows) > 0  # XLA:CPU crashes on a bool index_select
-    part = _process(block, x_r, pos_r, take_r, kc_r, vc_r, pc_r, count_r, n)
-    x, kc, vc, pc, count = (
+    part = _process(block, seq_len, x_r, pos_r, take_r, kc_r, vc_r, pc_r, count_r, used_r, n)
+    x, kc, vc, pc, count, used = (
         t.index_copy(0, rows, p)
-        for t, p in zip((x, kc, vc, pc, count), (part[0], *part[3:7]), strict=True)
+        for t, p in zip((x, kc, vc, pc, count, used), (part[0], *part[3:8]), strict=True)
     )
-    return x, pos, take, kc, vc, pc, count, n, order
+    return x, pos, take, kc, vc, pc, count, used, n, order
 
 
 def _routed_step_cond(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str, cond):
@@ -224,7 +277,9 @@ def _routed_step_cond(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: 
     k = cache.k[i].shape[2]
     take = _decide(block, x, routing) & (cache.count[i] < k)  # (B,)
     n = take.long().sum(0, keepdim=True)  # (1,): cond operands have rank >= 1
-    state = (x, pos, take, cache.k[i], cache.v[i], cache.pos[i], cache.count[i], n)
+    used = cache.expert_slots(i)
+    slots = cache.count[i][:, None] if used is None else used  # without an MoE: a stand-in
+    state = (x, pos, take, cache.k[i], cache.v[i], cache.pos[i], cache.count[i], slots, n)
     b = x.shape[0]
     if b > 1:  # rows, routing ones first: a permutation without topk (which a branch of
         # XLA:CPU's conditional fails to lower), built here from cumulative counts
@@ -238,16 +293,16 @@ def _routed_step_cond(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: 
         c = buckets[j]
 
         def run(*s):
-            return _process(block, *s) if c == b == 1 else _bucket(block, c, *s)
+            t = cache.seq_len
+            return _process(block, t, *s) if c == b == 1 else _bucket(block, t, c, *s)
 
         if j == len(buckets) - 1:
             return run
-        return lambda *s: cond(s[7] <= c, run, level(j + 1), s)
+        return lambda *s: cond(s[8] <= c, run, level(j + 1), s)
 
     out = cond(n > 0, level(0), lambda *s: s, state)
-    for t, new in zip(
-        (cache.k[i], cache.v[i], cache.pos[i], cache.count[i]), out[3:7], strict=True
-    ):
+    held = [cache.k[i], cache.v[i], cache.pos[i], cache.count[i]] + ([] if used is None else [used])
+    for t, new in zip(held, out[3 : 3 + len(held)], strict=True):
         t.copy_(new)  # in place: a replayed step updates the cache tensors it holds
     return out[0]
 

@@ -108,12 +108,14 @@ class BlockDelta(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoEMLP(cfg) if moe else MLP(cfg)
 
-    def mlp_delta(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return a + self.mlp(self.mlp_norm(x + a))
+    def mlp_delta(self, x: torch.Tensor, a: torch.Tensor, valid=None) -> torch.Tensor:
+        h = self.mlp_norm(x + a)
+        return a + (self.mlp(h) if valid is None else self.mlp(h, valid))
 
-    def forward(self, x, positions, mask=None) -> torch.Tensor:
+    def forward(self, x, positions, mask=None, valid=None) -> torch.Tensor:
+        """valid (B, T): the tokens an MoE MLP gives expert slots (None: all)."""
         a = self.attn(self.attn_norm(x), positions, mask)
-        return self.mlp_delta(x, a)
+        return self.mlp_delta(x, a, valid if isinstance(self.mlp, MoEMLP) else None)
 
 
 class DenseBlock(nn.Module):

@@ -126,7 +126,9 @@ class MoDBlock(nn.Module):
         xs = x.flatten(0, 1).index_select(0, rows).view(b, -1, d)  # (B, k, D)
         pos = torch.gather(positions, 1, idx)  # original positions, for RoPE
         mask = None if routing == "topk" else attention_mask(valid, valid, pos, pos)
-        delta = self.f(xs, pos, mask)  # (B, k, D)
+        # causal modes: empty slots take no expert slot of a staged MoDE's MoE (which tokens
+        # fill them depends on the future), so the forward stays causal for decoding
+        delta = self.f(xs, pos, mask, None if routing == "topk" else valid)  # (B, k, D)
         w = torch.ones_like(pos, dtype=x.dtype) if self.random else torch.gather(r, 1, idx)
         if routing != "topk":  # top-k fills every slot: no empty ones to zero
             w = w * valid.to(x.dtype)

@@ -5,7 +5,9 @@ being parameter-free no-op experts (integrated MoDE). A choice's slot in its exp
 is its rank among the sequence's choices of that expert in position order (a cumsum); those
 past C are dropped. A dropped or no-op choice adds nothing, so the block passes the token's
 residual through. Slots depend on earlier positions only: one sequence decoded alone can
-equal the full forward.
+equal the full forward. `valid` (B, n) marks the tokens that take slots (a causal MoD buffer's
+empty slots do not: which tokens fill them depends on the future). `step` is the decoding
+form: one token per row, each expert's slots used so far carried in a (B, E) count.
 
 Expert choice: each expert takes its top-C tokens of the sequence by router probability, kept
 in position order (the routing family MoD uses); a token may be taken by several or none.
@@ -78,17 +80,50 @@ class MoEMLP(nn.Module):
             h = F.gelu(h, approximate="tanh")
         return torch.einsum("becf,efd->becd", h, self.w2)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        delta, _, self.terms = self.route(h)
+    def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        delta, _, self.terms = self.route(h, valid)
         return delta
 
-    def route(self, h: torch.Tensor):
-        """h (B, n, D), the normed MLP input -> (delta (B, n, D), MoEInfo, terms)."""
+    def route(self, h: torch.Tensor, valid: torch.Tensor | None = None):
+        """h (B, n, D), the normed MLP input -> (delta (B, n, D), MoEInfo, terms).
+
+        valid (B, n) bool: the tokens that take expert slots (token choice; None: all)."""
         if self.moe.routing == "expert":
             return self._expert_choice(h)
-        return self._token_choice(h)
+        return self._token_choice(h, valid)
 
-    def _token_choice(self, h):
+    def step(self, h: torch.Tensor, used: torch.Tensor, capacity: int, take=None):
+        """Decoding, one token per row: h (B, 1, D), used (B, E) slots each expert filled so
+        far in the row's sequence -> (delta (B, 1, D), used after this token).
+
+        A choice is kept while its expert has a free slot of the `capacity` C of the full
+        forward at the trained length, so the sequence decoded token by token equals that
+        forward, overflow included. Rows with `take` (B,) False keep nothing and count
+        nothing. Only the chosen experts' weights are read; no topk (XLA:CPU fails to lower
+        one inside a conditional's branch)."""
+        b, _, d = h.shape
+        e, k = self.num_experts, self.moe.top_k
+        probs = self.router(h[:, 0]).float().softmax(-1)  # (B, E + N)
+        gate, expert = _top(probs, k)  # (B, K), largest first as topk
+        if k > 1:  # GShard: the chosen gates sum to 1
+            gate = gate / gate.sum(-1, keepdim=True)
+        real = expert.clamp(max=e - 1)  # a no-op choice reads expert E-1 and keeps nothing
+        kept = (expert < e) & (used.gather(1, real) < capacity)  # (B, K)
+        if take is not None:
+            kept = kept & take[:, None]
+        used = used + (F.one_hot(real, e) * kept[..., None].long()).sum(1)  # (B, E)
+        rows = real.flatten()  # (B*K,)
+        xs = h.expand(b, k, d).reshape(b * k, 1, d)  # (B*K, 1, D)
+        z = torch.bmm(xs, self.w1.index_select(0, rows))  # (B*K, 1, F)
+        if self.w3 is not None:
+            z = F.silu(z) * torch.bmm(xs, self.w3.index_select(0, rows))
+        else:
+            z = F.gelu(z, approximate="tanh")
+        y = torch.bmm(z, self.w2.index_select(0, rows)).view(b, k, d)
+        delta = (y * (gate * kept)[..., None].to(y.dtype)).sum(1)  # (B, D)
+        return delta[:, None].to(h.dtype), used
+
+    def _token_choice(self, h, valid=None):
         b, n, d = h.shape
         e, k = self.num_experts, self.moe.top_k
         c = expert_capacity(self.moe, n)
@@ -99,8 +134,13 @@ class MoEMLP(nn.Module):
             gate = gate / gate.sum(-1, keepdim=True)
         # Position-major (token t's choices before token t+1's): a slot depends on the past only.
         onehot = F.one_hot(expert, logits.shape[-1]).flatten(1, 2)  # (B, n*K, E + N)
-        slot = ((onehot.cumsum(1) * onehot).sum(-1) - 1).view(b, n, k)  # rank within expert
+        counted = onehot
+        if valid is not None:  # invalid tokens take no slot
+            counted = onehot * valid[:, :, None].expand(b, n, k).reshape(b, n * k, 1)
+        slot = ((counted.cumsum(1) * onehot).sum(-1) - 1).view(b, n, k)  # rank within expert
         kept = (slot < c) & (expert < e)  # no-op experts have no buffer
+        if valid is not None:
+            kept = kept & valid[:, :, None]
         # Flat row in a (B*E*C + 1, D) buffer; the extra last row takes every unkept choice.
         batch = torch.arange(b, device=h.device)[:, None, None]
         dest = torch.where(kept, (batch * e + expert) * c + slot, b * e * c).flatten()
@@ -146,3 +186,14 @@ class MoEMLP(nn.Module):
         }
         expert = torch.arange(e, device=h.device).expand(b, n, e)
         return delta.view(b, n, d), MoEInfo(logits, expert, probs, taken, c), terms
+
+
+def _top(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(probs, k) over the last axis as k maxima: values and indices (..., k)."""
+    values, indices = [], []
+    for _ in range(k):
+        v, i = probs.max(-1)
+        values.append(v)
+        indices.append(i)
+        probs = probs.masked_fill(F.one_hot(i, probs.shape[-1]) > 0, -1.0)
+    return torch.stack(values, -1), torch.stack(indices, -1)

@@ -56,5 +56,6 @@ class Decoder:
 
     def _state(self) -> list[torch.Tensor]:
         c = self.cache
-        held = [t for ts in (c.k, c.v, c.pos, c.count) for t in ts if t is not None]
+        lists = (c.k, c.v, c.pos, c.count, c.experts or [])
+        held = [t for ts in lists for t in ts if t is not None]
         return self._weights + held
