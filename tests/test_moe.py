@@ -11,6 +11,7 @@ from modxla.analysis.flops import forward_flops, param_count
 from modxla.analysis.memory_plan import plan
 from modxla.config import ConfigError, load_config
 from modxla.model import build_model
+from modxla.model.decode import KVCache, decode_step, moe_capacity, python_cond
 from modxla.model.layers import DenseBlock
 from modxla.model.moe import MoEMLP, expert_capacity
 from tests.conftest import read_metrics, run, tiny_overrides, train_args
@@ -244,9 +245,17 @@ def test_param_count_and_memory_plan_know_the_expert_weights(name):
 
 
 @pytest.mark.parametrize("name", ["moe", "mode_staged", "mode_integrated"])
-def test_each_variant_trains_through_the_cli(tmp_path, data_cache, name):
+def test_each_variant_trains_through_the_cli(tmp_path, data_cache, name, capsys):
+    from modxla.cli.generate import main as generate
+
     extra = ("train.device=cpu", "train.steps=3", "train.log_every=1")
     run(train_args(tmp_path / name, data_cache, *extra, config=f"configs/{name}.yaml"), 1)
+    # and samples through modxla-generate (in-process, eager), --routing the default
+    argv = ["--run-dir", str(tmp_path / name), "--prompt", "def f(", "--max-tokens", "4"]
+    assert generate([*argv, "--device", "cpu", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "expert-processed fraction of choices per MoE block: block 1: " in err
+    assert ("routed fraction per routed block" in err) == (name == "mode_staged")
     recs = [r for r in read_metrics(tmp_path / name) if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:
@@ -297,3 +306,112 @@ def test_xla_matches_eager_and_compiles_once_per_shape(case):
         for (name, px), pe in zip(xla.named_parameters(), eager.parameters(), strict=True):
             torch.testing.assert_close(px.grad.cpu(), pe.grad, rtol=1e-5, atol=1e-5, msg=name)
     assert compiles() - before == 1
+
+
+# --- decoding: token by token with the KV cache == the full forward at the trained length ---
+
+DECODE_CASES = {  # capacity factor 0.5: experts overflow, so the drop rule is exercised
+    "switch_top1": {},
+    "gshard_top2": {"model.moe.top_k": 2},
+    "integrated_top2": {"model.moe.top_k": 2, "model.moe.noop_experts": 2},
+    "staged_top1": {"model.mod.capacity": 0.5},
+    "staged_integrated_top2": {
+        "model.mod.capacity": 0.5,
+        "model.moe.top_k": 2,
+        "model.moe.noop_experts": 1,
+    },
+}
+
+
+def _decode_model(case: str):
+    """Block 0 dense + MoE, block 1 routed (staged cases) + MoE; T = data.seq_len = 32."""
+    over = {"model.moe.capacity_factor": 0.5, "model.mod.every": 2, **DECODE_CASES[case]}
+    model = build_model(_cfg(**over).model, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a router far from uniform: overflow and distinct choices
+        for layer in model.cfg.moe_layers:
+            w = model.blocks[layer].f.mlp.router.weight
+            w.copy_(torch.randn(w.shape, generator=g))
+    return model
+
+
+def _full_expert_use(model, seq, routing):
+    """The full forward's logits and, per MoE block, its kept choices per expert (B, E) and
+    the choices of a real expert it dropped on overflow."""
+    got = {}
+    for layer in model.cfg.moe_layers:
+        mlp = model.blocks[layer].f.mlp
+
+        def hook(m, args, out, layer=layer):
+            _, info, _ = m.route(*args)
+            real = info.expert < m.num_experts
+            valid = args[1][..., None] if len(args) > 1 else torch.ones_like(real)
+            chosen = F.one_hot(info.expert, info.router_logits.shape[-1])  # (B, n, K, E + N)
+            used = (chosen * info.kept[..., None]).sum((1, 2))[:, : m.num_experts]
+            got[layer] = (used, int((real & ~info.kept & valid).sum()), info.capacity)
+
+        mlp.register_forward_hook(hook)
+    with torch.no_grad():
+        logits = model(seq, routing=routing).logits
+    for layer in model.cfg.moe_layers:
+        model.blocks[layer].f.mlp._forward_hooks.clear()
+    return logits, got
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decoding_equals_the_full_forward_overflow_included(case):
+    model = _decode_model(case)
+    routing, t = "predictor", model.cfg.max_seq_len // 2  # T = 32, the trained length
+    seq = torch.randint(0, 128, (B, t), generator=torch.Generator().manual_seed(2))
+    full, use = _full_expert_use(model, seq, routing)
+    staged = bool(model.cfg.routed_layers)
+    for cond in (None, python_cond) if staged else (None,):  # cond: the XLA path's logic
+        cache = KVCache.empty(model, B, t, seq_len=t)
+        inc = [
+            decode_step(model, cache, seq[:, i], torch.full((B,), i), routing, cond)
+            for i in range(t)
+        ]
+        torch.testing.assert_close(torch.stack(inc, 1), full, rtol=1e-5, atol=1e-5)
+        for layer in model.cfg.moe_layers:
+            used, dropped, c = use[layer]
+            assert c == moe_capacity(model.blocks[layer], t)
+            assert dropped > 0 and int(used.max()) == c  # an expert overflowed
+            assert torch.equal(cache.experts[layer], used)  # the same slots, expert by expert
+    assert model.cfg.moe_layers == [0, 1] and model.cfg.routed_layers == ([1] if staged else [])
+    assert c == expert_capacity(model.cfg.moe, 16 if staged else 32)  # k = 16 in block 1
+
+
+def test_expert_choice_decoding_is_refused():
+    from modxla.inference.load import InferenceError
+    from modxla.inference.sample import generate
+
+    model = build_model(_cfg(**{"model.moe.routing": "expert"}).model, seed=0)
+    with pytest.raises(ValueError, match="expert choice .* not causal"):
+        KVCache.empty(model, 1, 8)
+    with pytest.raises(InferenceError, match="not causal"):
+        generate(model, [1, 2], 2)
+    moe = build_model(_cfg().model, seed=0)  # token choice: bounded by the trained length too
+    with pytest.raises(ValueError, match="trained length 32"):
+        KVCache.empty(moe, 1, 33, seq_len=32)
+
+
+@pytest.mark.slow  # compiles one decode graph
+def test_xla_decoding_of_staged_integrated_mode_matches_eager():
+    """Dense MoE block, routed block around an MoE with no-op experts, top-2, overflow: the
+    XLA decode step (conditionals, buckets of rows) traced once, equal to the full forward."""
+    import torch_xla
+
+    from modxla.xla.decode import Decoder
+
+    model = _decode_model("staged_integrated_top2")
+    t, dev = 32, torch_xla.device()
+    seq = torch.randint(0, 128, (B, t), generator=torch.Generator().manual_seed(3))
+    full, use = _full_expert_use(model, seq, "predictor")
+    decoder = Decoder(_decode_model("staged_integrated_top2").to(dev), "predictor")
+    cache = KVCache.empty(decoder.model, B, t, dev, seq_len=t)
+    inc = [decoder(cache, seq[:, i].to(dev), torch.full((B,), i).to(dev)).cpu() for i in range(t)]
+    torch.testing.assert_close(torch.stack(inc, 1), full, rtol=1e-5, atol=1e-5)
+    for layer in model.cfg.moe_layers:
+        assert use[layer][1] > 0  # overflow
+        assert torch.equal(cache.experts[layer].cpu(), use[layer][0])
+    assert decoder.traces == 2  # traced at the first token, checked once, replayed after

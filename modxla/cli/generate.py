@@ -13,11 +13,15 @@ Routed blocks keep k = round(C * T) slots, T the length the run was trained at
 the full forward at the trained length and do not change with --max-tokens. A routed block
 does no attention or MLP work for a token it skips, which is where MoD's sampling speed comes
 from: eagerly by a branch, on XLA by conditionals in one decode graph traced once and replayed
-at every token. The device defaults to XLA where there is a TPU, else the CPU (eager: no
-compile before the first token). The speed in tokens/s and, for MoD, the share of tokens each
-routed block processed go to stderr. The prompt plus the new
-tokens must fit the trained length data.seq_len (a dense model: its max_seq_len): --max-tokens
-(and, if need be, the prompt's start) is clipped to fit, with a note on stderr.
+at every token. MoE layers (and both MoDE variants) decode token choice with the experts'
+per-sequence capacity of the full forward at data.seq_len: a token whose expert is full is
+dropped there, as in training; expert-choice routing is not causal and is refused. --routing
+concerns MoD's routed blocks only. The device defaults to XLA where there is a TPU, else the
+CPU (eager: no compile before the first token). The speed in tokens/s and, for MoD, the share
+of tokens each routed block processed (for MoE, the share of choices an expert processed) go
+to stderr. The prompt plus the new tokens must fit the trained length data.seq_len (a dense
+model: its max_seq_len): --max-tokens (and, if need be, the prompt's start) is clipped to
+fit, with a note on stderr.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from modxla.inference.load import InferenceError, load_run, tokenizer_path, unca
 from modxla.inference.sample import (
     context_length,
     default_device,
+    expert_fraction,
     generate,
     routed_fraction,
+    trained_length_bound,
     xla_device,
 )
 from modxla.io.logger import say
@@ -88,14 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--max-tokens must be >= 1")
     try:
         cfg, model, path = load_run(args.run_dir, warn=say, stale_predictor=args.stale_predictor)
-        if args.routing == "predictor" and not cfg.model.mod.predictor:
+        routed = bool(cfg.model.routed_layers)  # --routing is about MoD's routed blocks only
+        if routed and args.routing == "predictor" and not cfg.model.mod.predictor:
             raise UserError(
                 f"{args.run_dir} has no predictors: add them with modxla-train-predictor, "
                 "or pass --routing router"
             )
-        if args.routing == "router" and cfg.model.mod.router == "random":
+        if routed and args.routing == "router" and cfg.model.mod.router == "random":
             raise UserError(f"{args.run_dir} uses random routing: pass --routing predictor")
-        if args.routing == "router" and (msg := uncalibrated_router(cfg, model, args.run_dir)):
+        if (
+            routed
+            and args.routing == "router"
+            and (msg := uncalibrated_router(cfg, model, args.run_dir))
+        ):
             print(msg, file=sys.stderr)
         sp = load_tokenizer(tokenizer_path(args.run_dir), cfg.model.vocab_size)
         device = xla_device() if args.device == "xla" else None
@@ -107,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         # routed blocks: the trained length, so their k is the trained one (see the docstring)
         seq_len = cfg.data.seq_len
         context = context_length(model, seq_len)
-        name = "data.seq_len (the trained length)" if cfg.model.routed_layers else "max_seq_len"
+        bound = trained_length_bound(model)
+        name = "data.seq_len (the trained length)" if bound else "max_seq_len"
         prompt, max_tokens = clip_to_context(prompt, args.max_tokens, context, name)
         t0 = time.perf_counter()
         tokens, cache = generate(
@@ -126,16 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # anything else is a bug: keep its traceback
         return report(e)
     new = len(tokens) - len(prompt)
+    how = f"routing={args.routing}, " if routed else ""  # MoE alone: no routing to choose
     secs = time.perf_counter() - t0
     print(
-        f"[{path}, routing={args.routing}, {new} tokens in {secs:.2f} s: "
-        f"{new / max(secs, 1e-9):.1f} tokens/s]",
+        f"[{path}, {how}{new} tokens in {secs:.2f} s: {new / max(secs, 1e-9):.1f} tokens/s]",
         file=sys.stderr,
     )
     if cfg.model.routed_layers:  # the tokens fed through the blocks: all but the last
         frac = routed_fraction(model, cache, len(tokens) - 1)
         shares = ", ".join(f"block {i}: {f:.3f}" for i, f in frac.items())
         print(f"[routed fraction per routed block: {shares}]", file=sys.stderr)
+    if cfg.model.moe_layers:
+        frac = expert_fraction(model, cache, len(tokens) - 1)
+        shares = ", ".join(f"block {i}: {f:.3f}" for i, f in frac.items())
+        print(f"[expert-processed fraction of choices per MoE block: {shares}]", file=sys.stderr)
     print(sp.decode(tokens))
     return 0
 

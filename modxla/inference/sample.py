@@ -33,12 +33,18 @@ def sample_next(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def trained_length_bound(model: Transformer) -> bool:
+    """Whether the model's capacities hold at the trained length only: routed blocks'
+    k = round(C * T), MoE experts' C slots per sequence of T tokens."""
+    return bool(model.cfg.routed_layers or model.cfg.moe_layers)
+
+
 def context_length(model: Transformer, seq_len: int | None = None) -> int:
     """The longest prompt + new tokens the model serves: the trained length `seq_len` (the
     run's data.seq_len; a bare model's default is model.cfg.max_seq_len) when it has routed
-    blocks, since their k = round(C * seq_len) is only the trained capacity up to there;
-    else the model's max_seq_len."""
-    if not model.cfg.routed_layers:
+    blocks or MoE layers, since their k = round(C * seq_len) (or expert capacity) is only the
+    trained capacity up to there; else the model's max_seq_len."""
+    if not trained_length_bound(model):
         return model.cfg.max_seq_len
     return model.cfg.max_seq_len if seq_len is None else min(seq_len, model.cfg.max_seq_len)
 
@@ -67,15 +73,23 @@ def generate(
     trained length is refused (no capacity there matches training)."""
     if not prompt:
         raise InferenceError("the prompt encodes to no tokens")
+    if model.cfg.moe_layers and model.cfg.moe.routing == "expert":
+        raise InferenceError(
+            "expert-choice MoE routing (model.moe.routing: expert) is not causal and has no "
+            "predictor: sampling needs token choice"
+        )
     length = len(prompt) + max_tokens
     context = context_length(model, seq_len)
     if length > context:
-        what = (
-            f"the trained length {context} (data.seq_len: routed blocks keep "
-            f"k = round(C * {context}) slots)"
-            if model.cfg.routed_layers
-            else f"the model's max_seq_len {context}"
-        )
+        if model.cfg.routed_layers:
+            what = (
+                f"the trained length {context} (data.seq_len: routed blocks keep "
+                f"k = round(C * {context}) slots)"
+            )
+        elif model.cfg.moe_layers:
+            what = f"the trained length {context} (data.seq_len: the MoE's expert capacity)"
+        else:
+            what = f"the model's max_seq_len {context}"
         raise InferenceError(
             f"prompt ({len(prompt)} tokens) + max tokens ({max_tokens}) exceed {what}"
         )
@@ -104,6 +118,18 @@ def generate(
 def routed_fraction(model: Transformer, cache: KVCache, fed: int) -> dict[int, float]:
     """Per routed block: the share of the `fed` tokens decoded so far that it processed."""
     return {i: float(cache.count[i][0]) / max(fed, 1) for i in model.cfg.routed_layers}
+
+
+def expert_fraction(model: Transformer, cache: KVCache, fed: int) -> dict[int, float]:
+    """Per MoE block: the share of its expert choices (top_k a token it saw: `fed` tokens,
+    or in a routed block the ones it processed) that an expert processed; the rest were
+    dropped on overflow or sent to a no-op expert."""
+    out = {}
+    for i in model.cfg.moe_layers:
+        seen = int(cache.count[i][0]) if cache.count[i] is not None else fed
+        used = float(cache.experts[i][0].sum())
+        out[i] = used / max(seen * model.cfg.moe.top_k, 1)
+    return out
 
 
 def xla_device():
