@@ -365,7 +365,8 @@ def test_decoding_equals_the_full_forward_overflow_included(case):
     seq = torch.randint(0, 128, (B, t), generator=torch.Generator().manual_seed(2))
     full, use = _full_expert_use(model, seq, routing)
     staged = bool(model.cfg.routed_layers)
-    for cond in (None, python_cond) if staged else (None,):  # cond: the XLA path's logic
+    # cond: the XLA path's logic eagerly (the XLA test runs it on staged_integrated_top2)
+    for cond in (None, python_cond) if case == "staged_top1" else (None,):
         cache = KVCache.empty(model, B, t, seq_len=t)
         inc = [
             decode_step(model, cache, seq[:, i], torch.full((B,), i), routing, cond)
