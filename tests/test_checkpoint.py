@@ -279,28 +279,35 @@ def test_sigterm_saves_a_loadable_checkpoint_at_the_step_reached(tmp_path, data_
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_run_and_records_what_it_may_change(tmp_path, data_cache):
-    """Through the CLI (native CPU device: no compile): --resume needs a checkpoint; another
-    model or capacity is refused, files untouched; another schedule needs the flag and is
-    recorded at the step it took effect; resume=never never mixes two runs."""
+def test_resume_refuses_another_run_and_records_what_it_may_change(tmp_path, data_cache, capsys):
+    """modxla-train's main in this process (native CPU device: no compile, no interpreter
+    start per call): --resume needs a checkpoint; another model or capacity is refused, files
+    untouched; another schedule needs the flag and is recorded at the step it took effect;
+    resume=never never mixes two runs."""
+    from modxla.cli.train import main
+
     cpu = ("train.device=cpu", "model.mod.capacity=0.125")
-    proc = run(_cmd(tmp_path / "new", data_cache, "train.steps=1", "--resume"), 1, check=False)
-    assert proc.returncode == 2 and "resume: no complete checkpoint in" in proc.stderr
+
+    def train(run_dir, *extra):
+        code = main(_cmd(run_dir, data_cache, *extra)[2:])  # without "-m modxla.train"
+        return code, capsys.readouterr().err
+
+    code, err = train(tmp_path / "new", "train.steps=1", *cpu, "--resume")
+    assert code == 2 and "resume: no complete checkpoint in" in err
     r = tmp_path / "r"
-    run(_cmd(r, data_cache, "train.steps=2", *cpu), 1)
+    assert train(r, "train.steps=2", *cpu)[0] == 0
     kept = {name: (r / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
     for change, said in (
         ("model.d_model=32", "model.d_model 64 -> 32"),
         ("model.mod.capacity=0.5", "model.mod.capacity 0.125 -> 0.5"),  # a 12.5% run
     ):
-        proc = run(_cmd(r, data_cache, "train.steps=2", *cpu, change), 1, check=False)
-        assert proc.returncode == 2 and f"is another run: {said}" in proc.stderr, proc.stderr
+        code, err = train(r, "train.steps=2", *cpu, change)
+        assert code == 2 and f"is another run: {said}" in err, err
         assert {name: (r / name).read_text() for name in kept} == kept  # untouched
-    proc = run(_cmd(r, data_cache, "train.steps=3", *cpu), 1, check=False)
-    assert proc.returncode == 2 and "train.steps 2 -> 3" in proc.stderr
-    assert "--allow-schedule-change" in proc.stderr
-    proc = run(_cmd(r, data_cache, "train.steps=3", *cpu, "--allow-schedule-change"), 1)
-    assert "schedule changed at step 2: train.steps 2 -> 3" in proc.stderr
+    code, err = train(r, "train.steps=3", *cpu)
+    assert code == 2 and "train.steps 2 -> 3" in err and "--allow-schedule-change" in err
+    code, err = train(r, "train.steps=3", *cpu, "--allow-schedule-change")
+    assert code == 0 and "schedule changed at step 2: train.steps 2 -> 3" in err
     changes = [rec for rec in read_metrics(r) if "config_changes" in rec]
     assert changes == [
         {
@@ -312,10 +319,8 @@ def test_resume_refuses_another_run_and_records_what_it_may_change(tmp_path, dat
         }
     ]
     assert max(_losses(r)) == 3
-    proc = run(
-        _cmd(r, data_cache, "train.steps=3", *cpu, "checkpoint.resume=never"), 1, check=False
-    )
-    assert proc.returncode == 2 and "resume=never, but" in proc.stderr
+    code, err = train(r, "train.steps=3", *cpu, "checkpoint.resume=never")
+    assert code == 2 and "resume=never, but" in err
     assert max(_losses(r)) == 3  # the run's metrics are not truncated
 
 

@@ -189,15 +189,15 @@ def test_a_checkpoint_survives_its_rename_reply_being_dropped(proxy):
 # --- through the CLIs ------------------------------------------------------------------------
 
 
-# A schedule that hits every kind of request a run makes, a few times each: gcsfs sleeps 1-2 s
-# before each retry, so a handful of faults per process keeps the test cheap.
+# A schedule that hits every kind of request a run makes, once each per process: gcsfs
+# sleeps 1-2 s before each retry, so a fault costs its process seconds.
 def run_faults():
     return [
         Fault("DELETE", r"\.metadata\.tmp", "drop", times=1),  # the rename's reply lost
-        Fault("POST", r"^/upload/", "503", every=4, times=2),
-        Fault("POST", r"^/upload/", "drop", every=5, times=2),  # shards, metrics, marker
-        Fault("GET", r"/o/", "429", every=7, times=2),
-        Fault("GET", r"/o\?", "delay", every=5, times=3, delay_s=0.5),  # slow listings
+        Fault("POST", r"^/upload/", "503", every=4, times=1),
+        Fault("POST", r"^/upload/", "drop", every=5, times=1),  # shards, metrics, marker
+        Fault("GET", r"/o/", "429", every=7, times=1),
+        Fault("GET", r"/o\?", "delay", every=5, times=2, delay_s=0.5),  # slow listings
     ]
 
 
@@ -227,7 +227,7 @@ def test_kill_9_and_resume_through_faults_gives_the_fault_free_losses(
 ):
     url, stderr, due = faulty_run
     assert "resuming from gs://modxla-test/runs/faulty/checkpoints/step_0000000" in stderr
-    assert due.stop - 1 >= 6  # 2 503s, 2 429s, 2 dropped uploads were injected at least
+    assert due.stop - 1 >= 4  # a 503, a 429, a dropped upload and rename were injected
     assert io_retries(stderr) in due  # each fault was retried once, and said so
     text = gcs().cat_file(url.removeprefix("gs://") + "/metrics.jsonl").decode()
     records = [r for r in map(json.loads, text.splitlines()) if "loss" in r]

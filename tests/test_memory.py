@@ -16,7 +16,7 @@ from modxla.model import build_model, lm_loss
 from modxla.parallel.tpus import parse_accelerator
 from modxla.train.optim import build_optimizer
 from modxla.xla.memory import buffer_assignment
-from tests.conftest import tiny_overrides
+from tests.conftest import FAST_COMPILE, tiny_overrides
 
 ROOT = Path(__file__).parent.parent
 
@@ -129,7 +129,7 @@ def test_plan_is_within_20_percent_of_xla_compiled_step(tmp_path):
         "train.batch_size=8", "model.scan=true",
     ]  # fmt: skip
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1", "PYTHONPATH": str(ROOT)}
-    env["XLA_FLAGS"] = f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text"
+    env["XLA_FLAGS"] = f"{FAST_COMPILE} --xla_dump_to={tmp_path} --xla_dump_hlo_as_text"
     proc = subprocess.run(
         [sys.executable, "-c", XLA_SCRIPT, str(tmp_path), *over],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,

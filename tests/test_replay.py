@@ -22,58 +22,64 @@ MESH_SCRIPT = textwrap.dedent("""
     from modxla.xla.runtime import compile_count, setup_runtime
     from modxla.train.step import train_step
 
-    cfg = load_config(None, sys.argv[2:])
-    rt = setup_runtime(cfg)  # SPMD over the 8 devices, as the trainer runs
-
-    def variant(replay):
+    def variant(cfg, rt, replay):
         model = build_model(cfg.model, seed=0).to(rt.device)
         rt.shard_model(model)
         opt = build_optimizer(model, cfg.optimizer)
         state = (lambda: step_state(model, opt)) if replay else None
         return model, opt, rt.compile(train_step, "replay" if replay else "traced", state=state)
 
-    traced, replayed = variant(False), variant(True)
-    torch.manual_seed(0)
-    stats, compiles = [[], []], []
-    for i in range(6):
-        batch = torch.randint(0, cfg.model.vocab_size, (1, 8, cfg.data.seq_len + 1))
-        for j, (model, opt, fn) in enumerate((traced, replayed)):
-            xm.set_rng_state(1000 + i)  # the same draws in both
-            set_lr(opt, 1e-3 * (i + 1))
-            out = fn(model, opt, batch.to(rt.device), 1.0, "float32")
-            stats[j].append({k: float(v) for k, v in out.items()})
-        compiles.append(compile_count())
-    diff = {}
-    saved = replayed[0].state_dict()  # detached aliases, as a checkpoint reads them
-    for (name, a), b in zip(traced[0].named_parameters(), replayed[0].parameters()):
-        diff[name] = (a.cpu() - saved[name].cpu()).abs().max().item()
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            x, y = traced[1].state[a][key].cpu(), replayed[1].state[b][key].cpu()
-            diff[f"{name}/{key}"] = (x - y).abs().max().item()
-    json.dump({"stats": stats, "compiles": compiles, "traces": replayed[2].traces,
-               "diff": diff}, open(sys.argv[1], "w"))
+    def compare(cfg, rt):
+        traced, replayed = variant(cfg, rt, False), variant(cfg, rt, True)
+        torch.manual_seed(0)
+        stats, compiles = [[], []], []
+        for i in range(6):
+            batch = torch.randint(0, cfg.model.vocab_size, (1, 8, cfg.data.seq_len + 1))
+            for j, (model, opt, fn) in enumerate((traced, replayed)):
+                xm.set_rng_state(1000 + i)  # the same draws in both
+                set_lr(opt, 1e-3 * (i + 1))
+                out = fn(model, opt, batch.to(rt.device), 1.0, "float32")
+                stats[j].append({k: float(v) for k, v in out.items()})
+            compiles.append(compile_count())
+        diff = {}
+        saved = replayed[0].state_dict()  # detached aliases, as a checkpoint reads them
+        for (name, a), b in zip(traced[0].named_parameters(), replayed[0].parameters()):
+            diff[name] = (a.cpu() - saved[name].cpu()).abs().max().item()
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                x, y = traced[1].state[a][key].cpu(), replayed[1].state[b][key].cpu()
+                diff[f"{name}/{key}"] = (x - y).abs().max().item()
+        return {"stats": stats, "compiles": compiles, "traces": replayed[2].traces,
+                "diff": diff}
+
+    results = {}
+    for router in ("learned", "random"):  # one process: torch_xla starts once
+        cfg = load_config(None, sys.argv[2:] + [f"model.mod.router={router}"])
+        results[router] = compare(cfg, setup_runtime(cfg))  # SPMD on 8 devices, as trained
+    json.dump(results, open(sys.argv[1], "w"))
 """)
 
 
-@pytest.mark.parametrize("router", ["learned", "random"])
-def test_replayed_steps_match_traced_steps_on_a_mesh(tmp_path, router):
-    """6 AdamW steps on the 8-device mesh, a new learning rate each step; random routing
-    draws from the RNG inside the graph. After the capture (step 2) and its check (step 3)
-    nothing is traced or compiled again, and every number matches tracing each step: the
-    parameters as state_dict() reads them and the AdamW state, bit for bit."""
+def test_replayed_steps_match_traced_steps_on_a_mesh(tmp_path):
+    """6 AdamW steps on the 8-device mesh, a new learning rate each step, learned and
+    random routing (which draws from the RNG inside the graph). After the capture (step 2)
+    and its check (step 3) nothing is traced or compiled again, and every number matches
+    tracing each step: the parameters as state_dict() reads them and the AdamW state, bit
+    for bit."""
     out = tmp_path / "replay.json"
-    over = tiny_overrides(**{"model.mod.router": router, "model.mod.aux_loss_weight": 0.1})
+    over = tiny_overrides(**{"model.mod.aux_loss_weight": 0.1})
     run(["-c", MESH_SCRIPT, str(out), *over], 8)
-    r = json.loads(out.read_text())
-    traced, replayed = r["stats"]
-    for i, (a, b) in enumerate(zip(traced, replayed, strict=True)):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (i, k)
-    assert r["traces"] == 3
-    assert r["compiles"][2:] == [r["compiles"][2]] * 4  # steps 4-6 reuse both executables
-    assert len(r["diff"]) == 4 * len([k for k in r["diff"] if "/" not in k])
-    assert max(r["diff"].values()) == 0, max(r["diff"].items(), key=lambda kv: kv[1])
+    results = json.loads(out.read_text())
+    assert set(results) == {"learned", "random"}
+    for router, r in results.items():
+        traced, replayed = r["stats"]
+        for i, (a, b) in enumerate(zip(traced, replayed, strict=True)):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (router, i, k)
+        assert r["traces"] == 3, router
+        assert r["compiles"][2:] == [r["compiles"][2]] * 4, router  # steps 4-6 reuse both
+        assert len(r["diff"]) == 4 * len([k for k in r["diff"] if "/" not in k])
+        assert max(r["diff"].values()) == 0, (router, max(r["diff"].items(), key=lambda kv: kv[1]))
 
 
 def test_a_python_number_that_changes_falls_back_to_tracing():
