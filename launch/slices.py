@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from modxla.config import Config
 from modxla.parallel import tpus
-from modxla.parallel.mesh import MeshError, check_batch, resolve_mesh_shape
+from modxla.parallel.mesh import AXES, MeshError, check_batch, resolve_mesh_shape
 
 RUNTIME = {
     "v4": "tpu-ubuntu2204-base",
@@ -83,7 +83,7 @@ def parse_accelerator(name: str) -> Slice:
     return Slice(acc.name, acc.family, acc.chips, acc.hosts)
 
 
-def validate(cfg: Config, sl: Slice, slices: int, run_dir: str) -> tuple[int, int, int]:
+def validate(cfg: Config, sl: Slice, slices: int, run_dir: str) -> tuple[int, ...]:
     """Fail before anything is created: mesh vs chips, batch vs data axes, run dir."""
     devices = sl.chips * slices
     try:
@@ -110,13 +110,12 @@ def check_multislice(sl: Slice, slices: int) -> None:
         )
 
 
-def local_overrides(shape: tuple[int, int, int], devices: int) -> list[str]:
-    """The pod's (data, fsdp, tensor) scaled down to `devices`: data first, then fsdp."""
-    d, f, t = shape
-    while d * f * t > devices and d > 1:
-        d //= 2
-    while d * f * t > devices and f > 1:
-        f //= 2
-    while d * f * t > devices and t > 1:
-        t //= 2
-    return [f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}", "mesh.dcn_data=1"]
+def local_overrides(shape: tuple[int, ...], devices: int) -> list[str]:
+    """The pod's (data, fsdp, expert, tensor) scaled down to `devices`: each axis halved in
+    that order (data first, tensor last) until the mesh fits."""
+    dims = list(shape)
+    for i in range(len(dims)):
+        while math.prod(dims) > devices and dims[i] > 1:
+            dims[i] //= 2
+    over = [f"mesh.{axis}={n}" for axis, n in zip(AXES, dims, strict=True)]
+    return [*over, "mesh.dcn_data=1"]

@@ -130,6 +130,7 @@ class DataConfig:
 class MeshConfig:
     data: int = -1  # -1 = fill from the device count
     fsdp: int = 1
+    expert: int = 1  # expert parallelism: MoE experts split over it; it also carries batch
     tensor: int = 1
     dcn_data: int = 1  # data parallelism across TPU slices (multislice)
 
@@ -284,14 +285,20 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
     _check(d.tokenizer_type in ("bpe", "unigram"), "data.tokenizer_type", "must be bpe or unigram")
     _check(d.num_proc >= 1, "data.num_proc", "must be >= 1")
-    for name in ("data", "fsdp", "tensor"):
+    for name in ("data", "fsdp", "expert", "tensor"):
         v = getattr(cfg.mesh, name)
         _check(v == -1 or v >= 1, f"mesh.{name}", f"must be -1 or >= 1, got {v}")
     _check(cfg.mesh.dcn_data >= 1, "mesh.dcn_data", "must be >= 1")
     _check(
-        [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
+        [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor].count(-1) <= 1,
         "mesh",
         "at most one axis may be -1",
+    )
+    ep = cfg.mesh.expert
+    _check(
+        ep in (-1, 1) or not m.moe_layers or m.moe.experts % ep == 0,
+        "mesh.expert",
+        f"{ep} does not divide model.moe.experts {m.moe.experts} (experts are split over it)",
     )
     _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", "must be in [0, 1]")

@@ -118,7 +118,11 @@ def _seqs(n, t=4):
 
 @pytest.mark.parametrize("n", [40, 37])  # 37: batches straddle epoch boundaries
 @pytest.mark.parametrize("hosts", [1, 2, 4])
-@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 4, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 8, 1, 1), (2, 4, 1, 1), (8, 1, 1, 1), (2, 2, 1, 2), (1, 4, 1, 2)]
+    + [(1, 2, 2, 2), (2, 1, 4, 1)],  # with an expert axis
+)
 def test_each_device_gets_its_rows_of_the_one_process_global_batch(hosts, shape, n):
     """P hosts, each building its loader as the trainer does, over 8 devices (2 hosts: 4 each;
     device d of the mesh on host d // per_host): the step's input on every host is the global
@@ -134,7 +138,7 @@ def test_each_device_gets_its_rows_of_the_one_process_global_batch(hosts, shape,
         for d, (lo, hi) in enumerate(rows):
             assert np.array_equal(arrays[d // per_host][lo:hi], whole[lo:hi])
         # the devices of one tensor index hold every row once: the step sees B rows
-        tiles = sorted(map(tuple, rows[:: shape[2]]))
+        tiles = sorted(map(tuple, rows[:: shape[3]]))
         assert tiles == [
             (i * 8 // len(tiles), (i + 1) * 8 // len(tiles)) for i in range(len(tiles))
         ]
@@ -142,11 +146,20 @@ def test_each_device_gets_its_rows_of_the_one_process_global_batch(hosts, shape,
 
 
 def test_device_rows_follow_data_then_fsdp_and_replicate_over_tensor():
-    rows = device_rows(16, (2, 2, 2))
-    assert rows[0, 0, 0].tolist() == rows[0, 0, 1].tolist() == [0, 4]  # tensor: replicas
-    assert rows[0, 1, 0].tolist() == [4, 8] and rows[1, 0, 0].tolist() == [8, 12]
+    rows = device_rows(16, (2, 2, 1, 2))
+    assert rows[0, 0, 0, 0].tolist() == rows[0, 0, 0, 1].tolist() == [0, 4]  # tensor: replicas
+    assert rows[0, 1, 0, 0].tolist() == [4, 8] and rows[1, 0, 0, 0].tolist() == [8, 12]
     with pytest.raises(MeshError, match="not divisible by the batch shards"):
-        device_rows(6, (2, 2, 1))
+        device_rows(6, (2, 2, 1, 1))
+
+
+def test_device_rows_split_the_batch_over_the_expert_axis_too():
+    rows = device_rows(16, (2, 1, 2, 2))  # data-major, then fsdp, then expert
+    assert rows.shape == (2, 1, 2, 2, 2)
+    assert rows[0, 0, 0, 0].tolist() == rows[0, 0, 0, 1].tolist() == [0, 4]
+    assert rows[0, 0, 1, 0].tolist() == [4, 8] and rows[1, 0, 0, 0].tolist() == [8, 12]
+    with pytest.raises(MeshError, match="data x fsdp x expert = 8"):
+        device_rows(12, (2, 2, 2, 1))
 
 
 def test_each_epoch_is_a_permutation_and_seeds_differ():

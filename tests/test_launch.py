@@ -138,7 +138,7 @@ def test_jobset_uses_the_host_network_and_the_commit():
     [
         (
             ["run", "--accelerator", "v5e-8", "--run-dir", "r", "mesh.data=3"],
-            "data x fsdp x tensor = 3 x 1 x 1 = 3 but there are 8 devices",
+            "data x fsdp x expert x tensor = 3 x 1 x 1 x 1 = 3 but there are 8 devices",
         ),
         (
             ["run", "--accelerator", "v5p-64", "--run-dir", "runs/local", "train.batch_size=32"],
@@ -146,7 +146,7 @@ def test_jobset_uses_the_host_network_and_the_commit():
         ),
         (
             ["run", "--accelerator", "v5e-8", "--run-dir", "r", "train.batch_size=12"],
-            "batch_size 12 is not divisible by the batch shards data x fsdp = 8",
+            "batch_size 12 is not divisible by the batch shards data x fsdp x expert = 8",
         ),
         (
             ["up", *MULTISLICE[:-3], "mesh.fsdp=16", "train.batch_size=32"],
@@ -438,7 +438,26 @@ def test_local_simulation_trains_with_a_scaled_pod_mesh(tmp_path, data_cache):
         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mesh (4, 4, 2) -> 8 CPU devices" in proc.stdout
+    assert "mesh (4, 4, 1, 2) -> 8 CPU devices" in proc.stdout
     cfg = (run_dir / "config.yaml").read_text()
-    assert "data: 1\n  fsdp: 4\n  tensor: 2" in cfg
+    assert "data: 1\n  fsdp: 4\n  expert: 1\n  tensor: 2" in cfg
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3]
+
+
+def test_local_overrides_halve_the_pod_mesh_axis_by_axis():
+    from launch.slices import local_overrides
+
+    # v5p-64 (32 chips) as data 2 x fsdp 4 x expert 2 x tensor 2, on 8 CPU devices
+    assert local_overrides((2, 4, 2, 2), 8) == [
+        "mesh.data=1",
+        "mesh.fsdp=2",
+        "mesh.expert=2",
+        "mesh.tensor=2",
+        "mesh.dcn_data=1",
+    ]
+    assert local_overrides((1, 1, 16, 2), 4)[:4] == [
+        "mesh.data=1",
+        "mesh.fsdp=1",
+        "mesh.expert=2",
+        "mesh.tensor=2",
+    ]

@@ -19,6 +19,7 @@ from modxla.xla.memory import buffer_assignment
 from tests.conftest import FAST_COMPILE, tiny_overrides
 
 ROOT = Path(__file__).parent.parent
+EXPERT_W = ("mlp.w1", "mlp.w2", "mlp.w3")  # MoE (E, D, F), (E, F, D)
 
 
 def test_state_bytes_follow_the_mesh_and_the_moment_dtype():
@@ -26,7 +27,7 @@ def test_state_bytes_follow_the_mesh_and_the_moment_dtype():
     cfg = load_config(None, over)
     p = plan(cfg, 8)
     n = build_model(cfg.model).num_params()
-    assert p.params_total == n and p.mesh == (2, 4, 1)
+    assert p.params_total == n and p.mesh == (2, 4, 1, 1)
     # fsdp shards every matrix 4 ways; norms, biases and the router's (1, D) stay whole
     assert n * 4 / 4 < p.parameters < n * 4 / 4 * 1.1
     assert p.gradients == p.parameters and p.optimizer == 2 * p.parameters
@@ -44,6 +45,27 @@ def test_state_bytes_follow_the_mesh_and_the_moment_dtype():
     )
     with pytest.raises(ValueError, match="expected e.g. v5p-64"):
         parse_accelerator("v5q-8")
+
+
+def test_expert_weights_divide_over_the_expert_axis():
+    """E experts over mesh.expert (and D over fsdp within one); the rest, replicated over
+    expert, as before; the batch per device divides over data x fsdp x expert."""
+    from modxla.analysis.memory_plan import param_bytes_per_device
+
+    over = tiny_overrides(**{"model.moe.experts": 4, "model.moe.every": 1, "mesh.data": 1})
+    cfg = load_config(None, over)
+    model = build_model(cfg.model)
+    experts = sum(p.numel() for n, p in model.named_parameters() if n.endswith(EXPERT_W))
+    rest = model.num_params() - experts
+    one = dict(data=1, fsdp=1, expert=1, tensor=1)
+    assert param_bytes_per_device(cfg, one) == (model.num_params(), model.num_params())
+    assert param_bytes_per_device(cfg, {**one, "expert": 4})[0] == rest + experts // 4
+    assert param_bytes_per_device(cfg, {**one, "expert": 2, "fsdp": 2})[0] < rest + experts // 4
+    ep = plan(load_config(None, [*over, "mesh.expert=4", "mesh.fsdp=2"]), 8)
+    assert ep.mesh == (1, 2, 4, 1)
+    dp = plan(load_config(None, [*over, "mesh.data=8"]), 8)
+    assert ep.activations == dp.activations  # one sequence per device either way
+    assert ep.parameters < dp.parameters
 
 
 def test_plan_memory_cli(capsys, monkeypatch):

@@ -1,49 +1,65 @@
 """The SPMD training loop, run in subprocesses (the device count is fixed per process)."""
 
+import json
 import textwrap
 
 import pytest
 import torch
 
-from modxla.config import load_config
+from modxla.config import ConfigError, load_config
 from modxla.parallel.mesh import MeshError, check_batch, resolve_mesh_shape
 from tests.conftest import ROOT, TINY, cpu_trainer, read_metrics, run, train_args  # noqa: F401
 
+# Trains one run per JSON list of overrides in argv[2] (one process, one device count).
 PARAMS_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import json, sys, torch
     from modxla.config import load_config
     from modxla.train.trainer import Trainer
     from modxla.io.logger import MetricsLogger
-    cfg = load_config("configs/tiny.yaml", sys.argv[2:])
-    t = Trainer(cfg, sys.argv[1])
-    hist = t.fit(MetricsLogger(t.run_dir, cfg.train.steps, 0, enabled=False))
-    params = {k: v.detach().cpu() for k, v in t.model.state_dict().items()}
-    torch.save({"losses": [h["loss"] for h in hist], "params": params}, sys.argv[1] + "/out.pt")
+    for i, over in enumerate(json.loads(sys.argv[2])):
+        cfg = load_config("configs/tiny.yaml", over)
+        t = Trainer(cfg, f"{sys.argv[1]}/{i}")
+        hist = t.fit(MetricsLogger(t.run_dir, cfg.train.steps, 0, enabled=False))
+        params = {k: v.detach().cpu() for k, v in t.model.state_dict().items()}
+        torch.save({"losses": [h["loss"] for h in hist], "params": params}, f"{t.run_dir}/out.pt")
 """)
+# An MoE (4 experts, Switch top-1, in block 1) beside the tiny MoD model
+MOE = ["model.mod.capacity=1.0", "model.moe.experts=4", "model.moe.every=2"]
 
 
 @pytest.mark.slow
 def test_sharded_equals_unsharded(tmp_path, data_cache):
+    """MoD on a (data, fsdp, tensor) mesh, and an MoE with its experts split over the expert
+    axis (which also carries batch), each equal to one device after 3 AdamW steps."""
     common = [*TINY, f"data.cache_dir={data_cache}", "train.steps=3", "train.log_every=1"]
+    models = {"mod": [], "moe": MOE}
+    meshes = {
+        "mod": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+        "moe": ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
+    }
     results = {}
-    for name, devices, mesh in (
-        ("one", 1, ["mesh.data=1"]),
-        ("mesh", 8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
-    ):
+    for name, devices in (("one", 1), ("mesh", 8)):
+        runs = [
+            [*common, *over, *(meshes[m] if devices > 1 else ["mesh.data=1"])]
+            for m, over in models.items()
+        ]
         out = tmp_path / name
-        run(["-c", PARAMS_SCRIPT, str(out), *common, *mesh], devices)
-        results[name] = torch.load(out / "out.pt")
-    one, mesh = results["one"], results["mesh"]
-    assert len(one["losses"]) == 3
-    torch.testing.assert_close(mesh["losses"], one["losses"], rtol=1e-5, atol=1e-5)
-    assert one["params"].keys() == mesh["params"].keys()
-    for k, v in one["params"].items():
-        torch.testing.assert_close(mesh["params"][k], v, rtol=1e-5, atol=1e-5, msg=k)
-    # the parameters did move: the comparison is not of two untouched inits
+        run(["-c", PARAMS_SCRIPT, str(out), json.dumps(runs)], devices)
+        results[name] = [torch.load(out / str(i) / "out.pt") for i in range(len(runs))]
     from modxla.model import build_model
 
-    init = build_model(load_config("configs/tiny.yaml", TINY).model, seed=0).state_dict()
-    assert max((init[k] - v).abs().max() for k, v in one["params"].items()) > 1e-3
+    for i, m in enumerate(models):
+        one, mesh = results["one"][i], results["mesh"][i]
+        assert len(one["losses"]) == 3
+        torch.testing.assert_close(mesh["losses"], one["losses"], rtol=1e-5, atol=1e-5, msg=m)
+        assert one["params"].keys() == mesh["params"].keys()
+        for k, v in one["params"].items():
+            torch.testing.assert_close(mesh["params"][k], v, rtol=1e-5, atol=1e-5, msg=k)
+        # the parameters did move: the comparison is not of two untouched inits
+        cfg = load_config("configs/tiny.yaml", [*TINY, *models[m]])
+        init = build_model(cfg.model, seed=0).state_dict()
+        assert max((init[k] - v).abs().max() for k, v in one["params"].items()) > 1e-3, m
+    assert any(".mlp.w1" in k and v.ndim == 3 for k, v in results["one"][1]["params"].items())
 
 
 @pytest.mark.slow
@@ -98,14 +114,31 @@ def test_train_cli_compiles_once_and_loss_falls(tmp_path, data_cache):
 
 def test_mesh_and_batch_errors():
     cfg = load_config(None, ["mesh.data=3"])
-    with pytest.raises(MeshError, match="data x fsdp x tensor = 3 x 1 x 1 = 3 but there are 8"):
+    match = "data x fsdp x expert x tensor = 3 x 1 x 1 x 1 = 3 but there are 8"
+    with pytest.raises(MeshError, match=match):
         resolve_mesh_shape(cfg.mesh, 8)
     cfg = load_config(None, ["mesh.fsdp=3"])
     with pytest.raises(MeshError, match="8 devices do not divide by the fixed axes"):
         resolve_mesh_shape(cfg.mesh, 8)
-    assert resolve_mesh_shape(load_config(None, ["mesh.tensor=2"]).mesh, 8) == (4, 1, 2)
+    assert resolve_mesh_shape(load_config(None, ["mesh.tensor=2"]).mesh, 8) == (4, 1, 1, 2)
     with pytest.raises(MeshError, match="batch_size 6 is not divisible by the batch shards"):
-        check_batch(6, (4, 1, 2))
+        check_batch(6, (4, 1, 1, 2))
+
+
+def test_expert_axis_fills_and_carries_batch():
+    mesh = load_config(None, ["mesh.data=1", "mesh.expert=-1", "mesh.fsdp=2"]).mesh
+    assert resolve_mesh_shape(mesh, 8) == (1, 2, 4, 1)
+    mesh = load_config(None, ["mesh.expert=2", "mesh.tensor=2"]).mesh
+    assert resolve_mesh_shape(mesh, 8) == (2, 1, 2, 2)  # data fills in
+    check_batch(4, (1, 1, 4, 2))  # 4 batch shards: data x fsdp x expert
+    match = "not divisible by the batch shards data x fsdp x expert = 8"
+    with pytest.raises(MeshError, match=match):
+        check_batch(12, (2, 2, 2, 1))
+    with pytest.raises(ConfigError, match="mesh.expert: 3 does not divide model.moe.experts 4"):
+        load_config(None, ["model.moe.experts=4", "mesh.expert=3"])
+    load_config(None, ["mesh.expert=3"])  # without MoE layers it is only a batch axis
+    with pytest.raises(ConfigError, match="mesh: at most one axis may be -1"):
+        load_config(None, ["mesh.expert=-1"])  # data is -1 by default
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
@@ -113,7 +146,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
 
     assert main(["--run-dir", str(tmp_path / "r"), "mesh.data=3"]) == 2  # 8 devices here
     err = capsys.readouterr().err
-    assert "error: mesh: data x fsdp x tensor = 3 x 1 x 1 = 3 but there are 8" in err
+    assert "error: mesh: data x fsdp x expert x tensor = 3 x 1 x 1 x 1 = 3 but there are 8" in err
     assert main(["--run-dir", str(tmp_path / "r"), "model.mod.capacity=2"]) == 2
     assert "model.mod.capacity: must be in (0, 1]" in capsys.readouterr().err
     import torch_xla.runtime as xr

@@ -24,7 +24,7 @@ class Plan:
     optimizer: int
     activations: int
     devices: int
-    mesh: tuple[int, int, int]
+    mesh: tuple[int, int, int, int]  # (data, fsdp, expert, tensor)
     hbm: int = 0
     params_total: int = 0
 
@@ -116,14 +116,14 @@ def activation_bytes(cfg: Config, batch: int, remat: str) -> int:
 
 def plan(cfg: Config, devices: int, hbm: int = 0) -> Plan:
     """Per-device memory of cfg's train step on `devices` chips with cfg's mesh and remat."""
-    from modxla.parallel.mesh import AXES, check_batch, resolve_mesh_shape
+    from modxla.parallel.mesh import AXES, batch_shards, check_batch, resolve_mesh_shape
 
     shape = resolve_mesh_shape(cfg.mesh, devices)
     check_batch(cfg.train.batch_size, shape)
     mesh = dict(zip(AXES, shape, strict=True))
     per_dev, total = param_bytes_per_device(cfg, mesh)
     moment = getattr(torch, cfg.optimizer.moment_dtype).itemsize  # float32 | bfloat16
-    batch = cfg.train.batch_size // (shape[0] * shape[1])
+    batch = cfg.train.batch_size // batch_shards(shape)
     return Plan(
         parameters=per_dev * 4,
         gradients=per_dev * 4,

@@ -5,8 +5,10 @@
 
 Prints parameters, gradients, optimizer state (AdamW moments), activations and their total
 per device for the mesh the config resolves to on that slice (mesh axes of -1 are filled from
-the chip count), with the chip's HBM and whether the step fits. Parameters and gradients are
-float32; moments take optimizer.moment_dtype; activations follow train.dtype and train.remat
+the chip count), with the chip's HBM and whether the step fits. MoE expert weights are divided
+over mesh.expert (and fsdp, tensor within an expert), the batch over data x fsdp x expert.
+Parameters and gradients are float32; moments take optimizer.moment_dtype; activations follow
+train.dtype and train.remat
 (see modxla.analysis.memory_plan.activation_bytes). The estimate is checked against XLA's own buffer
 assignment of the compiled step on CPU (tests/test_memory.py); leave headroom for XLA's
 scratch buffers and collectives on TPU (about 10%).
@@ -21,6 +23,7 @@ from modxla.analysis.memory_plan import plan
 from modxla.cli.common import parser
 from modxla.config import load_config
 from modxla.errors import UserError, report
+from modxla.parallel.mesh import AXES
 from modxla.parallel.tpus import GiB, parse_accelerator
 
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "accelerator": args.accelerator,
         "chips": chips,
-        "mesh": dict(zip(("data", "fsdp", "tensor"), p.mesh, strict=True)),
+        "mesh": dict(zip(AXES, p.mesh, strict=True)),
         "remat": cfg.train.remat,
         "dtype": cfg.train.dtype,
         "moment_dtype": cfg.optimizer.moment_dtype,
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     m = out["mesh"]
     print(
         f"{args.accelerator}: {chips} chips of {kind} ({hbm / GiB:.0f} GiB HBM each), mesh "
-        f"data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}; "
+        f"{' '.join(f'{axis}={n}' for axis, n in m.items())}; "
         f"{p.params_total / 1e9:.2f}B parameters; remat={cfg.train.remat}, "
         f"dtype={cfg.train.dtype}, moments={cfg.optimizer.moment_dtype}"
     )

@@ -1,7 +1,11 @@
-"""Sharding rules: weights FSDP-sharded over `fsdp`, heads and MLP hidden over `tensor`.
+"""Sharding rules: weights FSDP-sharded over `fsdp`, heads and MLP hidden over `tensor`,
+MoE experts over `expert`.
 
 Linear weights are (out, in). Column-parallel layers (q, k, v, MLP up/gate, embeddings) shard
 out over tensor and in over fsdp; row-parallel layers (attention out, MLP down) the reverse.
+An MoE layer's expert weights (E, D, F) and (E, F, D) shard E over expert, D over fsdp and F
+over tensor, as the dense MLP does within one expert; its router is a (None, fsdp) matrix like
+MoD's. Everything else is replicated over expert, which carries batch there (as data does).
 Norms, biases and other 1-D parameters are replicated. The sequence axis is never sharded.
 
 The embedding lookup reads a replicated view of its table (an all-gather, as FSDP does for
@@ -19,6 +23,7 @@ from torch import nn
 
 from modxla.model.layers import BlockDelta
 from modxla.model.scan import STACKED
+from modxla.parallel.mesh import BATCH_AXES
 
 COLUMN = ("tensor", "fsdp")
 ROW = ("fsdp", "tensor")
@@ -32,6 +37,9 @@ RULES = {
     "mlp.w1.weight": COLUMN,
     "mlp.w3.weight": COLUMN,
     "mlp.w2.weight": ROW,
+    "mlp.w1": ("expert", "fsdp", "tensor"),  # MoE (E, D, F)
+    "mlp.w3": ("expert", "fsdp", "tensor"),
+    "mlp.w2": ("expert", "tensor", "fsdp"),  # MoE (E, F, D)
     "router.weight": (None, "fsdp"),
     "predictor.fc1.weight": (None, "fsdp"),
 }
@@ -77,7 +85,7 @@ def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
         # the embedding. Every XLA tensor is a functional tensor, so that is no test of it.
         if type(x) is not torch.Tensor:
             return
-        xs.mark_sharding(x, mesh, (("data", "fsdp"),) + (None,) * (x.ndim - 1))
+        xs.mark_sharding(x, mesh, (BATCH_AXES,) + (None,) * (x.ndim - 1))
 
     for module in model.modules():
         if isinstance(module, BlockDelta):

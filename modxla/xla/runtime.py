@@ -13,7 +13,7 @@ from modxla.analysis.flops import measure_matmul_peak, tpu_peak_flops
 from modxla.config import Config, ConfigError
 from modxla.parallel import hosts
 from modxla.parallel.hosts import Hosts
-from modxla.parallel.mesh import check_batch, resolve_mesh_shape
+from modxla.parallel.mesh import BATCH_AXES, check_batch, resolve_mesh_shape
 
 
 @dataclass
@@ -170,7 +170,7 @@ def peak_flops_per_device(cfg: Config, rt: Runtime) -> float:
 
 
 def feed(batches, rt: Runtime, batch_dim: int):
-    """Iterator of device batches, the batch axis sharded over (data, fsdp) under SPMD.
+    """Iterator of device batches, the batch axis sharded over (data, fsdp, expert) under SPMD.
 
     Each host passes the whole global batch (modxla.data.loader): without minibatch, the
     tensor is the global one and each device takes its rows (parallel.mesh.device_rows)."""
@@ -180,7 +180,7 @@ def feed(batches, rt: Runtime, batch_dim: int):
     import torch_xla.distributed.spmd as xs
 
     spec = [None] * (batch_dim + 2)
-    spec[batch_dim] = ("data", "fsdp")
+    spec[batch_dim] = BATCH_AXES
     return iter(
         pl.MpDeviceLoader(batches, rt.device, input_sharding=xs.ShardingSpec(rt.mesh, tuple(spec)))
     )
