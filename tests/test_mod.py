@@ -182,15 +182,25 @@ def test_bench_step_reports_quartiles_on_the_eager_path(capsys):
 
     tiny = ["model.d_model=64", "model.num_heads=4", "model.vocab_size=128", "model.num_layers=2"]
     seq = ["model.max_seq_len=32", "data.seq_len=32", "train.batch_size=2", "train.device=cpu"]
-    assert main(["--steps", "3", *tiny, *seq]) == 0
+    names = ["dense", "moe", "mod", "staged", "integrated"]
+    assert main(["--steps", "3", "--variants", ",".join(names[1:] + ["dense"]), *tiny, *seq]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["backend"] == "eager" and res["flop_ratio"] > 1
-    b, m, half = res["baseline_step_s"], res["mod_step_s"], 5e-5  # printed to 4 decimals
-    assert (b - half) / (m + half) - 5e-4 <= res["speedup"] <= (b + half) / (m - half) + 5e-4
-    for name in ("baseline", "mod"):
+    assert res["backend"] == "eager" and list(res["variants"]) == names  # dense first
+    assert res["size"] == "2 layers x d64, T32, B2, V128"  # one size: the dense config's
+    v = res["variants"]
+    assert v["dense"]["flop_ratio"] == v["dense"]["speedup"] == 1
+    assert v["moe"]["flop_ratio"] < 1  # 4 experts at capacity factor 1.25: more slots
+    assert min(v[n]["flop_ratio"] for n in ("mod", "staged", "integrated")) > 1
+    half = 5e-5  # step times printed to 4 decimals
+    b = v["dense"]["step_s"]
+    for name in names:
+        m = v[name]["step_s"]
+        lo, hi = (b - half) / (m + half) - 5e-4, (b + half) / (m - half) + 5e-4
+        assert lo <= v[name]["speedup"] <= hi
         for key in ("quartiles_s", "cpu_quartiles_s"):
-            q1, med, q3 = res[key][name]
+            q1, med, q3 = v[name][key]
             assert 0 < q1 <= med <= q3
-    with pytest.raises(SystemExit) as e:  # argparse: usage and exit 2
-        main(["--steps", "0"])
-    assert e.value.code == 2
+    for bad in (["--steps", "0"], ["--variants", "mod,moe"], ["--variants", "dense,big"]):
+        with pytest.raises(SystemExit) as e:  # argparse: usage and exit 2
+            main(bad)
+        assert e.value.code == 2

@@ -1,13 +1,27 @@
-"""Step time of the dense baseline vs MoD at the same size, interleaved; prints JSON.
+"""Step time of dense, MoE, MoD and both MoDE variants at one size, interleaved; prints JSON.
 
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=1 python tools/bench_step.py [--steps 24] [key=value ...]
+    python tools/bench_step.py --variants dense,moe,mod,staged,integrated train.batch_size=8
     python tools/bench_step.py train.device=cpu      # the eager PyTorch path, same models
 
-Both models live in one process on the same devices; steps alternate baseline, MoD, ...
-and the medians are compared with the analytic FLOP ratio. Batches are random tokens, so
-the figure is the model's compute alone (modxla-bench-data measures the input pipeline).
-Each variant's quartiles are reported beside its median, and its process CPU time per step
-too: on a machine shared with other work, CPU time is disturbed less than wall time.
+--variants (default dense,mod) picks from:
+
+    dense       --baseline (configs/baseline.yaml): the size every variant shares
+    moe         --moe (configs/moe.yaml): Switch top-1 MoE MLPs
+    mod         --mod (configs/mod_c12_every2.yaml): MoD routing
+    staged      --staged (configs/mode_staged.yaml): MoD routing around MoE blocks
+    integrated  --integrated (configs/mode_integrated.yaml): MoE with no-op experts
+
+The size (model dimensions, data, train, optimizer) is the dense config's; another variant
+takes only its routing from its config, the `model.mod` and `model.moe` sections, so the tiny
+MoE configs run at the benchmark size. The overrides apply to every variant, after that.
+
+All models live in one process on the same devices; each step runs every variant once, the
+order rotating from step to step, and each variant's median speedup over dense is compared
+with its analytic FLOP ratio (modxla.analysis.flops.flops_per_step). Batches are random
+tokens, so the figure is the model's compute alone (modxla-bench-data measures the input
+pipeline). Quartiles are reported beside the medians, and process CPU time per step too: on
+a machine shared with other work, CPU time is disturbed less than wall time.
 
 On XLA the step runs as the trainer runs it: traced once, then replayed (modxla/replay.py),
 so no per-step Python trace is timed; `--no-replay` traces every step again, as lazy-tensor
@@ -18,21 +32,33 @@ tools/profile_ops.py shows where the execution's time goes, op by op.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
 import time
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from modxla.analysis.flops import flops_per_step
-from modxla.config import load_config
+from modxla.config import ConfigError, from_dict, resolve_config_path
 from modxla.errors import UserError, report
 from modxla.model import build_model
 from modxla.train.optim import build_optimizer, step_state
 from modxla.train.step import train_step
 from modxla.xla.runtime import compile_count, setup_runtime
+
+# variant -> (option naming its config, default config)
+VARIANTS = {
+    "dense": ("baseline", "configs/baseline.yaml"),
+    "moe": ("moe", "configs/moe.yaml"),
+    "mod": ("mod", "configs/mod_c12_every2.yaml"),
+    "staged": ("staged", "configs/mode_staged.yaml"),
+    "integrated": ("integrated", "configs/mode_integrated.yaml"),
+}
+ROUTING = ("mod", "moe")  # the model sections a variant takes from its own config
 
 
 def _quartiles(xs: list[float]) -> list[float]:
@@ -40,10 +66,54 @@ def _quartiles(xs: list[float]) -> list[float]:
     return [round(q[0], 4), round(statistics.median(xs), 4), round(q[2], 4)]
 
 
+def _raw(path: str) -> dict:
+    p = resolve_config_path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+
+
+def variant_configs(args) -> dict:
+    """Each variant's config: the dense one with the variant's routing sections."""
+    dense = _raw(getattr(args, VARIANTS["dense"][0]))
+    over = ["train.compile_cache=", *args.overrides]
+    cfgs = {}
+    for name in args.variants:
+        raw = copy.deepcopy(dense)
+        if name != "dense":
+            own = _raw(getattr(args, VARIANTS[name][0])).get("model") or {}
+            model = raw.setdefault("model", {})
+            for section in ROUTING:
+                model.pop(section, None)
+                if section in own:
+                    model[section] = own[section]
+        cfgs[name] = from_dict(raw, over)
+    return cfgs
+
+
+def _variant_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or "dense" not in names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a comma list of distinct names from {', '.join(VARIANTS)}, with dense"
+        )
+    return ["dense", *(n for n in names if n != "dense")]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--baseline", default="configs/baseline.yaml")
-    ap.add_argument("--mod", default="configs/mod_c12_every2.yaml")
+    ap.add_argument(
+        "--variants",
+        type=_variant_list,
+        default=["dense", "mod"],
+        help="comma list (default dense,mod); dense is the reference",
+    )
+    for name, (option, default) in VARIANTS.items():
+        ap.add_argument(f"--{option}", default=default, help=f"the {name} config")
     ap.add_argument("--steps", type=int, default=24, help="timed steps per variant")
     ap.add_argument(
         "--compile",
@@ -57,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="XLA: trace every step again in Python, as before modxla/replay.py",
     )
-    ap.add_argument("overrides", nargs="*", help="applied to both configs")
+    ap.add_argument("overrides", nargs="*", help="applied to every variant's config")
     args = ap.parse_intermixed_args(argv)  # options may follow the overrides
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -68,11 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(args) -> int:
-    cfgs = {
-        "baseline": load_config(args.baseline, ["train.compile_cache=", *args.overrides]),
-        "mod": load_config(args.mod, ["train.compile_cache=", *args.overrides]),
-    }
-    rt = setup_runtime(cfgs["baseline"])
+    cfgs = variant_configs(args)
+    rt = setup_runtime(cfgs["dense"])
     if args.compile and rt.xla:
         raise UserError("--compile is for eager devices (train.device=cpu|cuda); XLA compiles")
     if rt.xla:
@@ -117,18 +184,36 @@ def bench(args) -> int:
         before = compile_count() if rt.xla else 0
         v["compile_s"] = sum(one_step(v)[0] for _ in range(3 if rt.xla else 2))
         v["compiles"] = (compile_count() - before) if rt.xla else 0
-    for _ in tqdm(range(args.steps), desc="steps", file=sys.stderr):
-        for v in variants.values():
+    order = list(variants.values())
+    for i in tqdm(range(args.steps), desc="steps", file=sys.stderr):
+        for v in order[i % len(order) :] + order[: i % len(order)]:  # rotate: no fixed slot
             wall, cpu = one_step(v)
             v["times"].append(wall)
             v["cpu"].append(cpu)
 
-    med = {n: statistics.median(v["times"]) for n, v in variants.items()}
-    cpu = {n: statistics.median(v["cpu"]) for n, v in variants.items()}
-    flops = {n: flops_per_step(v["cfg"]) for n, v in variants.items()}
-    speedup = med["baseline"] / med["mod"]
-    flop_ratio = flops["baseline"] / flops["mod"]
-    m = cfgs["baseline"].model
+    dense = variants["dense"]
+    dense_flops = flops_per_step(dense["cfg"])
+    dense_wall, dense_cpu = statistics.median(dense["times"]), statistics.median(dense["cpu"])
+    table = {}
+    for name, v in variants.items():
+        wall, cpu = statistics.median(v["times"]), statistics.median(v["cpu"])
+        flops = flops_per_step(v["cfg"])
+        ratio = dense_flops / flops
+        table[name] = {
+            "step_s": round(wall, 4),
+            "quartiles_s": _quartiles(v["times"]),
+            "flops_per_step": flops,
+            "flop_ratio": round(ratio, 3),
+            "speedup": round(dense_wall / wall, 3),
+            "speedup_over_flop_ratio": round(dense_wall / wall / ratio, 3),
+            "cpu_step_s": round(cpu, 4),
+            "cpu_quartiles_s": _quartiles(v["cpu"]),
+            "cpu_speedup_over_flop_ratio": round(dense_cpu / cpu / ratio, 3),
+            "compile_s": round(v["compile_s"], 1),
+            "compiles": v["compiles"],
+        }
+    c = cfgs["dense"]
+    m = c.model
     device = f"{xm.xla_device_hw(rt.device)} x{rt.num_devices}" if rt.xla else str(rt.device)
     if rt.device.type == "cuda":
         device = torch.cuda.get_device_name(rt.device)
@@ -138,21 +223,11 @@ def bench(args) -> int:
         if rt.xla
         else ("eager+torch.compile" if args.compile else "eager"),
         "threads": torch.get_num_threads(),
-        "size": f"{m.num_layers} layers x d{m.d_model}, T{cfgs['baseline'].data.seq_len}, "
-        f"B{cfgs['baseline'].train.batch_size}, V{m.vocab_size}",
+        "size": f"{m.num_layers} layers x d{m.d_model}, T{c.data.seq_len}, "
+        f"B{c.train.batch_size}, V{m.vocab_size}",
         "steps": args.steps,
-        "baseline_step_s": round(med["baseline"], 4),
-        "mod_step_s": round(med["mod"], 4),
-        "quartiles_s": {n: _quartiles(v["times"]) for n, v in variants.items()},
-        "speedup": round(speedup, 3),
-        "flops_per_step": flops,
-        "flop_ratio": round(flop_ratio, 3),
-        "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
-        "cpu_step_s": {n: round(c, 4) for n, c in cpu.items()},
-        "cpu_quartiles_s": {n: _quartiles(v["cpu"]) for n, v in variants.items()},
-        "cpu_speedup_over_flop_ratio": round(cpu["baseline"] / cpu["mod"] / flop_ratio, 3),
-        "compile_s": {n: round(v["compile_s"], 1) for n, v in variants.items()},
-        "compiles": {n: v["compiles"] for n, v in variants.items()},
+        "configs": {n: getattr(args, VARIANTS[n][0]) for n in variants},
+        "variants": table,
     }
     print(json.dumps(result, indent=2))
     return 0
