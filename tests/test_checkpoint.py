@@ -164,7 +164,10 @@ ROUND_TRIP = textwrap.dedent("""
         return model, opt
 
     run_dir, args = sys.argv[1], sys.argv[2:]
-    cfg = load_config("configs/tiny.yaml", args + ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"])
+    # staged MoDE: MoD's router (None, fsdp), the experts over (expert, fsdp, tensor)
+    args += ["model.moe.experts=4", "model.moe.every=2"]
+    mesh = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]
+    cfg = load_config("configs/tiny.yaml", args + mesh)
     t = Trainer(cfg, run_dir)
     t.fit(MetricsLogger(t.run_dir, cfg.train.steps, 0, enabled=False))
     before = states(t)
@@ -188,6 +191,7 @@ def test_round_trip_on_a_2d_mesh_restores_every_tensor(tmp_path, data_cache):
     (model, opt), (model2, opt2), (model3, opt3) = r["before"], r["after"], r["other"]
     saved_model = {k[len("model.") :] for k in r["keys"] if k.startswith("model.")}
     assert saved_model == set(model)  # none dropped, e.g. router (None, fsdp) on this mesh
+    assert any(k.endswith("mlp.w1") and v.ndim == 3 for k, v in model.items())  # the experts
     n_params = len(model)
     assert len(opt) == 3 * n_params  # step, exp_avg, exp_avg_sq for every parameter
     for restored in ((model2, opt2), (model3, opt3)):

@@ -21,6 +21,7 @@ the one an `expert` mesh axis can shard.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,15 +71,23 @@ class MoEMLP(nn.Module):
         # This forward's losses and stats, taken (and cleared) by the Transformer: the block
         # interface (out, RoutingInfo | None) has no place for them.
         self.terms: dict[str, torch.Tensor] = {}
+        # Set by the SPMD layer (modxla/parallel/sharding.py) to lay the (B, E, C, D) expert
+        # buffers out over the mesh; the model itself knows no mesh.
+        self.pin_buffer: Callable[[torch.Tensor], None] | None = None
 
     def experts(self, xs: torch.Tensor) -> torch.Tensor:
         """Every expert on its own buffer: (B, E, C, D) -> (B, E, C, D)."""
+        if self.pin_buffer is not None:
+            self.pin_buffer(xs)
         h = torch.einsum("becd,edf->becf", xs, self.w1)
         if self.w3 is not None:
             h = F.silu(h) * torch.einsum("becd,edf->becf", xs, self.w3)
         else:
             h = F.gelu(h, approximate="tanh")
-        return torch.einsum("becf,efd->becd", h, self.w2)
+        out = torch.einsum("becf,efd->becd", h, self.w2)
+        if self.pin_buffer is not None:
+            self.pin_buffer(out)
+        return out
 
     def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         delta, _, self.terms = self.route(h, valid)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from modxla.model.layers import BlockDelta
+from modxla.model.moe import MoEMLP
 from modxla.model.scan import STACKED
 from modxla.parallel.mesh import BATCH_AXES
 
@@ -67,7 +68,11 @@ def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
 
     Each block's input is also pinned to batch sharding: without it, sharding propagation
     carries the weights' fsdp split onto a routed block's gathered tokens and then has to
-    rematerialize them whole (XLA's "involuntary full rematerialization").
+    rematerialize them whole (XLA's "involuntary full rematerialization"). An MoE layer's
+    (B, E, C, D) expert buffers are pinned to batch over data x fsdp and E over expert: the
+    dispatch into them is GShard's all-to-all, from batch over data x fsdp x expert to each
+    device's own experts, and the combine the one back. Unpinned, XLA replicated the flat
+    dispatch/combine indices whole on any batch-sharded mesh.
     """
     import torch_xla.distributed.spmd as xs
 
@@ -87,9 +92,15 @@ def shard_model(model: nn.Module, mesh) -> dict[str, tuple | None]:
             return
         xs.mark_sharding(x, mesh, (BATCH_AXES,) + (None,) * (x.ndim - 1))
 
+    def pin_experts(x):  # (B, E, C, D)
+        if x.device.type == "xla" and type(x) is torch.Tensor:
+            xs.mark_sharding(x, mesh, (("data", "fsdp"), "expert", None, None))
+
     for module in model.modules():
         if isinstance(module, BlockDelta):
             module.register_forward_pre_hook(lambda module, args: pin(args[0]))  # (B, T, D)
+        if isinstance(module, MoEMLP):
+            module.pin_buffer = pin_experts
     _lookup_replicated(model.embed, mesh)
     if getattr(model.cfg, "scan", False):  # the scan carry: blocks inside scan are not pinned
         model.embed.register_forward_hook(lambda module, args, out: pin(out))
