@@ -10,10 +10,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
-# One intra-op thread pool per core: with every xdist worker (and its training subprocesses)
-# using all cores, eager torch's spinning OpenMP threads made tiny eager runs 5-9x slower.
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+_THREADS_SET = "OMP_NUM_THREADS" in os.environ
 os.environ.setdefault("CPU_NUM_DEVICES", "8")
 # Test models are tiny: compiling dominates, executing does not. LLVM at -O0 halves the
 # suite's XLA compile time (inherited by the training subprocesses); HLO passes still run.
@@ -30,7 +27,20 @@ from modxla.config import load_config  # noqa: E402
 # The autograd engine sizes its per-device queues at the first backward pass; the XLA devices
 # must exist by then, or an XLA backward after a CPU one fails inside the engine.
 torch_xla.device()
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # were torch imported before us
+
+
+def pytest_configure(config):
+    """One intra-op thread pool per core: with every xdist worker (and its training
+    subprocesses) using all cores, eager torch's spinning OpenMP threads made tiny eager runs
+    5-9x slower. Set in the controller, which knows the worker count (-n); the workers
+    inherit it."""
+    if _THREADS_SET:
+        return
+    workers = getattr(config.option, "numprocesses", None)
+    workers = workers if isinstance(workers, int) and workers > 0 else 1
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for the subprocesses
+    torch.set_num_threads(threads)
 
 
 def tiny_overrides(**kw) -> list[str]:
