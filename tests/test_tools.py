@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from modxla.analysis import figures, runs
-from modxla.analysis.flops import flops_per_step
+from modxla.analysis.flops import flops_per_step, forward_flops
 from modxla.cli import isoflop
 from modxla.config import ConfigError, load_config, save_config
 from modxla.errors import EXIT_STOPPED
+from modxla.model.moe import expert_capacity
 from tests.conftest import cpu_trainer, read_metrics
 
 SIZES = ["2x64", "4x128", "6x192"]
@@ -23,7 +24,7 @@ SIZES = ["2x64", "4x128", "6x192"]
 def test_isoflop_runs_land_within_two_percent(tmp_path):
     budget = 3e14
     runs = isoflop.plan("configs/tiny.yaml", budget, SIZES, list(isoflop.VARIANTS))
-    assert len(runs) == 12
+    assert len(runs) == 3 * len(isoflop.VARIANTS)
     for r in runs:
         spent = r["steps"] * flops_per_step(r["config"])
         assert abs(spent - budget) <= 0.02 * budget, r["name"]
@@ -43,6 +44,46 @@ def test_isoflop_runs_land_within_two_percent(tmp_path):
     dirs = [set(re.findall(r"--run-dir (\S+)", s)) for s in (script, other)]
     assert len(dirs[0]) == len(dirs[1]) == 6 and not dirs[0] & dirs[1]
     assert all(d.startswith("runs/isoflop/3e14/") for d in dirs[0])
+
+
+def test_isoflop_mode_variants_cost_what_docs_study_sh_phase_13_intends():
+    """MoE, staged and integrated MoDE and the capacity-cut MoE at the study's 2x64, T 64, B 16:
+    hand-computed expert slots and the FLOPs/step ratios they give (no training)."""
+    names = ["baseline", "moe", "mod_c12", "mode_staged", "mode_integrated", "moe_capacity"]
+    over = ["train.batch_size=16", *isoflop.size_overrides("2x64")]
+    cfg = {v: load_config("configs/tiny.yaml", [*over, *isoflop.VARIANTS[v]]) for v in names}
+    m = {v: c.model for v, c in cfg.items()}
+    # one MoE block of two, the block MoD routes; integrated and the MoE route no tokens
+    assert m["moe"].moe_layers == m["mode_staged"].routed_layers == [1]
+    assert m["mode_staged"].moe_layers == [1] and m["mode_staged"].mod.capacity == 0.125
+    assert not m["moe"].routed_layers and not m["mode_integrated"].routed_layers
+    assert (m["mode_integrated"].moe.experts, m["mode_integrated"].moe.noop_experts) == (4, 4)
+    # slots per expert and sequence: 1.25 * 64 / 4 = 20; with 4 no-op experts 1.25 * 64 / 8 =
+    # 10, as the MoE at capacity factor 0.625; staged: round(1.25 * 8 / 4) = 2 of k = 8
+    slots = {v: expert_capacity(m[v].moe, 64) for v in ("moe", "mode_integrated", "moe_capacity")}
+    assert slots == {"moe": 20, "mode_integrated": 10, "moe_capacity": 10}
+    assert expert_capacity(m["mode_staged"].moe, 8) == 2
+    # MLP FLOPs: the dense block's 64 tokens plus the MoE block's 4 x C slots
+    mlp = {v: forward_flops(m[v], 64)["mlp"] for v in names}
+    assert mlp["moe"] == mlp["baseline"] * (64 + 80) / 128
+    assert mlp["mode_integrated"] == mlp["moe_capacity"] == mlp["baseline"] * (64 + 40) / 128
+    assert mlp["mode_staged"] == mlp["mod_c12"]  # 8 slots for the k = 8 routed tokens
+    f = {v: flops_per_step(c) for v, c in cfg.items()}
+    r = {v: f[v] / f["baseline"] for v in names}
+    assert 1.05 < r["moe"] < 1.07  # capacity factor 1.25 in one MLP of two
+    assert r["mode_staged"] == pytest.approx(r["mod_c12"], rel=1e-3) and r["mod_c12"] < 0.7
+    assert 0.9 < r["mode_integrated"] < 0.92
+    # the token-dropping control matches integrated MoDE but for its smaller router (4 vs 8)
+    assert r["moe_capacity"] < r["mode_integrated"]
+    assert r["moe_capacity"] == pytest.approx(r["mode_integrated"], rel=2e-3)
+    # each run spends the 2e12 budget of the study, so the cheaper steps are more steps
+    runs = {
+        r["name"]: r
+        for r in isoflop.plan("configs/tiny.yaml", 2e12, ["2x64"], names, extra=over[:1])
+    }
+    assert all(abs(r["flops"] - 2e12) <= 0.02 * 2e12 for r in runs.values())
+    steps = [runs[f"{v}_2x64"]["steps"] for v in ("moe", "baseline", "mode_integrated", "mod_c12")]
+    assert steps == sorted(steps) and steps[0] < steps[1]
 
 
 def test_isoflop_seeds_and_extra_overrides(tmp_path, capsys):

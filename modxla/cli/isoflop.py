@@ -46,6 +46,34 @@ VARIANTS = {
         "model.mod.aux_loss_weight=0",
     ],
 }
+# MoE and MoDE (docs/study.sh phase 13). At the study's scale (d 48-96, T 64, batch 16, 2-3
+# layers) an MoE layer is Switch-like and small: 4 experts, top-1, capacity factor 1.25 (20 of
+# the 64 tokens' slots per expert: a little slack over 16, so few tokens drop), in every 2nd
+# block as MoD routes every 2nd, so staged MoDE's MoD and MoE blocks coincide. More experts
+# would leave each a handful of slots per 64-token sequence; top-2 doubles the MoE's FLOPs.
+_MOE = [
+    "model.mod.capacity=1.0",
+    "model.moe.experts=4",
+    "model.moe.every=2",
+    "model.moe.top_k=1",
+    "model.moe.capacity_factor=1.25",
+]
+_NOOP = 4  # integrated MoDE's no-op experts: as many as real ones
+VARIANTS.update(
+    {
+        "moe": _MOE,
+        # MoD 12.5% every 2nd around the MoE block: its MoE sees the k = 8 routed tokens
+        # (2 slots per expert, rounded from 2.5).
+        "mode_staged": [*_MOE, *VARIANTS["mod_c12"]],
+        # The MoE router also picks among 4 no-op experts: C = round(1.25 * 64 / 8) = 10 slots
+        # per real expert, half the MoE's 20; a token sent to a no-op keeps its residual.
+        "mode_integrated": [*_MOE, f"model.moe.noop_experts={_NOOP}"],
+        # The paper's token-dropping control: the MoE with its capacity factor cut to 1.25 *
+        # 4 / (4 + 4) = 0.625, so its experts have integrated MoDE's 10 slots each (the same
+        # expert FLOPs; only the router, 4 outputs instead of 8, is a little cheaper).
+        "moe_capacity": [*_MOE, f"model.moe.capacity_factor={1.25 * 4 / (4 + _NOOP)}"],
+    }
+)
 TOLERANCE = 0.02
 
 
