@@ -262,3 +262,39 @@ def test_post_hoc_predictor_curve_prefers_validation_records():
     assert figures._post_hoc(runs.Run("r", cfg, predictor=train_only)) == [(10, 0.9), (20, 0.94)]
     fig = figures.predictor_accuracy([runs.Group([runs.Run("r", cfg, predictor=recs)])])
     assert list(fig.axes[0].lines[0].get_ydata()) == [0.93, 0.95]
+
+
+def test_moe_and_mode_runs_are_named_and_fitted_with_a_color_per_variant(tmp_path):
+    moe = ["model.moe.experts=4", "model.moe.every=2", "model.moe.capacity_factor=1.25"]
+    kinds = {
+        "base": (1.0, []),
+        "moe": (1.0, moe),
+        "staged": (0.125, moe),
+        "int": (1.0, [*moe, "model.moe.noop_experts=4"]),
+    }
+    paths = []
+    for var, (cap, extra) in kinds.items():
+        for (layers, d), loss in zip(((2, 64), (3, 96), (4, 128)), (2.2, 2.0, 2.1), strict=True):
+            name = f"{var}_{layers}x{d}"
+            paths.append(_run(tmp_path, name, cap, layers, d, 0, loss, loss, extra=extra)[0])
+    groups = runs.group_runs(runs.load_runs(paths))
+    tail = "top-1, capacity factor 1.25, every 2)"
+    assert {g.name.split("_")[0]: g.variant for g in groups} == {
+        "base": "Baseline",
+        "moe": f"MoE (4 experts, {tail}",
+        "staged": f"Staged MoDE (12.5% capacity, 4 experts, {tail}",
+        "int": f"Integrated MoDE (4 experts + 4 no-op, {tail}",
+    }
+    assert {g.short_variant for g in groups if g.cfg.model.moe_layers} == {
+        "MoE 4x1.25/2",
+        "Staged MoDE 12.5% 4x1.25/2",
+        "Integrated MoDE 4x1.25/2+4",
+    }
+    assert [g.name for g in groups if g.is_baseline] == ["base_2x64", "base_3x96", "base_4x128"]
+    # one budget: each variant's points and parabola in its own color
+    ax = figures.isoflop_figure(groups).axes[0]
+    fitted = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 100]  # the parabolas
+    assert len(fitted) == 4 and len({ln.get_color() for ln in fitted}) == 4
+    labels = figures.isoflop_ll(groups).axes[0].get_legend_handles_labels()[1]
+    assert {"Baseline", "MoE 4x1.25/2", "Integrated MoDE 4x1.25/2+4"} <= set(labels)
+    assert not any("100%" in label for label in labels)  # MoE is not labelled as MoD

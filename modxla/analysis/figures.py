@@ -190,6 +190,9 @@ def isoflop_ll(groups: list[Group]):
         if g.is_baseline:
             series["Baseline"].append(pt)
             continue
+        if g.cfg.model.moe_layers:  # MoE and MoDE: top-k only (no predictor tool yet)
+            series.setdefault(g.short_variant, []).append(pt)
+            continue
         if g.cfg.model.mod.router != "learned":
             continue  # random routing has no top-k vs predictor story to tell
         cap = f"{g.cfg.model.mod.capacity:.1%}".replace(".0%", "%")
@@ -302,9 +305,14 @@ def isoflop_figure(groups: list[Group]):
     budgets = sorted({e["budget_flops"] for e in fitted})
     variants = sorted({e["variant"] for e in fitted})
     color = {b: plt.cm.viridis(i / max(1, len(budgets) - 1) * 0.85) for i, b in enumerate(budgets)}
+    # one budget (a variant comparison, as the paper's MoDE figure): a color per variant
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    vcolor = {v: cycle[i % len(cycle)] for i, v in enumerate(variants)}
+    by_variant = len(budgets) == 1
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for e in fitted:
-        c, v = color[e["budget_flops"]], variants.index(e["variant"])
+        v = variants.index(e["variant"])
+        c = vcolor[e["variant"]] if by_variant else color[e["budget_flops"]]
         pts = e["points"]
         ax.errorbar(
             [p["params"] for p in pts],
@@ -334,11 +342,14 @@ def isoflop_figure(groups: list[Group]):
     ax.set_xlabel("Parameters")
     ax.set_ylabel("Final validation loss")
     handles = [Line2D([], [], color=color[b], lw=2, label=f"{sci(b)} FLOPs") for b in budgets]
+    if by_variant:
+        handles = []
+        ax.set_title(f"{sci(budgets[0])} training FLOPs", fontsize=9)
     handles += [
         Line2D(
             [],
             [],
-            color="gray",
+            color=vcolor[v] if by_variant else "gray",
             ls=STYLES[i % len(STYLES)],
             marker=MARKERS[i % len(MARKERS)],
             label=v,

@@ -101,6 +101,8 @@ class Group:
     def variant(self) -> str:
         mod = self.cfg.model.mod
         on = f" on {self.corpus}" if self.corpus else ""
+        if self.cfg.model.moe_layers:
+            return self._moe_variant() + on
         if not self.cfg.model.routed_layers:
             return "Baseline" + on
         name = f"MoD ({mod.capacity:.1%} capacity, every {mod.every})".replace(".0%", "%")
@@ -108,11 +110,33 @@ class Group:
             name = name.replace(", every", ", random routing, every")
         return name + on
 
+    def _moe_variant(self, short: bool = False) -> str:
+        """'MoE (4 experts, top-1, capacity factor 1.25, every 2)', 'Staged MoDE (12.5%
+        capacity, ...)', 'Integrated MoDE (4 experts + 4 no-op, ...)'; short: 'MoE 4x1.25/2'."""
+        m = self.cfg.model
+        moe, cap = m.moe, f"{m.mod.capacity:.1%}".replace(".0%", "%")
+        if short:
+            name = f"{moe.experts}x{moe.capacity_factor:g}/{moe.every}"
+            if m.routed_layers:
+                return f"Staged MoDE {cap} {name}"
+            if moe.noop_experts:
+                return f"Integrated MoDE {name}+{moe.noop_experts}"
+            return f"MoE {name}"
+        tail = f"top-{moe.top_k}, capacity factor {moe.capacity_factor:g}, every {moe.every}"
+        if m.routed_layers:
+            return f"Staged MoDE ({cap} capacity, {moe.experts} experts, {tail})"
+        if moe.noop_experts:
+            return f"Integrated MoDE ({moe.experts} experts + {moe.noop_experts} no-op, {tail})"
+        return f"MoE ({moe.experts} experts, {tail})"
+
     @property
     def short_variant(self) -> str:
-        """'Baseline', 'MoD 12.5%/2', 'MoD 50%/2 random': for crowded tick labels."""
+        """'Baseline', 'MoD 12.5%/2', 'MoD 50%/2 random', 'MoE 4x1.25/2': for crowded tick
+        labels."""
         mod = self.cfg.model.mod
         on = f" {self.corpus}" if self.corpus else ""
+        if self.cfg.model.moe_layers:
+            return self._moe_variant(short=True) + on
         if not self.cfg.model.routed_layers:
             return "Baseline" + on
         name = f"MoD {mod.capacity:.1%}/{mod.every}".replace(".0%", "%")
@@ -120,7 +144,7 @@ class Group:
 
     @property
     def is_baseline(self) -> bool:
-        return not self.cfg.model.routed_layers
+        return not self.cfg.model.routed_layers and not self.cfg.model.moe_layers
 
     @property
     def params(self) -> int:
