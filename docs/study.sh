@@ -18,6 +18,11 @@
 #  10. 3e13, seed 0 at every size;
 #  11. 3e13, seeds 1 and 2 at each variant's best size (seed 0) and its two neighbours;
 #  12. figures and fits of the ladder runs (docs/figures/ladder).
+# MoDE (issue 26; optional, ~30 runs of 1-3 min):
+#  13. at the large budget (2e12, phases 1-2's data), an isoFLOP comparison of baseline, MoE,
+#      MoD 12.5%, staged and integrated MoDE at 3 sizes (seed 0), seeds 1 and 2 at each one's
+#      best size, and MoE with its capacity cut to integrated MoDE's compute (seed 0, 3 sizes);
+#      figures (docs/figures/mode) and tables (docs/study/mode).
 # Runs use eager PyTorch on the CPU (at these sizes ~2x faster than XLA:CPU, no compile), one
 # thread each, JOBS at a time. Finished runs are skipped, so the script can be re-run after
 # an interruption. PHASES selects steps, e.g. PHASES="1 2" bash docs/study.sh.
@@ -26,13 +31,17 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 out=${OUT:-runs/study}
 jobs=${JOBS:-2}
-phases=${PHASES:-1 2 3 5 6 7}  # 4 and 8-12 are optional
+phases=${PHASES:-1 2 3 5 6 7}  # 4 and 8-13 are optional
 small=${SMALL:-1e12}
 large=${LARGE:-2e12}
 # Ascending in parameters. At these budgets the optimum sits among the smallest models.
 small_sizes=(2x32 2x48 2x64 2x96 3x96)
 large_sizes=(2x48 2x64 2x96 3x96)
 compare_size=3x96  # the 4-variant comparison (one routed block, as every 2-3 layer model here)
+# MoDE (phase 13): the sizes around both 2e12 optima (2x64 for baseline and MoD 12.5%); the
+# variants are tools/isoflop.py's (4 experts, top-1, capacity factor 1.25, every 2nd block)
+mode_sizes=(2x48 2x64 2x96)
+mode_variants=(baseline moe mod_c12 mode_staged mode_integrated)
 export OMP_NUM_THREADS=1 PJRT_DEVICE=CPU CPU_NUM_DEVICES=1 py out
 # The sizes' training FLOPs, and enough corpus (24 M characters) that no run sees a token twice.
 base=(train.batch_size=16 data.max_chars=24000000)
@@ -275,6 +284,54 @@ EOF
     for b in 1e12 2e12 1e13 3e13; do
       [ -e "$lroot/configs/$b/plan.txt" ] && cp "$lroot/configs/$b/plan.txt" "docs/figures/ladder/plan_$b.txt"
     done
+    ;;
+  13)  # MoDE at the large budget: 5 variants x 3 sizes, seeds at each best size, and the
+      # token-dropping control (MoE at integrated MoDE's expert compute), then figures
+    c=$out/configs/mode/$large
+    m=$out/mode/$large
+    if [ ! -e "$c/run_all.sh" ]; then
+      mkdir -p "$c"
+      $py tools/isoflop.py --budget "$large" --sizes "${mode_sizes[@]}" --out "$c" \
+        --variants "${mode_variants[@]}" moe_capacity --set "${base[@]}" >"$c/plan.txt"
+    fi
+    mode_runs() {  # SEEDS VARIANT SIZES...
+      local seeds=$1 v=$2 seed size
+      shift 2
+      for seed in $seeds; do
+        for size in "$@"; do echo "$c/${v}_$size.yaml $m/${v}_${size}_s$seed $seed"; done
+      done
+    }
+    mode_runs 0 baseline "${mode_sizes[0]}" | run_all  # alone: the tokenizer, if not cached
+    for v in "${mode_variants[@]}" moe_capacity; do mode_runs 0 "$v" "${mode_sizes[@]}"; done |
+      run_all
+    for v in "${mode_variants[@]}"; do
+      mode_runs "1 2" "$v" "$(best_size "mode/$large" "$v" "${mode_sizes[@]}")"
+    done | run_all
+    mkdir -p docs/figures/mode docs/study/mode
+    # shellcheck disable=SC2046
+    $py tools/plot.py --out docs/figures/mode $(ls -d "$m"/*_s?) >docs/study/mode/plot.txt
+    mv docs/figures/mode/{runs.md,isoflop_fit.json} docs/study/mode/
+    cp "$c/plan.txt" docs/study/mode/plan.txt
+    $py - "$m" "${mode_sizes[@]}" >docs/study/mode/loss.md <<'EOF'
+import json, pathlib, statistics, sys
+root, sizes = pathlib.Path(sys.argv[1]), sys.argv[2:]
+variants = ["baseline", "moe", "mod_c12", "mode_staged", "mode_integrated", "moe_capacity"]
+print("Final validation loss at 2e12 FLOPs; mean [min, max] where there are 3 seeds\n")
+print("| variant | " + " | ".join(sizes) + " |")
+print("|---|" + "---|" * len(sizes))
+for v in variants:
+    cells = []
+    for size in sizes:
+        vals = []
+        for m in sorted(root.glob(f"{v}_{size}_s?/metrics.jsonl")):
+            recs = [json.loads(x) for x in m.read_text().splitlines() if "val_loss" in x]
+            vals.append(recs[-1]["val_loss"])
+        if len(vals) > 1:
+            cells.append(f"{statistics.fmean(vals):.3f} [{min(vals):.3f}, {max(vals):.3f}]")
+        else:
+            cells.append(f"{vals[0]:.3f}" if vals else "-")
+    print(f"| {v} | " + " | ".join(cells) + " |")
+EOF
     ;;
   *)
     echo "phase $p: not in this script" >&2
