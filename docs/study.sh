@@ -316,6 +316,7 @@ EOF
 import json, pathlib, statistics, sys
 root, sizes = pathlib.Path(sys.argv[1]), sys.argv[2:]
 variants = ["baseline", "moe", "mod_c12", "mode_staged", "mode_integrated", "moe_capacity"]
+done = lambda name: (root / f"{name}.done").exists()  # finished runs only
 print("Final validation loss at 2e12 FLOPs; mean [min, max] where there are 3 seeds\n")
 print("| variant | " + " | ".join(sizes) + " |")
 print("|---|" + "---|" * len(sizes))
@@ -324,6 +325,8 @@ for v in variants:
     for size in sizes:
         vals = []
         for m in sorted(root.glob(f"{v}_{size}_s?/metrics.jsonl")):
+            if not done(m.parent.name):
+                continue
             recs = [json.loads(x) for x in m.read_text().splitlines() if "val_loss" in x]
             vals.append(recs[-1]["val_loss"])
         if len(vals) > 1:
@@ -331,6 +334,22 @@ for v in variants:
         else:
             cells.append(f"{vals[0]:.3f}" if vals else "-")
     print(f"| {v} | " + " | ".join(cells) + " |")
+print("\nMoE block, seed 0: fractions of the tokens it sees (staged: MoD's 8 of 64) taken by a")
+print("real expert, dropped (its buffer full) and sent to a no-op expert; mean of the last 10")
+print("logged training steps\n")
+print("| run | routed | dropped | no-op |")
+print("|---|---|---|---|")
+for v in variants[1:]:
+    for size in sizes:
+        m = root / f"{v}_{size}_s0" / "metrics.jsonl"
+        if v == "mod_c12" or not done(f"{v}_{size}_s0"):
+            continue
+        recs = [json.loads(x) for x in m.read_text().splitlines() if "moe_routed_frac" in x]
+        cells = []
+        for key in ("routed", "dropped", "noop"):
+            vals = [x for r in recs[-10:] for k, x in r.items() if k.startswith(f"moe_{key}_")]
+            cells.append(f"{statistics.fmean(vals):.3f}" if vals else "-")
+        print(f"| {v}_{size} | " + " | ".join(cells) + " |")
 EOF
     ;;
   *)
