@@ -20,9 +20,9 @@
 #  12. figures and fits of the ladder runs (docs/figures/ladder).
 # MoDE (issue 26; optional, ~30 runs of 1-3 min):
 #  13. at the large budget (2e12, phases 1-2's data), an isoFLOP comparison of baseline, MoE,
-#      MoD 12.5%, staged and integrated MoDE at 3 sizes (seed 0), seeds 1 and 2 at each one's
-#      best size, and MoE with its capacity cut to integrated MoDE's compute (seed 0, 3 sizes);
-#      figures (docs/figures/mode) and tables (docs/study/mode).
+#      MoD 12.5%, staged and integrated MoDE, and MoE with its capacity cut to integrated
+#      MoDE's compute (the token-dropping control) at 3 sizes (seed 0), seeds 1 and 2 at each
+#      one's best size; figures (docs/figures/mode) and tables (docs/study/mode).
 # Runs use eager PyTorch on the CPU (at these sizes ~2x faster than XLA:CPU, no compile), one
 # thread each, JOBS at a time. Finished runs are skipped, so the script can be re-run after
 # an interruption. PHASES selects steps, e.g. PHASES="1 2" bash docs/study.sh.
@@ -41,7 +41,7 @@ compare_size=3x96  # the 4-variant comparison (one routed block, as every 2-3 la
 # MoDE (phase 13): the sizes around both 2e12 optima (2x64 for baseline and MoD 12.5%); the
 # variants are tools/isoflop.py's (4 experts, top-1, capacity factor 1.25, every 2nd block)
 mode_sizes=(2x48 2x64 2x96)
-mode_variants=(baseline moe mod_c12 mode_staged mode_integrated)
+mode_variants=(baseline moe mod_c12 mode_staged mode_integrated moe_capacity)
 export OMP_NUM_THREADS=1 PJRT_DEVICE=CPU CPU_NUM_DEVICES=1 py out
 # The sizes' training FLOPs, and enough corpus (24 M characters) that no run sees a token twice.
 base=(train.batch_size=16 data.max_chars=24000000)
@@ -285,14 +285,15 @@ EOF
       [ -e "$lroot/configs/$b/plan.txt" ] && cp "$lroot/configs/$b/plan.txt" "docs/figures/ladder/plan_$b.txt"
     done
     ;;
-  13)  # MoDE at the large budget: 5 variants x 3 sizes, seeds at each best size, and the
-      # token-dropping control (MoE at integrated MoDE's expert compute), then figures
+  13)  # MoDE at the large budget: 6 variants x 3 sizes (the 6th, moe_capacity, is the
+      # token-dropping control: MoE at integrated MoDE's expert compute), seeds at each best
+      # size, then figures
     c=$out/configs/mode/$large
     m=$out/mode/$large
     if [ ! -e "$c/run_all.sh" ]; then
       mkdir -p "$c"
       $py tools/isoflop.py --budget "$large" --sizes "${mode_sizes[@]}" --out "$c" \
-        --variants "${mode_variants[@]}" moe_capacity --set "${base[@]}" >"$c/plan.txt"
+        --variants "${mode_variants[@]}" --set "${base[@]}" >"$c/plan.txt"
     fi
     mode_runs() {  # SEEDS VARIANT SIZES...
       local seeds=$1 v=$2 seed size
@@ -302,8 +303,7 @@ EOF
       done
     }
     mode_runs 0 baseline "${mode_sizes[0]}" | run_all  # alone: the tokenizer, if not cached
-    for v in "${mode_variants[@]}" moe_capacity; do mode_runs 0 "$v" "${mode_sizes[@]}"; done |
-      run_all
+    for v in "${mode_variants[@]}"; do mode_runs 0 "$v" "${mode_sizes[@]}"; done | run_all
     for v in "${mode_variants[@]}"; do
       mode_runs "1 2" "$v" "$(best_size "mode/$large" "$v" "${mode_sizes[@]}")"
     done | run_all
@@ -311,6 +311,7 @@ EOF
     # shellcheck disable=SC2046
     $py tools/plot.py --out docs/figures/mode $(ls -d "$m"/*_s?) >docs/study/mode/plot.txt
     mv docs/figures/mode/{runs.md,isoflop_fit.json} docs/study/mode/
+    sed -i 's#figures/mode/\(runs.md\|isoflop_fit.json\)#study/mode/\1#' docs/study/mode/plot.txt
     cp "$c/plan.txt" docs/study/mode/plan.txt
     $py - "$m" "${mode_sizes[@]}" >docs/study/mode/loss.md <<'EOF'
 import json, pathlib, statistics, sys
