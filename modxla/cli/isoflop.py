@@ -1,7 +1,8 @@
 """isoFLOP sweeps: the training steps each (size, variant) needs to spend one FLOP budget.
 
     modxla-isoflop --budget 2e15 --sizes 2x64 4x128 6x192 --out sweeps/iso2e15 \\
-        [--base configs/tiny.yaml] [--variants baseline mod_c12 mod_c50 mod_c50_random] \\
+        [--base configs/tiny.yaml] [--variants baseline mod_c12 mod_c50 mod_c50_random \\
+        moe mode_staged mode_integrated moe_capacity] \\
         [--seeds 0 1 2] [--set train.device=cpu data.source=corpus/man]
 
 Sizes are LAYERSxD_MODEL (head size --head-dim, 32 by default). --ladder NAME chooses them
