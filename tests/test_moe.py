@@ -14,7 +14,7 @@ from modxla.model import build_model
 from modxla.model.decode import KVCache, decode_step, moe_capacity, python_cond
 from modxla.model.layers import DenseBlock
 from modxla.model.moe import MoEMLP, expert_capacity
-from tests.conftest import read_metrics, run, tiny_overrides, train_args
+from tests.conftest import read_metrics, tiny_overrides, train_args
 
 B, N = 2, 16  # sequences, tokens the MLP sees
 
@@ -245,11 +245,23 @@ def test_param_count_and_memory_plan_know_the_expert_weights(name):
 
 
 @pytest.mark.parametrize("name", ["moe", "mode_staged", "mode_integrated"])
-def test_each_variant_trains_through_the_cli(tmp_path, data_cache, name, capsys):
-    from modxla.cli.generate import main as generate
+def test_each_variant_trains_resumes_and_samples_through_the_clis(
+    tmp_path, data_cache, name, capsys
+):
+    """modxla-train and modxla-generate's mains in process (eager: no compile)."""
+    import shutil
 
-    extra = ("train.device=cpu", "train.steps=3", "train.log_every=1")
-    run(train_args(tmp_path / name, data_cache, *extra, config=f"configs/{name}.yaml"), 1)
+    from modxla.cli.generate import main as generate
+    from modxla.cli.train import main as train
+
+    extra = ("train.device=cpu", "train.steps=3", "train.log_every=1", "checkpoint.every=2")
+    argv = train_args(tmp_path / name, data_cache, *extra, config=f"configs/{name}.yaml")[2:]
+    assert train(argv) == 0
+    first = {r["step"]: r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r}
+    # the last checkpoint lost: the same command resumes from step 2 and redoes step 3
+    shutil.rmtree(tmp_path / name / "checkpoints" / "step_00000003")
+    assert train(argv) == 0
+    assert "resuming from" in capsys.readouterr().err
     # and samples through modxla-generate (in-process, eager), --routing the default
     argv = ["--run-dir", str(tmp_path / name), "--prompt", "def f(", "--max-tokens", "4"]
     assert generate([*argv, "--device", "cpu", "--temperature", "0"]) == 0
@@ -257,7 +269,9 @@ def test_each_variant_trains_through_the_cli(tmp_path, data_cache, name, capsys)
     assert "expert-processed fraction of choices per MoE block: block 1: " in err
     assert ("routed fraction per routed block" in err) == (name == "mode_staged")
     recs = [r for r in read_metrics(tmp_path / name) if "loss" in r]
-    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert [r["step"] for r in recs] == [1, 2, 3]  # step 3's first record replaced
+    for r in recs:  # the resumed step 3 computes what the first run's did
+        assert r["loss"] == pytest.approx(first[r["step"]], rel=0, abs=1e-6)
     for r in recs:
         assert math.isfinite(r["loss"]) and math.isfinite(r["moe_balance_loss"])
         fracs = [r[f"moe_{k}_frac/block1"] for k in ("routed", "dropped")]
