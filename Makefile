@@ -31,7 +31,8 @@ NO_TESTS_FAIL = rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"
 test: $(STAMP)
 	@$(XLA_CPU) $(PY) -m pytest $(XDIST) $(PYTEST_ARGS); $(NO_TESTS_FAIL)
 
-# Everything that neither trains nor compiles XLA graphs (tests marked slow): under a minute.
+# Everything that neither trains, compiles XLA graphs nor starts processes (not marked slow):
+# under a minute.
 test-fast: $(STAMP)
 	@$(XLA_CPU) $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS); $(NO_TESTS_FAIL)
 

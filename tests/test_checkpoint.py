@@ -400,6 +400,7 @@ def _save_on_host(rank: int, world: int, port: int, base: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two hosts started by torchrun
 def test_every_host_s_checksums_reach_the_marker(tmp_path):
     """Two hosts (a gloo group), each writing its own shard: process 0 writes the CRC-32s of
     both into COMPLETE, gathered from the hosts, without reading a file back."""

@@ -132,6 +132,7 @@ def retries_due(proxy) -> range:
     return range(len(hits) - unseen, len(hits) + 1)
 
 
+@pytest.mark.slow  # gcsfs sleeps 1-2 s before each retry
 def test_run_dir_files_survive_503_429_and_dropped_replies(proxy):
     url = "gs://modxla-test/faults/files"
     faults(
