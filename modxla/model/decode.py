@@ -119,6 +119,16 @@ def _mlp_delta(block, x, a, used, seq_len: int, take=None):
     return a + delta, used
 
 
+def _cached_mlp_delta(block, cache: KVCache, i: int, x, a, take=None):
+    """_mlp_delta for block i, its MoE's expert slots (if any) updated in the cache in place
+    (a replayed step updates the cache tensors it holds)."""
+    used = cache.expert_slots(i)
+    delta, new = _mlp_delta(block, x, a, used, cache.seq_len, take)
+    if used is not None:
+        used.copy_(new)
+    return delta
+
+
 def _dense_step(block, cache: KVCache, i: int, x, pos, seen):
     """Every token through a dense block; writes slot pos of the full-length cache."""
     f = block.f
@@ -127,11 +137,7 @@ def _dense_step(block, cache: KVCache, i: int, x, pos, seen):
     cache.k[i].scatter_(2, at, k_new)
     cache.v[i].scatter_(2, at, v_new)
     a = f.attn.attend(q, cache.k[i], cache.v[i], seen[:, None, None, :])
-    used = cache.expert_slots(i)
-    delta, new = _mlp_delta(block, x, a, used, cache.seq_len)
-    if used is not None:
-        used.copy_(new)  # in place: a replayed step updates the cache tensors it holds
-    return x + delta
+    return x + _cached_mlp_delta(block, cache, i, x, a)
 
 
 def _decide(block: MoDBlock, x, routing: str) -> torch.Tensor:
@@ -185,11 +191,7 @@ def _routed_one(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str):
     cache.count[i] += 1
     n = slot + 1  # slots 0..slot hold this block's routed tokens so far, all at or before pos
     a = f.attn.attend(q, cache.k[i][:, :, :n], cache.v[i][:, :, :n], None)
-    used = cache.expert_slots(i)
-    delta, new = _mlp_delta(block, x, a, used, cache.seq_len)
-    if used is not None:
-        used.copy_(new)
-    return x + _weight(block, x) * delta
+    return x + _weight(block, x) * _cached_mlp_delta(block, cache, i, x, a)
 
 
 def _routed_step_eager(block: MoDBlock, cache: KVCache, i: int, x, pos, routing: str):
@@ -222,10 +224,7 @@ def _routed_step_static(block: MoDBlock, cache: KVCache, i: int, x, pos, routing
     mask = cache.pos[i] >= 0  # (B, k)
     mask = mask | ~mask.any(-1, keepdim=True)  # a skipped row with an empty cache stays finite
     a = f.attn.attend(q, cache.k[i], cache.v[i], mask[:, None, None, :])
-    used = cache.expert_slots(i)
-    delta, new = _mlp_delta(block, x, a, used, cache.seq_len, take)  # take: skipped rows count 0
-    if used is not None:
-        used.copy_(new)
+    delta = _cached_mlp_delta(block, cache, i, x, a, take)  # take: skipped rows count 0
     y = x + _weight(block, x) * delta
     return torch.where(take[:, None, None], y, x)
 
