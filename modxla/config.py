@@ -406,18 +406,20 @@ def from_dict(raw: dict, overrides: list[str] = ()) -> Config:
     return validate(_build(Config, raw, ""))
 
 
+def read_config_file(path: str | Path) -> dict:
+    """A YAML config file's contents, unvalidated (from_dict builds and checks them)."""
+    p = resolve_config_path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (None = defaults), apply `key=value` overrides and validate."""
-    raw: dict = {}
-    if path is not None:
-        p = resolve_config_path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return from_dict(raw, overrides)
+    return from_dict({} if path is None else read_config_file(path), overrides)
 
 
 def resolve_config_path(path: str | Path) -> Path:

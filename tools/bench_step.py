@@ -39,11 +39,10 @@ import sys
 import time
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from modxla.analysis.flops import flops_per_step
-from modxla.config import ConfigError, from_dict, resolve_config_path
+from modxla.config import from_dict, read_config_file
 from modxla.errors import UserError, report
 from modxla.model import build_model
 from modxla.train.optim import build_optimizer, step_state
@@ -66,25 +65,15 @@ def _quartiles(xs: list[float]) -> list[float]:
     return [round(q[0], 4), round(statistics.median(xs), 4), round(q[2], 4)]
 
 
-def _raw(path: str) -> dict:
-    p = resolve_config_path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        return yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-
-
 def variant_configs(args) -> dict:
     """Each variant's config: the dense one with the variant's routing sections."""
-    dense = _raw(getattr(args, VARIANTS["dense"][0]))
+    dense = read_config_file(getattr(args, VARIANTS["dense"][0]))
     over = ["train.compile_cache=", *args.overrides]
     cfgs = {}
     for name in args.variants:
         raw = copy.deepcopy(dense)
         if name != "dense":
-            own = _raw(getattr(args, VARIANTS[name][0])).get("model") or {}
+            own = read_config_file(getattr(args, VARIANTS[name][0])).get("model") or {}
             model = raw.setdefault("model", {})
             for section in ROUTING:
                 model.pop(section, None)
