@@ -54,17 +54,32 @@ lroot=$out/ladder
 # read up to 14 M tokens; tools/isoflop.py --ladder keeps every run under 15 M (none twice).
 lbase=(train.batch_size=16 data.max_chars=0)
 
+# Finished ladder runs keep their config and metrics (gzipped) under docs/study/runs, which is
+# committed: the sweep spans sessions, and a fresh checkout restores them instead of re-running.
+kept=${KEPT:-docs/study/runs}
+export kept lroot
+
 # One training run: CONFIG RUN_DIR SEED [overrides...]; skipped once it has finished.
 train() {
-  local cfg=$1 dir=$2 seed=$3
+  local cfg=$1 dir=$2 seed=$3 keep=""
   shift 3
   [ -e "$dir.done" ] && return 0
+  case $dir in "$lroot"/*) keep=$kept/ladder/${dir#"$lroot"/} ;; esac
   mkdir -p "$(dirname "$dir")"
+  if [ -n "$keep" ] && [ -e "$keep/metrics.jsonl.gz" ]; then
+    mkdir -p "$dir" && cp "$keep/config.yaml" "$dir/" && gunzip -c "$keep/metrics.jsonl.gz" >"$dir/metrics.jsonl"
+    touch "$dir.done"
+    echo "kept   $dir"
+    return 0
+  fi
   mkdir "$dir.lock" 2>/dev/null || { echo "skip   $dir (running elsewhere)"; return 0; }
   trap 'rmdir "$dir.lock"' RETURN
   # shellcheck disable=SC2086
   if $py -m modxla.train --config "$cfg" --run-dir "$dir" train.seed="$seed" $COMMON "$@" \
       >"$dir.log" 2>&1; then
+    if [ -n "$keep" ]; then
+      mkdir -p "$keep" && cp "$dir/config.yaml" "$keep/" && gzip -9c "$dir/metrics.jsonl" >"$keep/metrics.jsonl.gz"
+    fi
     touch "$dir.done"
     echo "done   $dir"
   else

@@ -34,7 +34,8 @@ class Decoder:
         self.cache: KVCache | None = None
         self.calls = 0
         self._weights = list(model.parameters()) + list(model.buffers())
-        self._step = TracedStep(self._decode, self._state, "decode_step")
+        # no random numbers, no step closures: no sync after each token (modxla/xla/replay.py)
+        self._step = TracedStep(self._decode, self._state, "decode_step", sync=False)
         self._compiled = torch_xla.compile(self._decode, full_graph=True, name="decode_step")
 
     @property
