@@ -122,3 +122,38 @@ def test_new_arguments_are_captured_apart():
         assert out.cpu().tolist() == [expect] * 3
     assert len(step.graphs) == 3
     assert step.traces == 6  # each signature: captured, then checked once
+
+
+def test_sync_false_replays_without_marking_steps_unless_the_graph_draws_random_numbers():
+    """sync=False (decoding) skips the sync after a replay, whose only work is the RNG and
+    step closures; a graph that reads the RNG seed still syncs, so its draws advance."""
+    import torch_xla.debug.metrics as met
+
+    dev = torch_xla.device()
+    w = torch.zeros(3).to(dev)
+
+    def plain(x):
+        w.add_(x)
+        return w * 1
+
+    def noisy(x):
+        return x + torch.rand(3, device=dev)
+
+    def marks() -> int:
+        return met.counter_value("MarkStep") or 0
+
+    step, rand = (
+        TracedStep(plain, lambda: [w], "plain", sync=False),
+        TracedStep(noisy, list, "rand", sync=False),
+    )
+    x = torch.ones(3).to(dev)
+    for _ in range(2):  # capture, check
+        step(x)
+        rand(x)
+    before = marks()
+    outs = [step(x).cpu().tolist() for _ in range(3)]
+    assert marks() == before  # replayed three times, no sync
+    assert outs == [[3.0] * 3, [4.0] * 3, [5.0] * 3]
+    draws = [rand(x).cpu() for _ in range(2)]
+    assert marks() == before + 2
+    assert not torch.equal(draws[0], draws[1])
