@@ -18,6 +18,8 @@
 #  10. 3e13, seed 0 at every size;
 #  11. 3e13, seeds 1 and 2 at each variant's best size (seed 0) and its two neighbours;
 #  12. figures and fits of the ladder runs (docs/figures/ladder).
+# On a CUDA GPU (optional; its own phase, run alone: PHASES=14):
+#  14. the GPU preset: baseline and MoD 12.5% at 1e14 and 3e14 on the aspect32 ladder, seed 0.
 # MoDE (issue 26; optional, ~30 runs of 1-3 min):
 #  13. at the large budget (2e12, phases 1-2's data), an isoFLOP comparison of baseline, MoE,
 #      MoD 12.5%, staged and integrated MoDE, and MoE with its capacity cut to integrated
@@ -57,14 +59,15 @@ lbase=(train.batch_size=16 data.max_chars=0)
 # Finished ladder runs keep their config and metrics (gzipped) under docs/study/runs, which is
 # committed: the sweep spans sessions, and a fresh checkout restores them instead of re-running.
 kept=${KEPT:-docs/study/runs}
-export kept lroot
+groot=$out/gpu  # phase 14
+export kept lroot groot
 
 # One training run: CONFIG RUN_DIR SEED [overrides...]; skipped once it has finished.
 train() {
   local cfg=$1 dir=$2 seed=$3 keep=""
   shift 3
   [ -e "$dir.done" ] && return 0
-  case $dir in "$lroot"/*) keep=$kept/ladder/${dir#"$lroot"/} ;; esac
+  case $dir in "$lroot"/* | "$groot"/*) keep=$kept/${dir#"$out"/} ;; esac
   mkdir -p "$(dirname "$dir")"
   if [ -n "$keep" ] && [ -e "$keep/metrics.jsonl.gz" ]; then
     mkdir -p "$dir" && cp "$keep/config.yaml" "$dir/" && gunzip -c "$keep/metrics.jsonl.gz" >"$dir/metrics.jsonl"
@@ -137,22 +140,27 @@ print(min(final, key=final.get))
 EOF
 }
 
-lplan() {  # BUDGET: each variant's rungs (once): configs, plan.txt (with warnings), sizes.txt
-  local dir=$lroot/configs/$1
+lplan() {  # BUDGET [ROOT LADDER OVERRIDES...]: each variant's rungs (once): configs,
+  # plan.txt (with warnings), sizes.txt; by default the CPU ladder's
+  local budget=$1 root=${2:-$lroot} lad=${3:-$ladder} over=("${@:4}")
+  [ $# -gt 3 ] || over=("${lbase[@]}")
+  local dir=$root/configs/$budget
   [ -e "$dir/sizes.txt" ] && return 0
   mkdir -p "$dir"
-  $py tools/isoflop.py --budget "$1" --ladder "$ladder" --out "$dir" --variants baseline mod_c12 \
-    --set "${lbase[@]}" >"$dir/plan.txt" 2>&1
-  $py tools/isoflop.py --budget "$1" --ladder "$ladder" --print-sizes --variants baseline mod_c12 \
-    --set "${lbase[@]}" >"$dir/sizes.txt.tmp" && mv "$dir/sizes.txt.tmp" "$dir/sizes.txt"
+  $py tools/isoflop.py --budget "$budget" --ladder "$lad" --out "$dir" \
+    --variants baseline mod_c12 --set "${over[@]}" >"$dir/plan.txt" 2>&1 ||
+    { cat "$dir/plan.txt" >&2; return 1; }
+  $py tools/isoflop.py --budget "$budget" --ladder "$lad" --print-sizes \
+    --variants baseline mod_c12 --set "${over[@]}" >"$dir/sizes.txt.tmp"
+  mv "$dir/sizes.txt.tmp" "$dir/sizes.txt"
 }
 
-lsweep() {  # BUDGET SEEDS < lines "VARIANT SIZE...": one training line per (variant, size, seed)
-  local budget=$1 seeds=$2 v sizes seed size
+lsweep() {  # BUDGET SEEDS [ROOT] < lines "VARIANT SIZE...": a training line per (variant, size, seed)
+  local budget=$1 seeds=$2 root=${3:-$lroot} v sizes seed size
   while read -r v sizes; do
     for seed in $seeds; do
       for size in $sizes; do
-        echo "$lroot/configs/$budget/${v}_$size.yaml $lroot/$budget/${v}_${size}_s$seed $seed"
+        echo "$root/configs/$budget/${v}_$size.yaml $root/$budget/${v}_${size}_s$seed $seed"
       done
     done
   done
@@ -367,6 +375,33 @@ for v in variants[1:]:
             cells.append(f"{statistics.fmean(vals):.3f}" if vals else "-")
         print(f"| {v}_{size} | " + " | ".join(cells) + " |")
 EOF
+    ;;
+  14)  # the GPU preset: baseline and MoD 12.5% every 2nd block on the aspect32 ladder (5-11
+      # layers: 2-5 routed blocks) at 1e14 and 3e14, seed 0, bf16 autocast on one CUDA GPU,
+      # GPU_JOBS runs sharing it (eager steps this small are bound by kernel launches, not by
+      # the GPU); figures and tables in docs/figures/gpu
+    gdev=${GPU_DEVICE:-cuda}  # cpu: a smoke test of this phase at a tiny GPU_BUDGETS
+    [ "$gdev" != cuda ] || $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())" ||
+      { echo "phase 14 needs a CUDA GPU (torch.cuda.is_available() is False)" >&2; exit 2; }
+    read -ra gbase <<<"${GPU_SET:-train.batch_size=128 data.max_chars=0}"
+    budgets=${GPU_BUDGETS:-1e14 3e14}
+    start=$SECONDS
+    for b in $budgets; do lplan "$b" "$groot" aspect32 "${gbase[@]}"; done
+    (
+      export COMMON="train.device=$gdev train.dtype=bfloat16 train.log_every=10
+        train.eval_every=100 train.eval_batches=16 data.val_fraction=0.03 checkpoint.keep=1"
+      jobs=${GPU_JOBS:-4}
+      lsweep "${budgets%% *}" 0 "$groot" <"$groot/configs/${budgets%% *}/sizes.txt" | sed -n 1p |
+        run_all  # alone: the tokenizer
+      for b in $budgets; do lsweep "$b" 0 "$groot" <"$groot/configs/$b/sizes.txt"; done | run_all
+    )
+    echo "phase 14: $((SECONDS - start)) s of training"
+    mkdir -p docs/figures/gpu
+    # shellcheck disable=SC2046
+    $py tools/plot.py --out docs/figures/gpu $(ls -d "$groot"/*/*_s?) >docs/figures/gpu/plot.txt
+    for b in $budgets; do cp "$groot/configs/$b/plan.txt" "docs/figures/gpu/plan_$b.txt"; done
+    $py -c "import sys, torch; print(torch.cuda.get_device_name() if sys.argv[1] == 'cuda' else 'cpu', \
+      'torch', torch.__version__)" "$gdev" >docs/figures/gpu/device.txt
     ;;
   *)
     echo "phase $p: not in this script" >&2
