@@ -56,6 +56,10 @@ class MoEConfig:
     load_balance_weight: float = 0.01  # Switch: E * sum_e f_e * P_e
     z_loss_weight: float = 0.001  # mean logsumexp(router logits)^2
     noop_experts: int = 0  # integrated MoDE: parameter-free experts a token may choose (skip)
+    # expert choice: a small MLP per MoE layer on stop_gradient(h) predicting, per expert,
+    # membership of its top-C (what causal routing and decoding decide by); its width, input
+    # and loss weight are model.mod's predictor_hidden, predictor_input, predictor_loss_weight
+    predictor: bool = False
 
 
 @dataclass
@@ -107,6 +111,11 @@ class ModelConfig:
             return []
         e = self.moe.every
         return [i for i in range(self.num_layers) if i % e == e - 1]
+
+    @property
+    def moe_predictor_layers(self) -> list[int]:
+        """The MoE layers with a top-C predictor (expert choice with model.moe.predictor)."""
+        return self.moe_layers if self.moe.routing == "expert" and self.moe.predictor else []
 
 
 @dataclass
@@ -376,6 +385,11 @@ def _check_moe(m: ModelConfig) -> None:
         moe.routing == "token" or moe.noop_experts == 0,
         "model.moe.noop_experts",
         "needs model.moe.routing=token (a no-op expert cannot choose tokens)",
+    )
+    _check(
+        moe.routing == "expert" or not moe.predictor,
+        "model.moe.predictor",
+        "needs model.moe.routing=expert (token choice is causal already: nothing to predict)",
     )
     # The MoE reports its losses and stats outside the (out, RoutingInfo) block interface
     # that scan and the XLA checkpoint carry: neither is wired for it yet.

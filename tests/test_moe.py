@@ -359,7 +359,7 @@ def _full_expert_use(model, seq, routing):
         def hook(m, args, out, layer=layer):
             _, info, _ = m.route(*args)
             real = info.expert < m.num_experts
-            valid = args[1][..., None] if len(args) > 1 else torch.ones_like(real)
+            valid = torch.ones_like(real) if args[1] is None else args[1][..., None]
             chosen = F.one_hot(info.expert, info.router_logits.shape[-1])  # (B, n, K, E + N)
             used = (chosen * info.kept[..., None]).sum((1, 2))[:, : m.num_experts]
             got[layer] = (used, int((real & ~info.kept & valid).sum()), info.capacity)
@@ -396,18 +396,185 @@ def test_decoding_equals_the_full_forward_overflow_included(case):
     assert c == expert_capacity(model.cfg.moe, 16 if staged else 32)  # k = 16 in block 1
 
 
-def test_expert_choice_decoding_is_refused():
+def test_expert_choice_decoding_needs_its_predictor_and_a_causal_mode():
     from modxla.inference.load import InferenceError
     from modxla.inference.sample import generate
 
     model = build_model(_cfg(**{"model.moe.routing": "expert"}).model, seed=0)
-    with pytest.raises(ValueError, match="expert choice .* not causal"):
+    with pytest.raises(ValueError, match="needs its top-C predictor .* not causal"):
         KVCache.empty(model, 1, 8)
-    with pytest.raises(InferenceError, match="not causal"):
+    with pytest.raises(InferenceError, match="not causal without its top-C predictor"):
         generate(model, [1, 2], 2)
+    ec = build_model(_ec_cfg().model, seed=0)
+    with pytest.raises(InferenceError, match="--routing predictor"):
+        generate(ec, [1, 2], 2, routing="topk")
+    cache = KVCache.empty(ec, 1, 8)  # with the predictor: a cache, and topk still refused
+    with pytest.raises(ValueError, match="routing='predictor'"):
+        decode_step(ec, cache, torch.tensor([1]), torch.tensor([0]), "topk")
     moe = build_model(_cfg().model, seed=0)  # token choice: bounded by the trained length too
     with pytest.raises(ValueError, match="trained length 32"):
         KVCache.empty(moe, 1, 33, seq_len=32)
+    with pytest.raises(ConfigError, match="model.moe.predictor: needs model.moe.routing=expert"):
+        _cfg(**{"model.moe.predictor": True})
+
+
+# --- expert choice with its top-C predictor: causal routing and decoding ---
+
+
+def _ec_cfg(**kw):
+    return _cfg(**{"model.moe.routing": "expert", "model.moe.predictor": True, **kw})
+
+
+def _ec_layer(seed=0, **kw) -> MoEMLP:
+    layer = _layer(_ec_cfg(**kw), seed)
+    with torch.no_grad():  # logits of order 1: decisions far from the threshold
+        for p in layer.predictor.parameters():
+            p.normal_(0.0, 0.5)
+    return layer
+
+
+def _ec_reference(layer, h, valid=None):
+    """Each expert walks the tokens in position order and takes those its predictor logit
+    puts above the threshold, while it has one of its C slots free; gate = router prob."""
+    c, e_real = expert_capacity(layer.moe, h.shape[1]), layer.num_experts
+    out, kept = torch.zeros_like(h), torch.zeros(h.shape[:2] + (e_real,), dtype=torch.bool)
+    decided = torch.zeros(h.shape[0], e_real, dtype=torch.long)
+    for b in range(h.shape[0]):
+        for e in range(e_real):
+            for t in range(h.shape[1]):
+                logit = layer.predictor(h[b, t])[e]
+                if logit <= layer.thresholds["predictor"] or (
+                    valid is not None and not valid[b, t]
+                ):
+                    continue
+                decided[b, e] += 1
+                if decided[b, e] <= c:
+                    p = torch.softmax(h[b, t] @ layer.router.weight.T, -1)[e]
+                    out[b, t] += p * _expert(layer, e, h[b, t])
+                    kept[b, t, e] = True
+    return out, kept, decided
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_expert_choice_predictor_mode_equals_the_per_token_reference(masked):
+    layer = _ec_layer(seed=3)
+    h = torch.randn(B, N, 64)
+    valid = torch.rand(B, N, generator=torch.Generator().manual_seed(4)) > 0.3 if masked else None
+    with torch.no_grad():
+        c = expert_capacity(layer.moe, N)
+        # a threshold at the (1 - C/N) quantile: about C wanted per expert, some more, some fewer
+        layer.thresholds["predictor"] = float(layer.predictor(h).quantile(1 - c / N))
+        delta, info, terms = layer.route(h, valid, "predictor")
+        ref, kept, decided = _ec_reference(layer, h, valid)
+    assert torch.equal(info.kept, kept)
+    assert torch.equal(info.decided, decided)
+    assert (decided > c).any() and (decided < c).any()  # overflow, and experts left short
+    assert torch.equal(info.kept.sum(1), decided.clamp(max=c))  # exactly min(C, decided)
+    torch.testing.assert_close(delta, ref, rtol=1e-5, atol=1e-5)
+    untaken = ~info.kept.any(-1)  # dropped on overflow or never wanted: delta exactly 0
+    assert untaken.sum() >= 2 and torch.equal(delta[untaken], torch.zeros_like(delta[untaken]))
+    if masked:
+        assert not info.kept[~valid].any()  # an invalid token takes no slot
+    assert float(terms["dropped_frac"]) == pytest.approx(float(untaken.float().mean()))
+    # top-k mode still takes each expert's top-C, and the predictor's target is that
+    with torch.no_grad():
+        _, top, _ = layer.route(h)
+    assert torch.equal(top.kept, top.target > 0) and int(top.kept.sum()) == B * 4 * c
+
+
+def test_expert_choice_predictor_learns_from_its_bce_only():
+    """Its BCE on stop_gradient(h) reaches the predictor alone; the LM loss never reaches it;
+    and the model's predictor loss is the mean BCE over MoD blocks and MoE predictors."""
+    from modxla.model import lm_loss
+
+    cfg = _ec_cfg(**{"model.num_layers": 4, "model.moe.every": 2, "model.mod.capacity": 0.5})
+    model = build_model(cfg.model, seed=0)
+    assert cfg.model.routed_layers == cfg.model.moe_predictor_layers == [1, 3]  # staged
+    tokens = torch.randint(0, 128, (B, 33))
+    out = model(tokens[:, :-1])
+    mod_bce = [
+        F.binary_cross_entropy_with_logits(i.predictor_logits, i.topk_mask) for i in out.routing
+    ]
+    moe_bce = [
+        F.binary_cross_entropy_with_logits(i.predictor_logits, i.target) for i in out.experts
+    ]
+    torch.testing.assert_close(out.predictor_loss, torch.stack(mod_bce + moe_bce).mean())
+    assert {"moe_predictor_acc/block1", "moe_predictor_acc/block3"} <= set(out.block_stats)
+    for i in out.experts:  # the target: each expert's top-C of its k routed tokens
+        assert torch.equal(i.target.sum(1), torch.full((B, 4), float(i.capacity)))
+    out.predictor_loss.backward()
+    for name, p in model.named_parameters():
+        grad = p.grad is not None and p.grad.abs().sum() > 0
+        assert grad == (".predictor." in name), name
+    model.zero_grad(set_to_none=True)
+    out = model(tokens[:, :-1])
+    lm_loss(out.logits, tokens[:, 1:]).backward()
+    moe_pred = [p for n, p in model.named_parameters() if ".mlp.predictor." in n]
+    assert len(moe_pred) == 8 and all(p.grad is None for p in moe_pred)
+    assert model.blocks[1].f.mlp.router.weight.grad.abs().sum() > 0
+
+
+EC_DECODE_CASES = {
+    "expert_choice": {},
+    "staged_expert_choice": {"model.mod.capacity": 0.5},
+}
+
+
+def _ec_decode_model(case: str, threshold: float):
+    """Block 0 dense + EC MoE, block 1 routed (staged case) + EC MoE; T = 32."""
+    over = {"model.moe.capacity_factor": 1.0, "model.mod.every": 2, **EC_DECODE_CASES[case]}
+    model = build_model(_ec_cfg(**over).model, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # predictor logits of order 1: far from the threshold
+        for layer in model.cfg.moe_layers:
+            mlp = model.blocks[layer].f.mlp
+            for p in (mlp.router.weight, *mlp.predictor.parameters()):
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if p.ndim > 1 else 0.1))
+            mlp.thresholds["predictor"] = threshold
+    return model
+
+
+def _ec_full_use(model, seq):
+    """Full predictor-mode forward: logits, and per MoE block (kept per expert (B, E),
+    decided per expert (B, E), C)."""
+    with torch.no_grad():
+        out = model(seq, routing="predictor")
+    use = {
+        layer: (i.kept.sum(1), i.decided, i.capacity)
+        for layer, i in zip(model.cfg.moe_layers, out.experts, strict=True)
+    }
+    return out.logits, use
+
+
+@pytest.mark.parametrize(
+    "case, batch, threshold",  # -1e9: every token wants every expert; 0 overflows some
+    [
+        ("expert_choice", 1, 0.0),
+        ("expert_choice", 3, -1e9),
+        ("staged_expert_choice", 1, -1e9),
+        ("staged_expert_choice", 3, 0.0),
+    ],
+)
+def test_expert_choice_decoding_equals_the_causal_full_forward(case, batch, threshold):
+    model = _ec_decode_model(case, threshold)
+    t = 32  # the trained length
+    seq = torch.randint(0, 128, (batch, t), generator=torch.Generator().manual_seed(2))
+    full, use = _ec_full_use(model, seq)
+    conds = (None, python_cond) if case == "staged_expert_choice" and batch == 3 else (None,)
+    for cond in conds:
+        cache = KVCache.empty(model, batch, t, seq_len=t)
+        inc = [
+            decode_step(model, cache, seq[:, i], torch.full((batch,), i), "predictor", cond)
+            for i in range(t)
+        ]
+        torch.testing.assert_close(torch.stack(inc, 1), full, rtol=1e-5, atol=1e-5)
+        for layer in model.cfg.moe_layers:
+            kept, decided, c = use[layer]
+            assert c == moe_capacity(model.blocks[layer], t)
+            assert torch.equal(cache.experts[layer], kept)  # the same slots, expert by expert
+            assert (decided > c).any()  # an expert overflowed
+            if threshold < -1:  # every token wanted: each expert took its first C exactly
+                assert torch.equal(kept, torch.full_like(kept, c))
 
 
 @pytest.mark.slow  # compiles one decode graph

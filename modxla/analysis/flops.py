@@ -11,7 +11,9 @@ the weight gradients and fc2's input gradient, 2*T*(D*H + 2H)). Random routing's
 An MoE layer (model.moe) counts its experts at capacity: E buffers of C slots each run the
 MLP whether full or not (empty slots are computed too), plus its router 2*n*D*(E + N) over
 the n tokens its MLP sees (T, or MoD's k in a staged MoDE block). No-op experts are free, and
-dispatch and combine (gathers, scatters, the gate multiply) are not counted.
+dispatch and combine (gathers, scatters, the gate multiply) are not counted. An expert-choice
+MoE's predictor (model.moe.predictor) counts as MoD's with E outputs, 2*n*(D*H + H*E), and its
+backward 2*n*(D*H + 2*H*E) (stop_gradient(h) as well).
 """
 
 from __future__ import annotations
@@ -37,7 +39,16 @@ def block_flops(cfg: ModelConfig, n: int, moe: bool = False) -> dict[str, int]:
     }
     if moe:
         out["router"] = 2 * n * d * (cfg.moe.experts + cfg.moe.noop_experts)
+        if cfg.moe_predictor_layers:
+            out["predictor"] = 2 * n * _moe_predictor_params(cfg, fc2_bias=False)
     return out
+
+
+def _moe_predictor_params(cfg: ModelConfig, fc2_bias: bool = True) -> int:
+    """An expert-choice MoE predictor's fc1 (D x H) and fc2 (H x E) weights; with the biases
+    (H + E) when fc2_bias, as MoD's predictor count does."""
+    d, h, e = cfg.d_model, cfg.mod.predictor_hidden, cfg.moe.experts
+    return d * h + h * e + (h + e if fc2_bias else 0)
 
 
 def forward_flops(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
@@ -55,7 +66,7 @@ def forward_flops(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
         out["router"] += n_routed * 2 * t * d
     if cfg.mod.predictor:
         h = cfg.mod.predictor_hidden
-        out["predictor"] = n_routed * 2 * t * (d * h + h)
+        out["predictor"] += n_routed * 2 * t * (d * h + h)
     out["head"] = 2 * t * d * cfg.vocab_size
     out["total"] = sum(out.values())
     return out
@@ -68,6 +79,12 @@ def backward_flops(cfg: ModelConfig, seq_len: int) -> int:
     if cfg.mod.predictor:  # stop_gradient(x): no input gradient for fc1
         h = cfg.mod.predictor_hidden
         out += len(cfg.routed_layers) * 2 * seq_len * (cfg.d_model * h + 2 * h)
+    k = capacity_k(cfg.mod.capacity, seq_len)
+    routed = set(cfg.routed_layers)
+    for i in cfg.moe_predictor_layers:  # the same for the experts' top-C predictor
+        n = k if i in routed else seq_len
+        h, e = cfg.mod.predictor_hidden, cfg.moe.experts
+        out += 2 * n * (cfg.d_model * h + 2 * h * e)
     return out
 
 
@@ -92,6 +109,8 @@ def param_count(cfg: ModelConfig, exclude_embeddings: bool = False) -> int:
     if cfg.mod.predictor:
         h = cfg.mod.predictor_hidden
         extra += d * h + h + h + 1
+    if cfg.moe_predictor_layers:
+        moe_extra += _moe_predictor_params(cfg)
     n = cfg.num_layers * block + n_routed * extra + len(cfg.moe_layers) * moe_extra + d
     emb = v * d
     head = 0 if cfg.tie_embeddings else v * d

@@ -8,20 +8,23 @@ with model.mod.aux_loss_weight > 0 or calibrated with modxla-calibrate-routing; 
 warning says so). The newest predictor checkpoint is used if there is one, else the newest
 training checkpoint.
 
-Routed blocks keep k = round(C * T) slots, T the length the run was trained at
-(data.seq_len), whatever the prompt and --max-tokens: the logits at a position are those of
-the full forward at the trained length and do not change with --max-tokens. A routed block
-does no attention or MLP work for a token it skips, which is where MoD's sampling speed comes
-from: eagerly by a branch, on XLA by conditionals in one decode graph traced once and replayed
-at every token. MoE layers (and both MoDE variants) decode token choice with the experts'
-per-sequence capacity of the full forward at data.seq_len: a token whose expert is full is
-dropped there, as in training; expert-choice routing is not causal and is refused. --routing
-concerns MoD's routed blocks only. The device defaults to XLA where there is a TPU, else the
-CPU (eager: no compile before the first token). The speed in tokens/s and, for MoD, the share
-of tokens each routed block processed (for MoE, the share of choices an expert processed) go
-to stderr. The prompt plus the new tokens must fit the trained length data.seq_len (a dense
-model: its max_seq_len): --max-tokens (and, if need be, the prompt's start) is clipped to
-fit, with a note on stderr.
+Routed blocks keep k = round(C * T) slots, T the length the run was trained at (data.seq_len),
+whatever the prompt and --max-tokens: the logits at a position are those of the full forward
+at the trained length and do not change with --max-tokens. A routed block does no attention or
+MLP work for a token it skips, which is where MoD's sampling speed comes from: eagerly by a
+branch, on XLA by conditionals in one decode graph traced once and replayed at every token.
+MoE layers (and both MoDE variants) decode token choice with the experts' per-sequence
+capacity of the full forward at data.seq_len: a token whose expert is full is dropped there,
+as in training. Expert-choice routing (each expert's top-C tokens of the sequence) is not
+causal: it decodes with its top-C predictors (model.moe.predictor, or added by
+modxla-train-predictor), expert e taking a token its predictor says it wants while it has a
+free slot of C; without them it is refused. --routing says how MoD's routed blocks decide;
+expert-choice MoE layers decide by their predictors in both modes. The device defaults to XLA
+where there is a TPU, else the CPU (eager: no compile before the first token). The speed in
+tokens/s and, for MoD, the share of tokens each routed block processed (for MoE, the share of
+choices an expert processed) go to stderr. The prompt plus the new tokens must fit the trained
+length data.seq_len (a dense model: its max_seq_len): --max-tokens (and, if need be, the
+prompt's start) is clipped to fit, with a note on stderr.
 """
 
 from __future__ import annotations
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # anything else is a bug: keep its traceback
         return report(e)
     new = len(tokens) - len(prompt)
-    how = f"routing={args.routing}, " if routed else ""  # MoE alone: no routing to choose
+    # token-choice MoE alone: no routing to choose
+    how = f"routing={args.routing}, " if routed or cfg.model.moe_predictor_layers else ""
     secs = time.perf_counter() - t0
     print(
         f"[{path}, {how}{new} tokens in {secs:.2f} s: {new / max(secs, 1e-9):.1f} tokens/s]",

@@ -3,7 +3,8 @@
     modxla-train-predictor --run-dir runs/demo [--steps 300] [--init auto|fresh|continue]
 
 Loads the run's newest (checksum-verified) training checkpoint, freezes everything but the
-predictor MLP of each routed block, and trains those on top-k membership (BCE) over the run's
+predictor MLP of each routed block (and of each expert-choice MoE layer: per expert, membership
+of its top-C tokens), and trains those on top-k membership (BCE) over the run's
 training data, on the same pieces as training: the runtime (SPMD mesh, compiled step), the
 host-sharded loader, and the trainer's loop: sharded checkpoints into <run>/predictor/,
 resumed from the newest complete one when there is one (--resume: fail when there is none;
@@ -46,10 +47,13 @@ def print_eval(result: dict) -> None:
     for mode in ("topk", "predictor", "router"):
         if mode in result:
             r = result[mode]
-            print(
-                f"{mode:<10} {r['nll']:8.4f} {r['normalized_ll']:9.4f} {r['routed']:8.3f} "
-                f"{r['overflow']:9.3f}"
+            # a model without routed blocks: its expert-choice MoE's taken share and overflow
+            routed, over = (
+                (r["routed"], r["overflow"])
+                if "routed" in r
+                else (r["moe_taken"], r["moe_overflow"])
             )
+            print(f"{mode:<10} {r['nll']:8.4f} {r['normalized_ll']:9.4f} {routed:8.3f} {over:9.3f}")
     p = result["predictor"]
     print(
         f"predictor vs top-k: accuracy {p['topk_accuracy']:.4f} (always-skip "

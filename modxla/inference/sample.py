@@ -73,10 +73,17 @@ def generate(
     trained length is refused (no capacity there matches training)."""
     if not prompt:
         raise InferenceError("the prompt encodes to no tokens")
-    if model.cfg.moe_layers and model.cfg.moe.routing == "expert":
+    cfg = model.cfg
+    if cfg.moe_layers and cfg.moe.routing == "expert" and not cfg.moe_predictor_layers:
         raise InferenceError(
-            "expert-choice MoE routing (model.moe.routing: expert) is not causal and has no "
-            "predictor: sampling needs token choice"
+            "expert-choice MoE routing (model.moe.routing: expert) is not causal without its "
+            "top-C predictor: train one with modxla-train-predictor (or train with "
+            "model.moe.predictor: true)"
+        )
+    if cfg.moe_predictor_layers and routing not in ("predictor", "router"):
+        raise InferenceError(
+            f"routing {routing!r} is not causal: an expert-choice MoE samples with --routing "
+            "predictor (its experts' top-C predictor decides)"
         )
     length = len(prompt) + max_tokens
     context = context_length(model, seq_len)
@@ -123,12 +130,15 @@ def routed_fraction(model: Transformer, cache: KVCache, fed: int) -> dict[int, f
 def expert_fraction(model: Transformer, cache: KVCache, fed: int) -> dict[int, float]:
     """Per MoE block: the share of its expert choices (top_k a token it saw: `fed` tokens,
     or in a routed block the ones it processed) that an expert processed; the rest were
-    dropped on overflow or sent to a no-op expert."""
+    dropped on overflow or sent to a no-op expert. Expert choice: a token's E choices are
+    whether each expert took it."""
+    moe = model.cfg.moe
+    k = moe.experts if moe.routing == "expert" else moe.top_k
     out = {}
     for i in model.cfg.moe_layers:
         seen = int(cache.count[i][0]) if cache.count[i] is not None else fed
         used = float(cache.experts[i][0].sum())
-        out[i] = used / max(seen * model.cfg.moe.top_k, 1)
+        out[i] = used / max(seen * k, 1)
     return out
 
 

@@ -14,7 +14,10 @@ Cache layout, for a sequence of at most S tokens of a model trained at length T 
   filled so far in the sequence, (B, E): a choice is kept while its expert has a free slot of
   the full forward's C (at the trained length T; in a routed block, of its k routed tokens),
   dropped after, in position order as there. No-op experts (integrated MoDE) take no slot.
-  Expert choice (each expert's top-C tokens of the sequence) is not causal: refused.
+  Expert choice (each expert's top-C tokens of the sequence) is not causal; with its
+  predictor (model.moe.predictor) it decodes as the causal full forward decides: expert e
+  takes the token while its predictor logit is above the threshold and e has a free slot,
+  the same (B, E) counts. Without a predictor, or in topk mode, it is refused.
 
 Execution strategies for a routed block:
 - eager (CPU/GPU): a real branch. The causal decision (predictor or router logit) is computed
@@ -63,10 +66,11 @@ class KVCache:
         run; default model.cfg.max_seq_len, the longest sequence a bare model's config
         allows: pass the trained length whenever it is shorter)."""
         cfg = model.cfg
-        if cfg.moe_layers and cfg.moe.routing == "expert":
+        if cfg.moe_layers and cfg.moe.routing == "expert" and not cfg.moe_predictor_layers:
             raise ValueError(
-                "decoding needs token-choice MoE routing: expert choice (model.moe.routing: "
-                "expert) gives each expert its top-C tokens of the whole sequence, not causal"
+                "decoding an expert-choice MoE (model.moe.routing: expert) needs its top-C "
+                "predictor (model.moe.predictor: true, or modxla-train-predictor on the run): "
+                "each expert's top-C tokens of the whole sequence are not causal"
             )
         seq_len = cfg.max_seq_len if seq_len is None else seq_len
         if (cfg.routed_layers or cfg.moe_layers) and length > seq_len:
@@ -326,6 +330,11 @@ def decode_step(
     modxla.xla.cond.cond); None: eagerly a Python branch, on XLA every row and a select."""
     if routing not in ("predictor", "router") and model.cfg.routed_layers:
         raise ValueError(f"decoding needs a causal routing mode, got {routing!r}")
+    if routing not in ("predictor", "router") and model.cfg.moe_predictor_layers:
+        raise ValueError(
+            f"decoding an expert-choice MoE needs a causal routing mode, got {routing!r}: "
+            "use routing='predictor' (--routing predictor), its experts' top-C predictor decides"
+        )
     x = model.embed(tokens[:, None])  # (B, 1, D)
     seen = torch.arange(cache.length, device=x.device)[None, :] <= pos[:, None]  # (B, S)
     static = x.device.type == "xla"

@@ -108,14 +108,15 @@ class BlockDelta(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoEMLP(cfg) if moe else MLP(cfg)
 
-    def mlp_delta(self, x: torch.Tensor, a: torch.Tensor, valid=None) -> torch.Tensor:
+    def mlp_delta(self, x: torch.Tensor, a: torch.Tensor, valid=None, routing="topk"):
         h = self.mlp_norm(x + a)
-        return a + (self.mlp(h) if valid is None else self.mlp(h, valid))
+        return a + (self.mlp(h, valid, routing) if isinstance(self.mlp, MoEMLP) else self.mlp(h))
 
-    def forward(self, x, positions, mask=None, valid=None) -> torch.Tensor:
-        """valid (B, T): the tokens an MoE MLP gives expert slots (None: all)."""
+    def forward(self, x, positions, mask=None, valid=None, routing: str = "topk") -> torch.Tensor:
+        """valid (B, T): the tokens an MoE MLP gives expert slots (None: all); routing: the
+        model's mode, which an expert-choice MoE follows."""
         a = self.attn(self.attn_norm(x), positions, mask)
-        return self.mlp_delta(x, a, valid if isinstance(self.mlp, MoEMLP) else None)
+        return self.mlp_delta(x, a, valid, routing)
 
 
 class DenseBlock(nn.Module):
@@ -128,4 +129,4 @@ class DenseBlock(nn.Module):
         self.f = BlockDelta(cfg, moe)
 
     def forward(self, x, positions, routing: str = "topk"):
-        return x + self.f(x, positions), None
+        return x + self.f(x, positions, routing=routing), None

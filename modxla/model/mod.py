@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modxla.config import ModelConfig
 from modxla.model.layers import BlockDelta, attention_mask
+from modxla.model.predict import Predictor, causal_slots
 
 ROUTING_MODES = ("topk", "predictor", "router")
 
@@ -17,21 +17,6 @@ ROUTING_MODES = ("topk", "predictor", "router")
 def capacity_k(capacity: float, seq_len: int) -> int:
     """Static buffer size k = round(C * T), at least 1: a Python int, so XLA sees one shape."""
     return max(1, min(seq_len, int(round(capacity * seq_len))))
-
-
-def causal_slots(decide: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill a k-slot buffer with the first k tokens that `decide` routes, in position order.
-
-    decide: (B, T) bool, a per-token causal decision. Returns idx (B, k) ascending and valid
-    (B, k): slots beyond the routed count hold undecided tokens marked invalid; routed tokens
-    past the k-th overflow and are dropped. Whether token t takes a slot depends only on
-    decide[:, :t+1], so the selection is causal. Static shapes: no nonzero, no masking.
-    """
-    t = decide.shape[1]
-    pos = torch.arange(t, device=decide.device, dtype=torch.float32)
-    key = torch.where(decide, 2 * t - pos, -pos)  # routed first, earliest first
-    idx = torch.sort(torch.topk(key, k, dim=1).indices, dim=1).values
-    return idx, torch.gather(decide, 1, idx)
 
 
 @dataclass
@@ -45,21 +30,6 @@ class RoutingInfo:
     idx: torch.Tensor  # (B, k) buffer positions, ascending
     valid: torch.Tensor  # (B, k) bool, False for empty slots (causal modes)
     decided: torch.Tensor  # (B,) tokens the routing wanted to process (>= routed on overflow)
-
-
-class Predictor(nn.Module):
-    """Small MLP predicting top-k membership from one token's own state (causal by design)."""
-
-    def __init__(self, d_model: int, hidden: int, normed: bool = False) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d_model, hidden)
-        self.fc2 = nn.Linear(hidden, 1)
-        self.normed = normed  # RMS-normalize x first (no gain: fc1 absorbs one)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.normed:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return self.fc2(F.silu(self.fc1(x))).squeeze(-1)  # (B, T)
 
 
 class MoDBlock(nn.Module):
@@ -128,7 +98,7 @@ class MoDBlock(nn.Module):
         mask = None if routing == "topk" else attention_mask(valid, valid, pos, pos)
         # causal modes: empty slots take no expert slot of a staged MoDE's MoE (which tokens
         # fill them depends on the future), so the forward stays causal for decoding
-        delta = self.f(xs, pos, mask, None if routing == "topk" else valid)  # (B, k, D)
+        delta = self.f(xs, pos, mask, None if routing == "topk" else valid, routing)  # (B, k, D)
         w = torch.ones_like(pos, dtype=x.dtype) if self.random else torch.gather(r, 1, idx)
         if routing != "topk":  # top-k fills every slot: no empty ones to zero
             w = w * valid.to(x.dtype)

@@ -11,6 +11,15 @@ form: one token per row, each expert's slots used so far carried in a (B, E) cou
 
 Expert choice: each expert takes its top-C tokens of the sequence by router probability, kept
 in position order (the routing family MoD uses); a token may be taken by several or none.
+Top-C over the sequence looks at the future, so, as for MoD, a predictor (model.moe.predictor:
+an MLP on stop_gradient(h), (B, n, E) logits, trained by BCE on top-C membership) gives the
+causal rule: in the causal routing modes expert e takes the tokens whose logit e is above its
+threshold, the first C of them in position order (overflow dropped, counted), `valid` tokens
+only, with the router probability as gate as in training. That holds in `router` mode too:
+the mode names how MoD blocks decide, and an expert-choice router has no per-token rule of
+its own (its softmax is over experts, while top-C membership depends on how a token's
+probability ranks among the sequence's, and no loss trains it as a classifier). `step`
+decodes it with the same (B, E) slot counts as token choice.
 
 C = round(capacity_factor * n * top_k / (E + N)) per sequence of n tokens. Dispatch and combine
 are one flat row index per slot (index_add / index_select), as in MoD's block: static shapes,
@@ -29,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modxla.config import ModelConfig, MoEConfig
+from modxla.model.predict import Predictor, causal_slots
 
 
 def expert_capacity(moe: MoEConfig, n: int) -> int:
@@ -50,6 +60,12 @@ class MoEInfo:
     gate: torch.Tensor  # (B, n, K) combine weight
     kept: torch.Tensor  # (B, n, K) bool, processed by a real expert within its capacity
     capacity: int  # C
+    # expert choice: (B, n, E) top-C membership (the predictor's target), the predictor's
+    # logits on stop_gradient(h) (None without one), and (B, E) tokens each expert's
+    # decisions wanted (C in topk mode; more than C on overflow in the causal modes)
+    target: torch.Tensor | None = None
+    predictor_logits: torch.Tensor | None = None
+    decided: torch.Tensor | None = None
 
 
 class MoEMLP(nn.Module):
@@ -68,9 +84,18 @@ class MoEMLP(nn.Module):
             if p is not None:
                 nn.init.normal_(p, 0.0, cfg.init_std)
         nn.init.normal_(self.w2, 0.0, cfg.init_std / math.sqrt(2 * cfg.num_layers))
+        mod = cfg.mod  # the predictor's shape is MoD's, with one output per expert
+        self.predictor = (
+            Predictor(d, mod.predictor_hidden, mod.predictor_input == "normed", moe.experts)
+            if moe.routing == "expert" and moe.predictor
+            else None
+        )
+        # causal decision: logit > threshold, the same for every expert
+        self.thresholds = {"predictor": 0.0}
         # This forward's losses and stats, taken (and cleared) by the Transformer: the block
         # interface (out, RoutingInfo | None) has no place for them.
         self.terms: dict[str, torch.Tensor] = {}
+        self.info: MoEInfo | None = None  # this forward's decisions, taken with the terms
         # Set by the SPMD layer (modxla/parallel/sharding.py) to lay the (B, E, C, D) expert
         # buffers out over the mesh; the model itself knows no mesh.
         self.pin_buffer: Callable[[torch.Tensor], None] | None = None
@@ -89,16 +114,18 @@ class MoEMLP(nn.Module):
             self.pin_buffer(out)
         return out
 
-    def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        delta, _, self.terms = self.route(h, valid)
+    def forward(self, h, valid: torch.Tensor | None = None, routing: str = "topk"):
+        delta, self.info, self.terms = self.route(h, valid, routing)
         return delta
 
-    def route(self, h: torch.Tensor, valid: torch.Tensor | None = None):
+    def route(self, h: torch.Tensor, valid: torch.Tensor | None = None, routing: str = "topk"):
         """h (B, n, D), the normed MLP input -> (delta (B, n, D), MoEInfo, terms).
 
-        valid (B, n) bool: the tokens that take expert slots (token choice; None: all)."""
+        valid (B, n) bool: the tokens that take expert slots (None: all; expert choice: in
+        the causal modes). routing: the model's mode; token choice is causal in every mode,
+        expert choice takes its top-C in topk mode, else decides by its predictor."""
         if self.moe.routing == "expert":
-            return self._expert_choice(h)
+            return self._expert_choice(h, valid, routing)
         return self._token_choice(h, valid)
 
     def step(self, h: torch.Tensor, used: torch.Tensor, capacity: int, take=None):
@@ -109,7 +136,9 @@ class MoEMLP(nn.Module):
         forward at the trained length, so the sequence decoded token by token equals that
         forward, overflow included. Rows with `take` (B,) False keep nothing and count
         nothing. Only the chosen experts' weights are read; no topk (XLA:CPU fails to lower
-        one inside a conditional's branch)."""
+        one inside a conditional's branch). Expert choice: `_expert_choice_step`."""
+        if self.moe.routing == "expert":
+            return self._expert_choice_step(h, used, capacity, take)
         b, _, d = h.shape
         e, k = self.num_experts, self.moe.top_k
         probs = self.router(h[:, 0]).float().softmax(-1)  # (B, E + N)
@@ -172,20 +201,60 @@ class MoEMLP(nn.Module):
             terms["noop_frac"] = noop.float().mean()
         return delta.to(h.dtype), MoEInfo(logits, expert, gate, kept, c), terms
 
-    def _expert_choice(self, h):
+    def _expert_choice_step(self, h, used, capacity: int, take=None):
+        """Expert choice decoding: expert e takes the token while its predictor logit is
+        above the threshold and e has a free slot of C, as the causal full forward decides
+        in position order. Every expert runs on the row (static shapes); the untaken ones
+        are weighted 0."""
+        if self.predictor is None:
+            raise ValueError(_NEEDS_PREDICTOR)
+        x = h[:, 0]  # (B, D)
+        gate = self.router(x).float().softmax(-1)  # (B, E), as the full forward's
+        kept = (self.predictor(x) > self.thresholds["predictor"]) & (used < capacity)
+        if take is not None:
+            kept = kept & take[:, None]
+        z = torch.einsum("bd,edf->bef", x, self.w1)  # (B, E, F)
+        if self.w3 is not None:
+            z = F.silu(z) * torch.einsum("bd,edf->bef", x, self.w3)
+        else:
+            z = F.gelu(z, approximate="tanh")
+        y = torch.einsum("bef,efd->bed", z, self.w2)  # (B, E, D)
+        delta = (y * (gate * kept)[..., None].to(y.dtype)).sum(1)  # (B, D)
+        return delta[:, None].to(h.dtype), used + kept.long()
+
+    def _expert_choice(self, h, valid=None, routing: str = "topk"):
         b, n, d = h.shape
         e = self.num_experts
         c = expert_capacity(self.moe, n)
         logits = self.router(h).float()  # (B, n, E)
         probs = logits.softmax(-1)
         by_expert = probs.transpose(1, 2)  # (B, E, n)
-        idx = by_expert.topk(c, dim=-1).indices.sort(-1).values  # (B, E, C) position order
+        top = by_expert.topk(c, dim=-1).indices  # (B, E, C)
+        target = torch.zeros_like(by_expert).scatter(2, top, 1.0).transpose(1, 2)  # (B, n, E)
+        p = self.predictor(h.detach()) if self.predictor is not None else None  # (B, n, E)
+        if routing == "topk":
+            idx, ok = top.sort(-1).values, None  # (B, E, C) position order
+            decided = torch.full((b, e), c, device=h.device)
+        else:  # causal: each expert's first C decided tokens, in position order
+            if p is None:
+                raise ValueError(_NEEDS_PREDICTOR)
+            decide = p > self.thresholds["predictor"]  # (B, n, E)
+            if valid is not None:  # an empty slot of a MoD buffer takes no expert slot
+                decide = decide & valid[:, :, None]
+            idx, ok = causal_slots(decide.transpose(1, 2).flatten(0, 1), c)  # (B*E, C)
+            idx, ok = idx.view(b, e, c), ok.view(b, e, c)
+            decided = decide.sum(1)  # (B, E)
         gate = by_expert.gather(2, idx)  # (B, E, C)
+        if ok is not None:  # slots past the decided count hold tokens weighted 0
+            gate = gate * ok
         rows = (idx + n * torch.arange(b, device=h.device)[:, None, None]).flatten()
         xs = h.flatten(0, 1).index_select(0, rows).view(b, e, c, d)
         y = self.experts(xs) * gate[..., None].to(h.dtype)
         delta = h.new_zeros(b * n, d).index_add(0, rows, y.flatten(0, 2).to(h.dtype))
-        taken = torch.zeros_like(by_expert).scatter(2, idx, 1.0).transpose(1, 2) > 0  # (B, n, E)
+        if ok is None:
+            taken = target > 0
+        else:
+            taken = torch.zeros_like(by_expert).scatter(2, idx, ok.float()).transpose(1, 2) > 0
         routed = taken.any(-1).float()  # (B, n) taken by at least one expert
         terms = {
             "balance_loss": logits.new_zeros(()),  # every expert fills its C slots
@@ -193,8 +262,18 @@ class MoEMLP(nn.Module):
             "routed_frac": routed.mean(),  # fractions of tokens
             "dropped_frac": 1 - routed.mean(),
         }
+        if p is not None:  # against top-C membership, as MoD's predictor against top-k
+            terms["predictor_bce"] = F.binary_cross_entropy_with_logits(p, target)
+            terms["predictor_acc"] = ((p > 0).float() == target).float().mean()
         expert = torch.arange(e, device=h.device).expand(b, n, e)
-        return delta.view(b, n, d), MoEInfo(logits, expert, probs, taken, c), terms
+        info = MoEInfo(logits, expert, probs, taken, c, target, p, decided)
+        return delta.view(b, n, d), info, terms
+
+
+_NEEDS_PREDICTOR = (
+    "causal routing of an expert-choice MoE (model.moe.routing: expert) decides by its "
+    "predictor: it needs model.moe.predictor: true (or modxla-train-predictor on the run)"
+)
 
 
 def _top(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from modxla.config import ModelConfig
 from modxla.model.layers import DenseBlock, RMSNorm
 from modxla.model.mod import ROUTING_MODES, MoDBlock, RoutingInfo
+from modxla.model.moe import MoEInfo
 from modxla.model.scan import block_terms, run_block, stack_blocks, stack_terms
 
 
@@ -22,9 +23,11 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     aux_loss: torch.Tensor  # weighted router + predictor BCE (routed blocks), MoE balance + z
     router_loss: torch.Tensor  # unweighted router BCE (mean over routed blocks)
-    predictor_loss: torch.Tensor  # unweighted predictor BCE (mean over routed blocks)
+    # unweighted predictor BCE, mean over routed blocks and expert-choice MoE predictors
+    predictor_loss: torch.Tensor
     routing: list[RoutingInfo] = field(default_factory=list)  # one per routed block (not scan)
     block_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # routed_frac/blockN, moe_*
+    experts: list[MoEInfo] = field(default_factory=list)  # one per MoE layer
 
 
 class Transformer(nn.Module):
@@ -85,34 +88,36 @@ class Transformer(nn.Module):
         x = self.norm(x)
         w = self.embed.weight if self.head is None else self.head.weight
         logits = F.linear(x, w)  # (B, T, V)
-        router_loss, predictor_loss = self._aux(terms, x)
+        stats: dict[str, torch.Tensor] = {}
+        moe_aux, moe_terms, experts = self._moe_terms(stats) if self.cfg.moe_layers else (0, {}, [])
+        router_loss, predictor_loss = self._aux(terms, x, moe_terms.get("predictor_bce"))
         mod = self.cfg.mod
         aux = mod.aux_loss_weight * router_loss + mod.predictor_loss_weight * predictor_loss
-        stats = {}
         for n, layer in enumerate(self.cfg.routed_layers):
             stats[f"routed_frac/block{layer}"] = terms["routed_frac"][n]
             if "predictor_acc" in terms:
                 stats[f"predictor_acc/block{layer}"] = terms["predictor_acc"][n]
-        if self.cfg.moe_layers:
-            aux = aux + self._moe_terms(stats)
-        return ModelOutput(logits, aux, router_loss, predictor_loss, infos, stats)
+        aux = aux + moe_aux
+        return ModelOutput(logits, aux, router_loss, predictor_loss, infos, stats, experts)
 
-    def _moe_terms(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The MoE layers' weighted aux losses; their per-layer fractions go into stats."""
-        per_layer = []
+    def _moe_terms(self, stats: dict[str, torch.Tensor]):
+        """The MoE layers' weighted aux losses, their terms stacked (n_moe,) and their infos;
+        their per-layer fractions (and predictor accuracies) go into stats."""
+        per_layer, infos = [], []
         for layer in self.cfg.moe_layers:
             mlp = self.blocks[layer].f.mlp
             per_layer.append(mlp.terms)
-            mlp.terms = {}  # this forward's tensors are not kept past it
+            infos.append(mlp.info)
+            mlp.terms, mlp.info = {}, None  # this forward's tensors are not kept past it
         terms = stack_terms(per_layer)
         for n, layer in enumerate(self.cfg.moe_layers):
-            for name in ("routed_frac", "dropped_frac", "noop_frac"):
+            for name in ("routed_frac", "dropped_frac", "noop_frac", "predictor_acc"):
                 if name in terms:
                     stats[f"moe_{name}/block{layer}"] = terms[name][n]
         balance, z = terms["balance_loss"].mean(), terms["z_loss"].mean()
         stats["moe_balance_loss"], stats["moe_z_loss"] = balance, z
         moe = self.cfg.moe
-        return moe.load_balance_weight * balance + moe.z_loss_weight * z
+        return moe.load_balance_weight * balance + moe.z_loss_weight * z, terms, infos
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -197,13 +202,16 @@ class Transformer(nn.Module):
             self.__dict__["_scan_cache"] = {}
         return self.__dict__["_scan_cache"]
 
-    def _aux(self, terms: dict[str, torch.Tensor], like: torch.Tensor):
+    def _aux(self, terms: dict[str, torch.Tensor], like: torch.Tensor, moe_bce=None):
+        """Router and predictor BCE: means over routed blocks; expert-choice MoE predictors'
+        BCE (moe_bce, (n_moe,)) counts one per layer in the predictor's mean."""
         zero = like.new_zeros(())
+        bces = [t for t in (terms.get("predictor_bce"), moe_bce) if t is not None]
+        predictor = torch.cat(bces).mean() if bces else zero
         if not terms:
-            return zero, zero
+            return zero, predictor
         learned = self.cfg.mod.router == "learned"
         router = terms["router_bce"].mean() if learned else zero
-        predictor = terms["predictor_bce"].mean() if "predictor_bce" in terms else zero
         return router, predictor
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -10,6 +10,27 @@ from modxla.inference.load import InferenceError
 from modxla.model import Transformer, lm_loss
 
 
+def _predicted(model: Transformer, out) -> list[tuple[int | str, torch.Tensor, torch.Tensor]]:
+    """(name, predictor decision, top-k or top-C target) of every predictor in a forward:
+    routed blocks by layer (int), then expert-choice MoE layers as "moeN"."""
+    cfg = model.cfg
+    got = [
+        (layer, i.predictor_logits > 0, i.topk_mask > 0.5)
+        for layer, i in zip(cfg.routed_layers, out.routing, strict=True)
+        if i.predictor_logits is not None
+    ]
+    for layer, i in zip(cfg.moe_layers, out.experts, strict=True):
+        if i.predictor_logits is not None:
+            got.append((f"moe{layer}", i.predictor_logits > 0, i.target > 0.5))
+    return got
+
+
+def _confusion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(tp, fp, fn, tn) counts, float, on the host."""
+    counts = [(pred & target), (pred & ~target), (~pred & target), (~pred & ~target)]
+    return torch.stack([c.sum() for c in counts]).float().cpu()
+
+
 @torch.no_grad()
 def evaluate_routing(
     model: Transformer, batches, modes=("topk", "predictor", "router")
@@ -18,45 +39,63 @@ def evaluate_routing(
 
     Overflow: the share of (sequence, routed block) pairs whose causal decisions wanted more
     tokens than the capacity buffer holds. Predictor quality is measured against top-k
-    membership, next to the accuracy of always answering "skip" (1 - capacity).
+    membership, next to the accuracy of always answering "skip" (1 - capacity). A model
+    with expert-choice MoE predictors (model.moe.predictor) has them scored too, against
+    top-C membership of each expert, and per mode `moe_taken` (the share of (token, expert)
+    pairs an expert processed) and `moe_overflow` (the share of (sequence, layer, expert)
+    whose causal decisions wanted more than C tokens).
     """
-    if not model.cfg.routed_layers:
-        raise InferenceError("the model has no routed blocks: nothing to evaluate")
-    if model.cfg.mod.router == "random":
+    cfg = model.cfg
+    moe_pred = bool(cfg.moe_predictor_layers)
+    if not cfg.routed_layers and not moe_pred:
+        raise InferenceError(
+            "the model has no routed blocks and no expert-choice MoE predictors: nothing to "
+            "evaluate"
+        )
+    if cfg.mod.router == "random" or not cfg.routed_layers:  # router: MoD's rule
         modes = tuple(m for m in modes if m != "router")
-    has_predictor = model.cfg.mod.predictor
+    expert_choice = bool(cfg.moe_layers) and cfg.moe.routing == "expert"
+    # predictor routing needs every causal rule: MoD's predictors, the experts' predictors
+    has_predictor = (not cfg.routed_layers or cfg.mod.predictor) and (not expert_choice or moe_pred)
     if not has_predictor:  # trained without predictors: nothing to score them on
         modes = tuple(m for m in modes if m != "predictor")
-    acc = {m: {"nll": 0.0, "routed": 0.0, "overflow": 0.0} for m in modes}
-    tp = fp = fn = tn = 0.0
+    if expert_choice and not moe_pred:
+        modes = ("topk",)  # the experts have no causal rule in any other mode
+    acc = {m: {"nll": 0.0} for m in modes}
+    conf = torch.zeros(4)
     n = 0
     for batch in batches:
         n += 1
         for mode in modes:
             out = model(batch[:, :-1], routing=mode)
-            acc[mode]["nll"] += float(lm_loss(out.logits, batch[:, 1:]))
-            acc[mode]["routed"] += float(
-                torch.stack([i.routed_mask.mean() for i in out.routing]).mean()
-            )
-            k = out.routing[0].idx.shape[1]
-            acc[mode]["overflow"] += float(
-                torch.stack([(i.decided > k).float().mean() for i in out.routing]).mean()
-            )
-            if mode == "topk" and has_predictor:
-                for info in out.routing:
-                    pred = info.predictor_logits > 0
-                    target = info.topk_mask > 0.5
-                    tp += float((pred & target).sum())
-                    fp += float((pred & ~target).sum())
-                    fn += float((~pred & target).sum())
-                    tn += float((~pred & ~target).sum())
+            a = acc[mode]
+            a["nll"] += float(lm_loss(out.logits, batch[:, 1:]))
+            if out.routing:
+                a["routed"] = a.get("routed", 0.0) + float(
+                    torch.stack([i.routed_mask.mean() for i in out.routing]).mean()
+                )
+                k = out.routing[0].idx.shape[1]
+                a["overflow"] = a.get("overflow", 0.0) + float(
+                    torch.stack([(i.decided > k).float().mean() for i in out.routing]).mean()
+                )
+            if moe_pred:
+                ex = out.experts
+                a["moe_taken"] = a.get("moe_taken", 0.0) + float(
+                    torch.stack([i.kept.float().mean() for i in ex]).mean()
+                )
+                a["moe_overflow"] = a.get("moe_overflow", 0.0) + float(
+                    torch.stack([(i.decided > i.capacity).float().mean() for i in ex]).mean()
+                )
+            if mode == "topk":
+                for _, pred, target in _predicted(model, out):
+                    conf += _confusion(pred, target)
     if n == 0:
         raise InferenceError("no evaluation batches")
     result = {m: {k: v / n for k, v in d.items()} for m, d in acc.items()}
     for m in modes:
         result[m]["normalized_ll"] = result["topk"]["nll"] / result[m]["nll"]
-    if "predictor" in result:
-        result["predictor"] |= _predictor_quality(tp, fp, fn, tn)
+    if "predictor" in result and conf.sum() > 0:
+        result["predictor"] |= _predictor_quality(*[float(x) for x in conf])
     result["batches"] = n
     return result
 
@@ -64,27 +103,18 @@ def evaluate_routing(
 @torch.no_grad()
 def predictor_quality(model: Transformer, batches) -> dict:
     """The predictors against top-k membership (top-k routing): accuracy, precision and
-    recall of the routed class, the always-skip accuracy; and the accuracy per routed block."""
-    counts = {layer: torch.zeros(4) for layer in model.cfg.routed_layers}
+    recall of the routed class, the always-skip accuracy; and the accuracy per routed block
+    (`blocks`) and per expert-choice MoE layer against its experts' top-C (`moe_blocks`)."""
+    counts: dict[int | str, torch.Tensor] = {}
     for batch in batches:
         out = model(batch[:, :-1], routing="topk")
-        for layer, info in zip(model.cfg.routed_layers, out.routing, strict=True):
-            pred, target = info.predictor_logits > 0, info.topk_mask > 0.5
-            counts[layer] += (
-                torch.stack(
-                    [
-                        (pred & target).sum(),
-                        (pred & ~target).sum(),
-                        (~pred & target).sum(),
-                        (~pred & ~target).sum(),
-                    ]
-                )
-                .float()
-                .cpu()
-            )
+        for name, pred, target in _predicted(model, out):
+            counts[name] = counts.get(name, torch.zeros(4)) + _confusion(pred, target)
     total = _predictor_quality(*[float(x) for x in sum(counts.values())])
     total["predictor_acc"] = total["topk_accuracy"]
-    total["blocks"] = {layer: float(c[0] + c[3]) / float(c.sum()) for layer, c in counts.items()}
+    acc = {name: float(c[0] + c[3]) / float(c.sum()) for name, c in counts.items()}
+    total["blocks"] = {n: a for n, a in acc.items() if isinstance(n, int)}
+    total["moe_blocks"] = {int(n[3:]): a for n, a in acc.items() if isinstance(n, str)}
     return total
 
 

@@ -61,8 +61,8 @@ def predictor_step(
     opt.step()
     opt.zero_grad(set_to_none=True)
     stats = {"predictor_loss": loss.detach()}
-    stats.update(out.block_stats)  # per routed block: routed_frac, predictor_acc
-    accs = [v for k, v in stats.items() if k.startswith("predictor_acc/")]
+    stats.update(out.block_stats)  # per routed block: routed_frac, predictor_acc; moe_*
+    accs = [v for k, v in stats.items() if k.startswith(("predictor_acc/", "moe_predictor_acc/"))]
     stats["predictor_acc/mean"] = torch.stack(accs).mean()
     return {k: v.detach() for k, v in stats.items() if not k.startswith("routed_frac")}
 
@@ -81,6 +81,17 @@ def _is_predictor(name: str) -> bool:
     return ".predictor." in name
 
 
+def _expert_choice(cfg) -> bool:
+    return bool(cfg.model.moe_layers) and cfg.model.moe.routing == "expert"
+
+
+def has_predictors(cfg) -> bool:
+    """Whether every causal rule of the run's model has its predictor: each routed block's
+    (model.mod.predictor) and each expert-choice MoE layer's (model.moe.predictor)."""
+    m = cfg.model
+    return (not m.routed_layers or m.mod.predictor) and (not _expert_choice(cfg) or m.moe.predictor)
+
+
 class PredictorTrainer(Loop):
     """The frozen model with trainable predictors, its optimizer, data and checkpoints."""
 
@@ -93,19 +104,24 @@ class PredictorTrainer(Loop):
         self.run_dir = str(run_dir)  # a path or URL (gs://...)
         self.out_dir = rundir.join(self.run_dir, rundir.PREDICTOR)
         run_cfg = rundir.load_config(self.run_dir)
-        if not run_cfg.model.routed_layers:
-            raise UserError(f"{run_dir} trains a model without routed blocks: no predictor")
+        if not run_cfg.model.routed_layers and not _expert_choice(run_cfg):
+            raise UserError(
+                f"{run_dir} trains a model without routed blocks or expert-choice MoE layers: "
+                "no predictor"
+            )
         self.opts = opts
         self.init = opts.init
         if opts.init == "auto":
-            self.init = "continue" if run_cfg.model.mod.predictor else "fresh"
-        if self.init == "continue" and not run_cfg.model.mod.predictor:
+            self.init = "continue" if has_predictors(run_cfg) else "fresh"
+        if self.init == "continue" and not has_predictors(run_cfg):
             raise UserError(
-                f"{run_dir} was trained with model.mod.predictor: false: there are no "
-                "predictors to continue from (use --init fresh)"
+                f"{run_dir} was trained without predictors (model.mod.predictor or, for "
+                "expert choice, model.moe.predictor: false): there are none to continue from "
+                "(use --init fresh)"
             )
         self.cfg: Config = copy.deepcopy(run_cfg)
         self.cfg.model.mod.predictor = True  # fresh predictors are added to such a model
+        self.cfg.model.moe.predictor = _expert_choice(run_cfg)  # and to expert-choice MoE
         self._ablation(run_cfg)
         self.base_dir = rundir.checkpoints(self.run_dir, run_cfg)
         if not list_checkpoints(self.base_dir, warn=say):  # before any costly setup
@@ -176,6 +192,8 @@ class PredictorTrainer(Loop):
                 raise UserError(f"--pos-weight must be > 0 or 'balanced', got {opts.pos_weight}")
             if self.cfg.model.scan:
                 raise UserError("--pos-weight needs model.scan: false (per-block logits)")
+            if _expert_choice(self.cfg):  # its balance is MoD's capacity; top-C's is another
+                raise UserError("--pos-weight weighs MoD's predictors only: not with expert choice")
             self.pos_weight = w
 
     def _load_base(self, model: Transformer, path: str) -> None:
@@ -250,6 +268,7 @@ class PredictorTrainer(Loop):
         rec = {f"val/{k}": q[k] for k in ("predictor_acc", "precision", "recall")}
         rec["val/always_skip_acc"] = q["always_skip_accuracy"]
         rec |= {f"val/predictor_acc/block{n}": a for n, a in q["blocks"].items()}
+        rec |= {f"val/moe_predictor_acc/block{n}": a for n, a in q["moe_blocks"].items()}
         return rec
 
     def fit(self, logger) -> bool:

@@ -1,0 +1,42 @@
+"""Causal routing pieces that MoD blocks and expert-choice MoE layers share: the predictor MLP
+and the fill of a static buffer from per-token decisions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def causal_slots(decide: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill a k-slot buffer with the first k tokens that `decide` routes, in position order.
+
+    decide: (B, T) bool, a per-token causal decision. Returns idx (B, k) ascending and valid
+    (B, k): slots beyond the routed count hold undecided tokens marked invalid; routed tokens
+    past the k-th overflow and are dropped. Whether token t takes a slot depends only on
+    decide[:, :t+1], so the selection is causal. Static shapes: no nonzero, no masking.
+    """
+    t = decide.shape[1]
+    pos = torch.arange(t, device=decide.device, dtype=torch.float32)
+    key = torch.where(decide, 2 * t - pos, -pos)  # routed first, earliest first
+    idx = torch.sort(torch.topk(key, k, dim=1).indices, dim=1).values
+    return idx, torch.gather(decide, 1, idx)
+
+
+class Predictor(nn.Module):
+    """Small MLP predicting top-k membership from one token's own state (causal by design).
+
+    outputs 1: a MoD block's (B, T) logits; E: an expert-choice MoE's (B, n, E), one per
+    expert's top-C."""
+
+    def __init__(self, d_model: int, hidden: int, normed: bool = False, outputs: int = 1) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, outputs)
+        self.normed = normed  # RMS-normalize x first (no gain: fc1 absorbs one)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normed:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        out = self.fc2(F.silu(self.fc1(x)))
+        return out.squeeze(-1) if out.shape[-1] == 1 else out  # (B, T) or (B, n, E)
