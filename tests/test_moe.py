@@ -597,3 +597,76 @@ def test_xla_decoding_of_staged_integrated_mode_matches_eager():
         assert use[layer][1] > 0  # overflow
         assert torch.equal(cache.experts[layer].cpu(), use[layer][0])
     assert decoder.traces == 2  # traced at the first token, checked once, replayed after
+
+
+@pytest.mark.slow  # compiles one decode graph
+def test_xla_decoding_of_staged_expert_choice_matches_eager():
+    """A dense block's and a routed block's expert-choice MoE, decided by their predictors,
+    overflow included: the XLA decode step (conditionals, buckets of rows) traced once, equal
+    to the causal full forward."""
+    import torch_xla
+
+    from modxla.xla.decode import Decoder
+
+    model = _ec_decode_model("staged_expert_choice", 0.0)
+    t, dev = 32, torch_xla.device()
+    seq = torch.randint(0, 128, (B, t), generator=torch.Generator().manual_seed(3))
+    full, use = _ec_full_use(model, seq)
+    decoder = Decoder(_ec_decode_model("staged_expert_choice", 0.0).to(dev), "predictor")
+    cache = KVCache.empty(decoder.model, B, t, dev, seq_len=t)
+    inc = [decoder(cache, seq[:, i].to(dev), torch.full((B,), i).to(dev)).cpu() for i in range(t)]
+    torch.testing.assert_close(torch.stack(inc, 1), full, rtol=1e-5, atol=1e-5)
+    for layer in model.cfg.moe_layers:
+        kept, decided, c = use[layer]
+        assert (decided > c).any()  # overflow
+        assert torch.equal(cache.experts[layer].cpu(), kept)
+    assert decoder.traces == 2  # traced at the first token, checked once, replayed after
+
+
+def test_expert_choice_trains_gets_post_hoc_predictors_and_samples(tmp_path, data_cache, capsys):
+    """modxla-train (expert choice, no predictor), modxla-train-predictor (adds and trains
+    the experts' top-C predictors on the frozen model), modxla-generate: mains in process."""
+    import json
+
+    from modxla.cli.generate import main as generate
+    from modxla.cli.train import main as train
+    from modxla.cli.train_predictor import main as train_predictor
+
+    run = tmp_path / "ec"
+    extra = ("train.device=cpu", "train.steps=3", "model.moe.routing=expert")
+    assert train(train_args(run, data_cache, *extra, config="configs/moe.yaml")[2:]) == 0
+    argv = ["--run-dir", str(run), "--prompt", "def f(", "--max-tokens", "4", "--device", "cpu"]
+    assert generate(argv) == 2  # no predictor yet: refused, and said how to add one
+    assert "modxla-train-predictor" in capsys.readouterr().err
+    steps = ["--steps", "60", "--lr", "3e-2", "--eval-batches", "2", "--log-every", "60"]
+    assert train_predictor(["--run-dir", str(run), *steps]) == 0
+    out = capsys.readouterr().out
+    assert "predictors: fresh" in out and "predictor vs top-k: accuracy" in out
+    result = json.loads((run / "predictor" / "eval.json").read_text())
+    q = result["predictor"]
+    # C = round(1.25 * 32 / 4) = 10 of 32 tokens per expert: always-skip scores 22/32
+    assert q["always_skip_accuracy"] == pytest.approx(22 / 32)
+    assert q["topk_accuracy"] > q["always_skip_accuracy"] + 0.1  # 0.89 vs 0.69 when written
+    assert 0 < result["predictor"]["moe_taken"] < 1 and "routed" not in result["predictor"]
+    assert set(result) >= {"topk", "predictor"} and "router" not in result
+    assert generate([*argv, "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "routing=predictor" in err
+    assert "expert-processed fraction of choices per MoE block: block 1: " in err
+
+
+@pytest.mark.slow  # compiles one decode graph
+def test_generate_on_xla_samples_a_token_choice_moe_run(tmp_path, data_cache, capsys):
+    from modxla.cli.generate import main as generate
+    from modxla.cli.train import main as train
+
+    run = tmp_path / "moe"
+    extra = ("train.device=cpu", "train.steps=2")
+    assert train(train_args(run, data_cache, *extra, config="configs/moe.yaml")[2:]) == 0
+    argv = ["--run-dir", str(run), "--prompt", "def f(", "--max-tokens", "4", "--seed", "1"]
+    assert generate([*argv, "--device", "cpu", "--temperature", "0"]) == 0
+    cpu = capsys.readouterr()
+    assert generate([*argv, "--device", "xla", "--temperature", "0"]) == 0
+    xla = capsys.readouterr()
+    assert xla.out == cpu.out  # greedy: the same tokens as eager
+    assert "expert-processed fraction of choices per MoE block: block 1: " in xla.err
