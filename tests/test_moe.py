@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modxla.analysis.flops import forward_flops, param_count
+from modxla.analysis.flops import backward_flops, forward_flops, param_count
 from modxla.analysis.memory_plan import plan
 from modxla.config import ConfigError, load_config
 from modxla.model import build_model
@@ -229,6 +229,23 @@ def test_flops_count_experts_at_capacity_routers_and_free_noops(case):
         assert got["total"] == 8_470_528
 
 
+@pytest.mark.parametrize("staged", [False, True])
+def test_flops_and_params_count_the_expert_choice_predictor(staged):
+    over = {"model.moe.routing": "expert", "model.moe.every": 2}
+    over |= {"model.mod.capacity": 0.25} if staged else {}
+    base = _cfg(**over).model
+    cfg = _cfg(**over, **{"model.moe.predictor": True}).model
+    n = 8 if staged else 32  # the tokens block 1's MoE sees: MoD's k = round(0.25 * 32), or T
+    h, d, e = 16, 64, 4  # model.mod.predictor_hidden of the tiny config
+    assert param_count(cfg) == build_model(cfg).num_params()
+    assert param_count(cfg) - param_count(base) == d * h + h + h * e + e
+    fwd, fwd0 = forward_flops(cfg, 32), forward_flops(base, 32)
+    assert fwd["predictor"] - fwd0["predictor"] == 2 * n * (d * h + h * e)
+    assert fwd["total"] - fwd0["total"] == 2 * n * (d * h + h * e)
+    # backward: weight gradients and fc2's input gradient, none into stop_gradient(h)
+    assert backward_flops(cfg, 32) - backward_flops(base, 32) == 2 * n * (d * h + 2 * h * e)
+
+
 @pytest.mark.parametrize("name", ["moe", "mode_staged", "mode_integrated"])
 def test_param_count_and_memory_plan_know_the_expert_weights(name):
     cfg = load_config(f"configs/{name}.yaml")
@@ -284,6 +301,7 @@ def test_each_variant_trains_resumes_and_samples_through_the_clis(
 XLA_CASES = {
     "gshard_top2_noop": {"model.moe.top_k": 2, "model.moe.noop_experts": 2},
     "expert_choice": {"model.moe.routing": "expert"},
+    "expert_choice_predictor": {"model.moe.routing": "expert", "model.moe.predictor": True},
     "staged": {"model.mod.capacity": 0.25, "model.moe.every": 2},
 }
 
@@ -638,7 +656,7 @@ def test_expert_choice_trains_gets_post_hoc_predictors_and_samples(tmp_path, dat
     argv = ["--run-dir", str(run), "--prompt", "def f(", "--max-tokens", "4", "--device", "cpu"]
     assert generate(argv) == 2  # no predictor yet: refused, and said how to add one
     assert "modxla-train-predictor" in capsys.readouterr().err
-    steps = ["--steps", "60", "--lr", "3e-2", "--eval-batches", "2", "--log-every", "60"]
+    steps = ["--steps", "30", "--lr", "3e-2", "--eval-batches", "2", "--log-every", "30"]
     assert train_predictor(["--run-dir", str(run), *steps]) == 0
     out = capsys.readouterr().out
     assert "predictors: fresh" in out and "predictor vs top-k: accuracy" in out
@@ -646,7 +664,7 @@ def test_expert_choice_trains_gets_post_hoc_predictors_and_samples(tmp_path, dat
     q = result["predictor"]
     # C = round(1.25 * 32 / 4) = 10 of 32 tokens per expert: always-skip scores 22/32
     assert q["always_skip_accuracy"] == pytest.approx(22 / 32)
-    assert q["topk_accuracy"] > q["always_skip_accuracy"] + 0.1  # 0.89 vs 0.69 when written
+    assert q["topk_accuracy"] > q["always_skip_accuracy"] + 0.1  # 0.91 vs 0.69 when written
     assert 0 < result["predictor"]["moe_taken"] < 1 and "routed" not in result["predictor"]
     assert set(result) >= {"topk", "predictor"} and "router" not in result
     assert generate([*argv, "--temperature", "0"]) == 0

@@ -110,6 +110,8 @@ def predictor_quality(model: Transformer, batches) -> dict:
         out = model(batch[:, :-1], routing="topk")
         for name, pred, target in _predicted(model, out):
             counts[name] = counts.get(name, torch.zeros(4)) + _confusion(pred, target)
+    if not counts:
+        raise InferenceError("the model has no predictors to score")
     total = _predictor_quality(*[float(x) for x in sum(counts.values())])
     total["predictor_acc"] = total["topk_accuracy"]
     acc = {name: float(c[0] + c[3]) / float(c.sum()) for name, c in counts.items()}

@@ -114,10 +114,11 @@ class PredictorTrainer(Loop):
         if opts.init == "auto":
             self.init = "continue" if has_predictors(run_cfg) else "fresh"
         if self.init == "continue" and not has_predictors(run_cfg):
+            m = run_cfg.model
+            key = "mod" if m.routed_layers and not m.mod.predictor else "moe"
             raise UserError(
-                f"{run_dir} was trained without predictors (model.mod.predictor or, for "
-                "expert choice, model.moe.predictor: false): there are none to continue from "
-                "(use --init fresh)"
+                f"{run_dir} was trained with model.{key}.predictor: false: there are no "
+                "predictors to continue from (use --init fresh)"
             )
         self.cfg: Config = copy.deepcopy(run_cfg)
         self.cfg.model.mod.predictor = True  # fresh predictors are added to such a model
