@@ -89,14 +89,15 @@ class Transformer(nn.Module):
         w = self.embed.weight if self.head is None else self.head.weight
         logits = F.linear(x, w)  # (B, T, V)
         stats: dict[str, torch.Tensor] = {}
-        moe_aux, moe_terms, experts = self._moe_terms(stats) if self.cfg.moe_layers else (0, {}, [])
-        router_loss, predictor_loss = self._aux(terms, x, moe_terms.get("predictor_bce"))
-        mod = self.cfg.mod
-        aux = mod.aux_loss_weight * router_loss + mod.predictor_loss_weight * predictor_loss
         for n, layer in enumerate(self.cfg.routed_layers):
             stats[f"routed_frac/block{layer}"] = terms["routed_frac"][n]
             if "predictor_acc" in terms:
                 stats[f"predictor_acc/block{layer}"] = terms["predictor_acc"][n]
+        moe_aux, moe_terms, experts = self._moe_terms(stats) if self.cfg.moe_layers else (0, {}, [])
+        # expert-choice MoE predictors' BCE joins MoD's in the predictor loss, same weight
+        router_loss, predictor_loss = self._aux(terms, x, moe_terms.get("predictor_bce"))
+        mod = self.cfg.mod
+        aux = mod.aux_loss_weight * router_loss + mod.predictor_loss_weight * predictor_loss
         aux = aux + moe_aux
         return ModelOutput(logits, aux, router_loss, predictor_loss, infos, stats, experts)
 
