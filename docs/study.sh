@@ -56,9 +56,9 @@ lroot=$out/ladder
 # read up to 14 M tokens; tools/isoflop.py --ladder keeps every run under 15 M (none twice).
 lbase=(train.batch_size=16 data.max_chars=0)
 
-# Finished ladder runs keep their config and metrics (gzipped) under docs/study/runs, which is
+# Finished ladder runs keep their config and metrics (gzipped) under docs/study/finished, which is
 # committed: the sweep spans sessions, and a fresh checkout restores them instead of re-running.
-kept=${KEPT:-docs/study/runs}
+kept=${KEPT:-docs/study/finished}
 groot=$out/gpu  # phase 14
 export kept lroot groot
 
