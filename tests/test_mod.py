@@ -204,3 +204,16 @@ def test_bench_step_reports_quartiles_on_the_eager_path(capsys):
         with pytest.raises(SystemExit) as e:  # argparse: usage and exit 2
             main(bad)
         assert e.value.code == 2
+
+
+@pytest.mark.parametrize("outputs", [1, 4])
+@pytest.mark.parametrize("normed", [False, True])
+def test_predictor_rows_equals_its_forward(outputs, normed):
+    """Decoding's one-token form (W @ x^T) gives the logits of the training forward."""
+    from modxla.model.predict import Predictor
+
+    torch.manual_seed(0)
+    p = Predictor(32, 16, normed, outputs)
+    x = torch.randn(5, 32)
+    expect = p(x[:, None])[:, 0] if outputs > 1 else p(x[:, None])  # (5, E) or (5, 1)
+    torch.testing.assert_close(p.rows(x), expect.reshape(5, outputs), rtol=1e-5, atol=1e-6)

@@ -149,7 +149,7 @@ def _decide(block: MoDBlock, x, routing: str) -> torch.Tensor:
     if routing == "predictor":
         if block.predictor is None:
             raise ValueError("routing='predictor' needs model.mod.predictor: true")
-        return block.predictor(x)[:, 0] > block.thresholds["predictor"]
+        return block.predictor.rows(x[:, 0])[:, 0] > block.thresholds["predictor"]
     if block.random:
         raise ValueError("routing='router' needs a learned router")
     return block.router_logits(x)[:, 0] > block.thresholds["router"]

@@ -210,7 +210,7 @@ class MoEMLP(nn.Module):
             raise ValueError(_NEEDS_PREDICTOR)
         x = h[:, 0]  # (B, D)
         gate = self.router(x).float().softmax(-1)  # (B, E), as the full forward's
-        kept = (self.predictor(x) > self.thresholds["predictor"]) & (used < capacity)
+        kept = (self.predictor.rows(x) > self.thresholds["predictor"]) & (used < capacity)
         if take is not None:
             kept = kept & take[:, None]
         z = torch.einsum("bd,edf->bef", x, self.w1)  # (B, E, F)

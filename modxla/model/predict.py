@@ -40,3 +40,12 @@ class Predictor(nn.Module):
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         out = self.fc2(F.silu(self.fc1(x)))
         return out.squeeze(-1) if out.shape[-1] == 1 else out  # (B, T) or (B, n, E)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """forward for one token per row, x (B, D) -> (B, outputs), as W @ x^T: decoding on
+        XLA:CPU lowered x @ W^T with a copy of W transposed at every token (~20 us a
+        predictor, 0.09 ms of a 3.4 ms MoD token at 8 x d256)."""
+        if self.normed:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = F.silu(self.fc1.weight @ x.T + self.fc1.bias[:, None])  # (H, B)
+        return (self.fc2.weight @ h + self.fc2.bias[:, None]).T
