@@ -158,8 +158,9 @@ class TracedStep:
         pending = [t for t, p in zip(live, flags, strict=True) if p]
         if pending:  # e.g. a learning rate written in place since the last step
             _X._xla_sync_multi(pending, devices=[], wait=True, sync_xla_data=True)
+        where = {"state": state, "arg": tensors}  # once, not per input: decoding's ~125
         values = [
-            _next_seed(v) if kind == "seed" else _pick(kind, v, state, tensors, [])
+            v if kind == "const" else _next_seed(v) if kind == "seed" else where[kind][v]
             for kind, v in graph.inputs
         ]
         results = _X._run_cached_graph(graph.hash, values)
@@ -171,15 +172,11 @@ class TracedStep:
             torch._functionalize_replace(state[i], torch._from_functional_tensor(results[j]))
             torch._functionalize_commit_update(state[i])
         self._replayed = True
-        leaves = [_pick(kind, v, state, tensors, results) for kind, v in graph.outputs]
+        where = {"state": state, "arg": tensors, "graph": results}
+        leaves = [v if kind == "const" else where[kind][v] for kind, v in graph.outputs]
         if self.sync or any(kind == "seed" for kind, _ in graph.inputs):
             torch_xla.sync()  # nothing pending: advances the RNG seed and runs step closures
         return torch.utils._pytree.tree_unflatten(leaves, graph.spec)
-
-
-def _pick(kind: str, v, state: list, tensors: list, results: list):
-    """A graph input or result leaf from where it was captured (a constant is itself)."""
-    return v if kind == "const" else {"state": state, "arg": tensors, "graph": results}[kind][v]
 
 
 def _next_seed(device: str) -> torch.Tensor:
