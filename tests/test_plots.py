@@ -298,3 +298,62 @@ def test_moe_and_mode_runs_are_named_and_fitted_with_a_color_per_variant(tmp_pat
     labels = figures.isoflop_ll(groups).axes[0].get_legend_handles_labels()[1]
     assert {"Baseline", "MoE 4x1.25/2", "Integrated MoDE 4x1.25/2+4"} <= set(labels)
     assert not any("100%" in label for label in labels)  # MoE is not labelled as MoD
+
+
+def _points(budget, variant, optimum, spread, x=(5.0, 5.2, 5.4, 5.6, 5.8, 6.0)):
+    """Six sizes on 2 + 0.8 (x - 5.5)^2 shifted to `optimum`, three seeds at +-spread."""
+    pts = []
+    for xi in x:
+        m = optimum + 0.8 * (xi - 5.5) ** 2
+        pts.append(
+            {
+                "budget": budget,
+                "variant": variant,
+                "params": 10**xi,
+                "fwd_flops": 10 ** (xi + 2),
+                "loss": m,
+                "losses": [m - spread, m, m + spread],
+            }
+        )
+    return pts
+
+
+def test_gaps_state_per_budget_which_claim_the_seeds_allow():
+    """MoD 0.05 below the baseline with seeds +-0.01 beats it; 0.005 below with seeds +-0.03
+    is not separated; 0.05 above loses; the gap's interval holds the true difference."""
+    mod = "MoD (12.5% capacity, every 2)"
+    points = _points(1e12, "Baseline", 2.0, 0.01) + _points(1e12, mod, 1.95, 0.01)
+    points += _points(1e13, "Baseline", 1.8, 0.03) + _points(1e13, mod, 1.795, 0.03)
+    points += _points(3e13, "Baseline", 1.7, 0.01) + _points(3e13, mod, 1.75, 0.01)
+    points += _points(3e13, "MoE (4 experts)", 1.6, 0.01)[:2]  # two sizes: no fit, no claim
+    claims = isoflop.gaps(points)
+    assert [(c["budget_flops"], c["variant"]) for c in claims] == [
+        (1e12, mod),
+        (1e13, mod),
+        (3e13, mod),
+    ]
+    want = {
+        1e12: (-0.05, "beats the baseline"),
+        1e13: (-0.005, "not separated"),
+        3e13: (0.05, "loses to the baseline"),
+    }
+    for c in claims:
+        gap, verdict = want[c["budget_flops"]]
+        assert c["gap"] == pytest.approx(gap, abs=1e-9) and c["verdict"] == verdict
+        lo, hi = c["interval"]
+        assert lo < gap < hi and hi - lo < 0.1
+        assert c["bracketed"] == [True, True] and c["min_seeds"] == 3
+        assert c["reference"] == "Baseline"
+    table = isoflop.gaps_markdown(claims)
+    assert "| 1e+12 | MoD (12.5% capacity, every 2) | -0.0500 | [" in table
+    assert table.count("| yes, yes | yes |") == 3
+    # one seed at every size: the interval is the point itself and the table says so
+    for p in points:
+        p.pop("losses")
+    one = isoflop.gaps(points)[1]
+    assert one["interval"] == pytest.approx([-0.005, -0.005]) and one["min_seeds"] == 1
+    assert "(1 seed somewhere" in isoflop.gaps_markdown([one])
+    # another corpus's variant is compared with that corpus's baseline only
+    other = _points(1e12, "Baseline on man", 2.5, 0.01) + _points(1e12, f"{mod} on man", 2.4, 0.01)
+    (c,) = isoflop.gaps(other + _points(1e12, "Baseline", 2.0, 0.01))
+    assert c["reference"] == "Baseline on man" and c["gap"] == pytest.approx(-0.1)

@@ -158,6 +158,7 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
         _fake_run(tmp_path, "base_m", 1.0, 96, 3.15),
         _fake_run(tmp_path, "base_l", 1.0, 128, 3.2),
         _fake_run(tmp_path, "mod_s", 0.125, 64, 3.25, with_predictor=True),
+        _fake_run(tmp_path, "mod_m", 0.125, 96, 3.05, with_predictor=True),
         _fake_run(tmp_path, "mod_l", 0.125, 128, 3.1, with_predictor=True),
     ]
     out = tmp_path / "plots"
@@ -166,7 +167,7 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
     # two variants only: the variant comparison (tests/test_plots.py) has nothing to show
     assert skipped == ["skipped variants_at_size: needs 3 or more variants at one size and budget"]
     drawn = set(figures.FIGURES) - {"variants_at_size"}
-    assert set(written) == {*drawn, "isoflop_fit.json", "runs.md"}
+    assert set(written) == {*drawn, "isoflop_fit.json", "isoflop_gaps.json", "runs.md"}
     for name in drawn:
         assert Path(written[name]).stat().st_size > 5000  # a real picture, not an empty file
     loaded = runs.group_runs(runs.load_runs(dirs))
@@ -186,6 +187,7 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
         ],
         "predictor_accuracy": [("Training step", "Top-k prediction accuracy")],
         "isoflop_fit": [("Parameters", "Final validation loss")],
+        "isoflop_gap": [("Training FLOPs", "Optimum loss - baseline's optimum")],
     }
     for name in drawn:
         fig = figures.FIGURES[name](loaded)
@@ -195,6 +197,10 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
     assert set(lines) == {"Baseline", "MoD (12.5%) using top-k", "MoD (12.5%) using predictor"}
     assert min(y for _, y in lines["Baseline"]) == pytest.approx(1.0)  # normalized to the best
     assert loaded[3].variant == "MoD (12.5% capacity, every 2)"
+    (claim,) = json.loads(Path(written["isoflop_gaps.json"]).read_text())
+    assert claim["variant"] == loaded[3].variant and claim["gap"] < 0  # one seed: a point
+    gap = figures.isoflop_gap(loaded).axes[0]
+    assert gap.containers[0].lines[0].get_ydata()[0] == pytest.approx(claim["gap"])
     assert loaded[0].variant == "Baseline"
 
 

@@ -28,6 +28,7 @@ from modxla.analysis.runs import (  # noqa: E402
     Run,
     Stat,
     fit_summary,
+    gap_summary,
     group_runs,
     load_runs,
     runs_table,
@@ -367,20 +368,61 @@ def isoflop_figure(groups: list[Group]):
     return fig
 
 
+def isoflop_gap(groups: list[Group]):
+    """Each variant's isoFLOP-optimal loss minus the baseline's against the budget, with the
+    bootstrap interval: the trend of the claim "MoD beats the isoFLOP-optimal baseline"."""
+    claims = gap_summary(groups)
+    if not claims:
+        raise MissingData("needs the baseline and another variant fitted at one budget")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.axhline(0, color="k", lw=0.8)
+    variants = sorted({c["variant"] for c in claims})
+    for i, v in enumerate(variants):
+        cs = sorted((c for c in claims if c["variant"] == v), key=lambda c: c["budget_flops"])
+        x = [c["budget_flops"] for c in cs]
+        y = [c["gap"] for c in cs]
+        err = [[c["gap"] - c["interval"][0] for c in cs], [c["interval"][1] - c["gap"] for c in cs]]
+        bars = ax.errorbar(x, y, yerr=err, fmt=STYLES[i % len(STYLES)], capsize=4, label=v)
+        color = bars.lines[0].get_color()
+        for c in cs:  # filled: both optima bracketed; hollow: one of them is a bound
+            full = all(c["bracketed"])
+            ax.plot(
+                c["budget_flops"],
+                c["gap"],
+                MARKERS[i % len(MARKERS)],
+                color=color,
+                mfc=color if full else "none",
+                ms=8,
+            )
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(SCI)
+    ax.set_xlabel("Training FLOPs")
+    ax.set_ylabel("Optimum loss - baseline's optimum")
+    ax.set_title("below 0: better than the isoFLOP-optimal baseline", fontsize=9)
+    level = f"{claims[0]['level']:.0%}"
+    legend_outside(
+        ax,
+        title=f"{level} bootstrap over seeds\nhollow: an optimum not bracketed",
+        title_fontsize=7,
+    )
+    return fig
+
+
 FIGURES = {
     "loss_vs_params": loss_vs_params,
     "loss_vs_flops_wallclock": loss_vs_flops_and_clock,
     "flops_and_steps_per_s": throughput_bars,
     "isoflop_loglikelihood": isoflop_ll,
     "isoflop_fit": isoflop_figure,
+    "isoflop_gap": isoflop_gap,
     "variants_at_size": variants_at_size,
     "predictor_accuracy": predictor_accuracy,
 }
 
 
 def render_all(run_dirs, out: str, warn=print) -> dict[str, str]:
-    """Every figure the runs have data for, as PNG files in `out`, isoflop_fit.json, and
-    runs.md (a table of the run groups)."""
+    """Every figure the runs have data for, as PNG files in `out`, isoflop_fit.json,
+    isoflop_gaps.json (the per-budget claims) and runs.md (a table of the run groups)."""
     runs = load_runs(run_dirs)
     runs = [r for r in runs if r.train] or runs
     groups = group_runs(runs)
@@ -397,6 +439,9 @@ def render_all(run_dirs, out: str, warn=print) -> dict[str, str]:
     path = rundir.join(out, "isoflop_fit.json")
     rundir.write_text(path, json.dumps(summary, indent=1) + "\n")
     written["isoflop_fit.json"] = path
+    path = rundir.join(out, "isoflop_gaps.json")
+    rundir.write_text(path, json.dumps(gap_summary(groups), indent=1) + "\n")
+    written["isoflop_gaps.json"] = path
     path = rundir.join(out, "runs.md")
     rundir.write_text(path, runs_table(groups))
     written["runs.md"] = path

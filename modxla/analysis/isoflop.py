@@ -76,6 +76,29 @@ def _optimum(pts: list[dict], losses) -> tuple[dict, float]:
     return fit, fwd
 
 
+def _resample(pts: list[dict], rng, resamples: int) -> dict[str, np.ndarray]:
+    """The optimum refitted on `resamples` draws of every size's seeds (with replacement)."""
+    seeds = [np.asarray(p.get("losses") or [p["loss"]], dtype=float) for p in pts]
+    out: dict[str, list] = {"loss": [], "params": [], "fwd_flops": [], "bracketed": []}
+    for _ in range(resamples):
+        means = [float(rng.choice(s, size=len(s)).mean()) for s in seeds]
+        fit, fwd = _optimum(pts, means)
+        out["loss"].append(fit["loss"])
+        out["params"].append(fit["params"])
+        out["fwd_flops"].append(fwd)
+        out["bracketed"].append(fit["bracketed"])
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _interval(values) -> list[float]:
+    tail = 100 * (1 - LEVEL) / 2
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
+def _min_seeds(pts: list[dict]) -> int:
+    return min(len(p.get("losses") or [p["loss"]]) for p in pts)
+
+
 def bootstrap(pts: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """Intervals of the optimum's loss, parameters and FLOPs per forward pass over the seeds:
     each resample draws every size's seeds with replacement and refits the seed means.
@@ -83,28 +106,94 @@ def bootstrap(pts: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> dic
     Only seed noise is in it: with one seed at every size the interval is a point (min_seeds
     says so), and the parabola's own misfit is in the residuals instead.
     """
-    rng = np.random.default_rng(seed)
-    seeds = [np.asarray(p.get("losses") or [p["loss"]], dtype=float) for p in pts]
-    out: dict[str, list[float]] = {"loss": [], "params": [], "fwd_flops": []}
-    bracketed = 0
-    for _ in range(resamples):
-        means = [float(rng.choice(s, size=len(s)).mean()) for s in seeds]
-        fit, fwd = _optimum(pts, means)
-        out["loss"].append(fit["loss"])
-        out["params"].append(fit["params"])
-        out["fwd_flops"].append(fwd)
-        bracketed += fit["bracketed"]
-    tail = 100 * (1 - LEVEL) / 2
+    r = _resample(pts, np.random.default_rng(seed), resamples)
     return {
-        **{
-            k: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]
-            for k, v in out.items()
-        },
+        **{k: _interval(r[k]) for k in ("loss", "params", "fwd_flops")},
         "level": LEVEL,
         "resamples": resamples,
-        "bracketed_fraction": bracketed / resamples,  # resamples whose vertex lies inside
-        "min_seeds": min(len(s) for s in seeds),
+        "bracketed_fraction": float(r["bracketed"].mean()),  # resamples with the vertex inside
+        "min_seeds": _min_seeds(pts),
     }
+
+
+REFERENCE = "Baseline"
+
+
+def _corpus(variant: str) -> str:
+    """' on man' of 'MoD (...) on man' (runs.Group.variant's suffix), '' for the default."""
+    return variant[variant.index(" on ") :] if " on " in variant else ""
+
+
+def gaps(points: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> list[dict]:
+    """Per budget, each variant's isoFLOP-optimal loss minus the baseline's (same corpus),
+    with a bootstrap interval: both optima refitted on independent draws of their seeds.
+
+    verdict: 'beats the baseline' when the whole interval is below 0, 'loses to the
+    baseline' when above, else 'not separated'. A claim also needs both optima bracketed
+    and seeds at every size; `bracketed` and `min_seeds` say whether it has them."""
+    by: dict[tuple, list[dict]] = {}
+    for p in points:
+        by.setdefault((p["budget"], p["variant"]), []).append(p)
+    fits = {k: sorted(v, key=lambda p: p["params"]) for k, v in by.items()}
+    fits = {k: v for k, v in fits.items() if len({p["params"] for p in v}) >= 3}
+    out = []
+    for (budget, variant), pts in sorted(fits.items()):
+        ref = fits.get((budget, REFERENCE + _corpus(variant)))
+        if ref is None or variant.startswith(REFERENCE):
+            continue
+        rng = np.random.default_rng(seed)
+        mine, theirs = _resample(pts, rng, resamples), _resample(ref, rng, resamples)
+        (fit, _), (ref_fit, _) = (
+            _optimum(pts, [p["loss"] for p in pts]),
+            _optimum(ref, [p["loss"] for p in ref]),
+        )
+        lo, hi = _interval(mine["loss"] - theirs["loss"])
+        verdict = (
+            "beats the baseline"
+            if hi < 0
+            else "loses to the baseline"
+            if lo > 0
+            else ("not separated")
+        )
+        out.append(
+            {
+                "budget_flops": budget,
+                "variant": variant,
+                "reference": REFERENCE + _corpus(variant),
+                "gap": fit["loss"] - ref_fit["loss"],
+                "interval": [lo, hi],
+                "verdict": verdict,
+                "bracketed": [fit["bracketed"], ref_fit["bracketed"]],
+                "min_seeds": min(_min_seeds(pts), _min_seeds(ref)),
+                "level": LEVEL,
+            }
+        )
+    return out
+
+
+def gaps_markdown(claims: list[dict]) -> str:
+    """The per-budget claims as a markdown table."""
+    rows = [
+        "| budget (FLOPs) | variant | optimum loss - baseline's | interval | claim | optima "
+        "bracketed (variant, baseline) | seeds at every size |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in claims:
+        lo, hi = c["interval"]
+        verdict = c["verdict"]
+        if c["min_seeds"] < 2:
+            verdict += " (1 seed somewhere: seed noise not sampled there)"
+        if not all(c["bracketed"]):
+            verdict += " (an optimum at the range's edge: a bound)"
+        br = ", ".join("yes" if b else "no" for b in c["bracketed"])
+        rows.append(
+            f"| {c['budget_flops']:.3g} | {c['variant']} | {c['gap']:+.4f} | [{lo:+.4f}, "
+            f"{hi:+.4f}] | {verdict} | {br} | {'yes' if c['min_seeds'] > 1 else 'no'} |"
+        )
+    return "\n".join(rows) + (
+        f"\n\nIntervals: {LEVEL:.0%} bootstrap of the difference ({RESAMPLES} resamples, each "
+        "variant's seeds drawn independently and both parabolas refitted)."
+    )
 
 
 def summarize(points: list[dict]) -> list[dict]:

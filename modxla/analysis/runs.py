@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from modxla.analysis.flops import flops_per_step, forward_flops, param_count
-from modxla.analysis.isoflop import budget_of, summarize
+from modxla.analysis.isoflop import budget_of, gaps, summarize
 from modxla.config import Config, to_dict
 from modxla.errors import UserError
 from modxla.io import rundir
@@ -267,9 +267,8 @@ def _budget_values(groups: list[Group]) -> dict[int, float]:
     return {b: statistics.median(v) for b, v in totals.items()}
 
 
-def fit_summary(groups: list[Group]) -> list[dict]:
-    """isoflop_fit.json: per (budget, variant) the fitted optimum with its bootstrap interval
-    over seeds, plus the points it used, each with its residual from the parabola."""
+def _points(groups: list[Group]) -> list[dict]:
+    """One isoFLOP point per group: its budget, variant, size and final loss over seeds."""
     values = _budget_values(groups)
     points = []
     for g in groups:
@@ -289,6 +288,19 @@ def fit_summary(groups: list[Group]) -> list[dict]:
                 "run": g.name,
             }
         )
+    return points
+
+
+def gap_summary(groups: list[Group]) -> list[dict]:
+    """isoflop_gaps.json: per budget, each variant's optimum loss minus the baseline's, with
+    its bootstrap interval and the claim it allows (modxla.analysis.isoflop.gaps)."""
+    return gaps(_points(groups))
+
+
+def fit_summary(groups: list[Group]) -> list[dict]:
+    """isoflop_fit.json: per (budget, variant) the fitted optimum with its bootstrap interval
+    over seeds, plus the points it used, each with its residual from the parabola."""
+    points = _points(groups)
     summary = summarize(points)
     keys = ("run", "params", "loss", "loss_min", "loss_max", "loss_std", "seeds", "losses")
     for e in summary:

@@ -7,8 +7,10 @@ Loss vs parameters per variant; loss vs FLOPs and wall-clock; FLOPs/step and ste
 normalized log-likelihood vs normalized FLOPs per forward pass (baseline, MoD top-k, MoD
 predictor, to the best baseline); predictor top-k accuracy vs step; the isoFLOP fit (loss vs
 parameters per training budget and variant, a parabola in log-parameters, its optimum), also
-written as isoflop_fit.json and printed as a markdown table. A figure whose data the runs
-lack (e.g. no baseline for the isoFLOP plot) is skipped with a note.
+written as isoflop_fit.json and printed as a markdown table; per budget, each variant's
+optimum loss minus the baseline's with a bootstrap interval over seeds and the claim it allows
+(isoflop_gap.png, isoflop_gaps.json, a second table). A figure whose data the runs lack
+(e.g. no baseline for the isoFLOP plot) is skipped with a note.
 
 Runs whose configs differ only in train.seed (modxla-isoflop --seeds) are one group: figures
 show the mean over seeds with min-max error bars or bands. Curves plot the training loss
@@ -21,7 +23,7 @@ import json
 import sys
 
 from modxla.analysis.figures import render_all
-from modxla.analysis.isoflop import markdown
+from modxla.analysis.isoflop import gaps_markdown, markdown
 from modxla.cli.common import parser
 from modxla.errors import UserError, report
 from modxla.io import rundir
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads(rundir.read_text(written["isoflop_fit.json"]))
     if summary:
         print(markdown(summary))
+    claims = json.loads(rundir.read_text(written["isoflop_gaps.json"]))
+    if claims:
+        print("\n" + gaps_markdown(claims))
     return 0
 
 
