@@ -18,6 +18,7 @@
 #  10. 3e13, seed 0 at every size;
 #  11. 3e13, seeds 1 and 2 at each variant's best size (seed 0) and its two neighbours;
 #  12. figures and fits of the ladder runs (docs/figures/ladder).
+#  15. the 4 variants at the 1e13 optimum size, three seeds, on both corpora (after 9).
 # On a CUDA GPU (optional; its own phase, run alone: PHASES=14):
 #  14. the GPU preset: baseline and MoD 12.5% at 1e14 and 3e14 on the aspect32 ladder, seed 0.
 # MoDE (issue 26; optional, ~30 runs of 1-3 min):
@@ -375,6 +376,48 @@ for v in variants[1:]:
             cells.append(f"{statistics.fmean(vals):.3f}" if vals else "-")
         print(f"| {v}_{size} | " + " | ".join(cells) + " |")
 EOF
+    ;;
+  15)  # the 4 variants (baseline, MoD 12.5%, 50%, 50% random) at the CMP_BUDGET (1e13)
+      # optimum: the baseline's best rung there (seed mean, phase 9), three seeds, on the
+      # standard library and on the manual pages; DRY=1 prints the runs instead
+    b=${CMP_BUDGET:-1e13}
+    size=$($py - "$lroot/$b" "$lroot/configs/$b/sizes.txt" <<'EOF'
+import json, pathlib, statistics, sys
+root, plan = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+lines = plan.read_text().splitlines()
+sizes = next(line.split()[1:] for line in lines if line.startswith("baseline "))
+mean = {}
+for size in sizes:
+    finals = []
+    for m in sorted(root.glob(f"baseline_{size}_s?/metrics.jsonl")):
+        if (m.parent.parent / f"{m.parent.name}.done").exists():
+            recs = [json.loads(x) for x in m.read_text().splitlines() if "val_loss" in x]
+            finals.append(recs[-1]["val_loss"])
+    if finals:
+        mean[size] = statistics.fmean(finals)
+if not mean:
+    sys.exit(f"no finished baseline run under {root}: run its ladder phase first")
+print(min(mean, key=mean.get))
+EOF
+)
+    c=$lroot/configs/compare_$b
+    if [ ! -e "$c/run_all.sh" ]; then
+      mkdir -p "$c"
+      $py tools/isoflop.py --budget "$b" --sizes "$size" --out "$c" \
+        --variants baseline mod_c12 mod_c50 mod_c50_random --set "${lbase[@]}" >"$c/plan.txt"
+    fi
+    corpus=$out/corpus/manpages
+    [ -n "${DRY:-}" ] || [ -e "$corpus.done" ] ||
+      { $py tools/prepare_corpus.py --out "$corpus" --max-chars 8000000 && touch "$corpus.done"; }
+    cmp_runs() {
+      for seed in 0 1 2; do
+        for v in baseline mod_c12 mod_c50 mod_c50_random; do
+          echo "$c/${v}_$size.yaml $lroot/compare_$b/${v}_${size}_s$seed $seed"
+          echo "$c/${v}_$size.yaml $lroot/compare_${b}_man/${v}_${size}_s$seed $seed data.source=$corpus"
+        done
+      done
+    }
+    if [ -n "${DRY:-}" ]; then cmp_runs; else cmp_runs | run_all; fi
     ;;
   14)  # the GPU preset: baseline and MoD 12.5% every 2nd block on the aspect32 ladder (5-11
       # layers: 2-5 routed blocks) at 1e14 and 3e14, seed 0, bf16 autocast on one CUDA GPU,
