@@ -167,6 +167,12 @@ lsweep() {  # BUDGET SEEDS [ROOT] < lines "VARIANT SIZE...": a training line per
   done
 }
 
+finished() {  # RUN_DIR...: those that finished (a run in progress has no .done yet)
+  local d
+  for d in "$@"; do [ -e "$d.done" ] && echo "$d"; done
+  return 0
+}
+
 lbest() {  # BUDGET: "VARIANT SIZE..." of each variant's best size (seed 0) and its neighbours
   $py - "$lroot/$1" "$lroot/configs/$1/sizes.txt" <<'EOF'
 import json, pathlib, sys
@@ -303,7 +309,7 @@ EOF
   12)  # figures, run tables and fits (with intervals) of the ladder runs, and each plan
     mkdir -p docs/figures/ladder
     # shellcheck disable=SC2046
-    $py tools/plot.py --out docs/figures/ladder $(ls -d "$lroot"/*/*_s?) \
+    $py tools/plot.py --out docs/figures/ladder $(finished "$lroot"/{1e12,2e12,1e13,3e13}/*_s?) \
       >docs/figures/ladder/plot.txt
     for b in 1e12 2e12 1e13 3e13; do
       [ -e "$lroot/configs/$b/plan.txt" ] && cp "$lroot/configs/$b/plan.txt" "docs/figures/ladder/plan_$b.txt"
@@ -417,7 +423,14 @@ EOF
         done
       done
     }
-    if [ -n "${DRY:-}" ]; then cmp_runs; else cmp_runs | run_all; fi
+    if [ -n "${DRY:-}" ]; then cmp_runs; else
+      cmp_runs | run_all
+      mkdir -p "docs/figures/ladder_compare_$b"
+      # shellcheck disable=SC2046
+      $py tools/plot.py --out "docs/figures/ladder_compare_$b" \
+        $(finished "$lroot/compare_$b"/*_s? "$lroot/compare_${b}_man"/*_s?) \
+        >"docs/figures/ladder_compare_$b/plot.txt"
+    fi
     ;;
   14)  # the GPU preset: baseline and MoD 12.5% every 2nd block on the aspect32 ladder (5-11
       # layers: 2-5 routed blocks) at 1e14 and 3e14, seed 0, bf16 autocast on one CUDA GPU,
