@@ -535,6 +535,7 @@ def test_expert_choice_predictor_learns_from_its_bce_only():
 EC_DECODE_CASES = {
     "expert_choice": {},
     "staged_expert_choice": {"model.mod.capacity": 0.5},
+    "one_expert": {"model.moe.experts": 1, "model.moe.capacity_factor": 0.5},  # (B, n, 1) logits
 }
 
 
@@ -571,6 +572,7 @@ def _ec_full_use(model, seq):
         ("expert_choice", 3, -1e9),
         ("staged_expert_choice", 1, -1e9),
         ("staged_expert_choice", 3, 0.0),
+        ("one_expert", 2, 0.0),
     ],
 )
 def test_expert_choice_decoding_equals_the_causal_full_forward(case, batch, threshold):

@@ -271,6 +271,7 @@ def test_moe_and_mode_runs_are_named_and_fitted_with_a_color_per_variant(tmp_pat
         "moe": (1.0, moe),
         "staged": (0.125, moe),
         "int": (1.0, [*moe, "model.moe.noop_experts=4"]),
+        "ec": (1.0, [*moe, "model.moe.routing=expert"]),  # another routing: another curve
     }
     paths = []
     for var, (cap, extra) in kinds.items():
@@ -284,17 +285,19 @@ def test_moe_and_mode_runs_are_named_and_fitted_with_a_color_per_variant(tmp_pat
         "moe": f"MoE (4 experts, {tail}",
         "staged": f"Staged MoDE (12.5% capacity, 4 experts, {tail}",
         "int": f"Integrated MoDE (4 experts + 4 no-op, {tail}",
+        "ec": "MoE (4 experts, expert choice, capacity factor 1.25, every 2)",
     }
     assert {g.short_variant for g in groups if g.cfg.model.moe_layers} == {
         "MoE 4x1.25/2",
         "Staged MoDE 12.5% 4x1.25/2",
         "Integrated MoDE 4x1.25/2+4",
+        "MoE 4x1.25/2 EC",
     }
     assert [g.name for g in groups if g.is_baseline] == ["base_2x64", "base_3x96", "base_4x128"]
     # one budget: each variant's points and parabola in its own color
     ax = figures.isoflop_figure(groups).axes[0]
     fitted = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 100]  # the parabolas
-    assert len(fitted) == 4 and len({ln.get_color() for ln in fitted}) == 4
+    assert len(fitted) == 5 and len({ln.get_color() for ln in fitted}) == 5
     labels = figures.isoflop_ll(groups).axes[0].get_legend_handles_labels()[1]
     assert {"Baseline", "MoE 4x1.25/2", "Integrated MoDE 4x1.25/2+4"} <= set(labels)
     assert not any("100%" in label for label in labels)  # MoE is not labelled as MoD
@@ -352,7 +355,13 @@ def test_gaps_state_per_budget_which_claim_the_seeds_allow():
         p.pop("losses")
     one = isoflop.gaps(points)[1]
     assert one["interval"] == pytest.approx([-0.005, -0.005]) and one["min_seeds"] == 1
-    assert "(1 seed somewhere" in isoflop.gaps_markdown([one])
+    assert one["verdict"] == "one seed: no interval"  # not 'beats': nothing was resampled
+    # seeds at one size only: a verdict, flagged in the table
+    for p in points[:1] + points[6:7]:
+        p["losses"] = [p["loss"] - 0.01, p["loss"] + 0.01]
+    part = isoflop.gaps(points)[0]
+    assert part["verdict"] == "beats the baseline" and part["min_seeds"] == 1
+    assert "beats the baseline (1 seed somewhere" in isoflop.gaps_markdown([part])
     # another corpus's variant is compared with that corpus's baseline only
     other = _points(1e12, "Baseline on man", 2.5, 0.01) + _points(1e12, f"{mod} on man", 2.4, 0.01)
     (c,) = isoflop.gaps(other + _points(1e12, "Baseline", 2.0, 0.01))

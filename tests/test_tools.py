@@ -198,7 +198,8 @@ def test_plot_renders_every_figure_with_the_papers_axes(tmp_path):
     assert min(y for _, y in lines["Baseline"]) == pytest.approx(1.0)  # normalized to the best
     assert loaded[3].variant == "MoD (12.5% capacity, every 2)"
     (claim,) = json.loads(Path(written["isoflop_gaps.json"]).read_text())
-    assert claim["variant"] == loaded[3].variant and claim["gap"] < 0  # one seed: a point
+    assert claim["variant"] == loaded[3].variant and claim["gap"] < 0
+    assert claim["verdict"] == "one seed: no interval"
     gap = figures.isoflop_gap(loaded).axes[0]
     assert gap.containers[0].lines[0].get_ydata()[0] == pytest.approx(claim["gap"])
     assert loaded[0].variant == "Baseline"

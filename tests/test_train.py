@@ -65,10 +65,11 @@ def test_sharded_equals_unsharded(tmp_path, data_cache):
         assert one["params"].keys() == mesh["params"].keys()
         for k, v in one["params"].items():
             torch.testing.assert_close(mesh["params"][k], v, rtol=1e-5, atol=1e-5, msg=k)
-        # the parameters did move (10x the tolerance): not a comparison of untouched inits
+        # the parameters did move (one step: 10x the tolerance): not untouched inits
         cfg = load_config("configs/tiny.yaml", [*TINY, *models[m]])
         init = build_model(cfg.model, seed=0).state_dict()
-        assert max((init[k] - v).abs().max() for k, v in one["params"].items()) > 1e-4, m
+        moved = 1e-4 if m == "moe_expert_choice" else 1e-3
+        assert max((init[k] - v).abs().max() for k, v in one["params"].items()) > moved, m
     assert any(".mlp.w1" in k and v.ndim == 3 for k, v in results["one"][1]["params"].items())
 
 

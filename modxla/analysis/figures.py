@@ -381,7 +381,11 @@ def isoflop_gap(groups: list[Group]):
         cs = sorted((c for c in claims if c["variant"] == v), key=lambda c: c["budget_flops"])
         x = [c["budget_flops"] for c in cs]
         y = [c["gap"] for c in cs]
-        err = [[c["gap"] - c["interval"][0] for c in cs], [c["interval"][1] - c["gap"] for c in cs]]
+        # a percentile interval need not hold the point estimate (an edge optimum): clip
+        err = [
+            [max(0.0, c["gap"] - c["interval"][0]) for c in cs],
+            [max(0.0, c["interval"][1] - c["gap"]) for c in cs],
+        ]
         bars = ax.errorbar(x, y, yerr=err, fmt=STYLES[i % len(STYLES)], capsize=4, label=v)
         color = bars.lines[0].get_color()
         for c in cs:  # filled: both optima bracketed; hollow: one of them is a bound

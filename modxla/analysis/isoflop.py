@@ -41,7 +41,8 @@ def fit_parabola(params, losses) -> dict:
         "params": 10**best,
         "loss": float(np.polyval([a, b, c], best)),
         "bracketed": bool(bracketed),
-        "vertex_params": 10**vertex if a > 0 else None,  # None: the fit opens downward
+        # None: the fit opens downward, or is so flat that its vertex is off any scale
+        "vertex_params": 10**vertex if a > 0 and abs(vertex) < 300 else None,
     }
 
 
@@ -129,8 +130,9 @@ def gaps(points: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> list[
     with a bootstrap interval: both optima refitted on independent draws of their seeds.
 
     verdict: 'beats the baseline' when the whole interval is below 0, 'loses to the
-    baseline' when above, else 'not separated'. A claim also needs both optima bracketed
-    and seeds at every size; `bracketed` and `min_seeds` say whether it has them."""
+    baseline' when above, else 'not separated'; 'one seed: no interval' when no size of
+    either has two seeds. A claim also needs both optima bracketed and seeds at every size;
+    `bracketed` and `min_seeds` say whether it has them."""
     by: dict[tuple, list[dict]] = {}
     for p in points:
         by.setdefault((p["budget"], p["variant"]), []).append(p)
@@ -148,13 +150,12 @@ def gaps(points: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> list[
             _optimum(ref, [p["loss"] for p in ref]),
         )
         lo, hi = _interval(mine["loss"] - theirs["loss"])
-        verdict = (
-            "beats the baseline"
-            if hi < 0
-            else "loses to the baseline"
-            if lo > 0
-            else ("not separated")
-        )
+        if max(len(p.get("losses") or [0]) for p in pts + ref) < 2:
+            verdict = "one seed: no interval"  # nothing resampled: [gap, gap] says nothing
+        elif hi < 0:
+            verdict = "beats the baseline"
+        else:
+            verdict = "loses to the baseline" if lo > 0 else "not separated"
         out.append(
             {
                 "budget_flops": budget,
@@ -166,6 +167,7 @@ def gaps(points: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> list[
                 "bracketed": [fit["bracketed"], ref_fit["bracketed"]],
                 "min_seeds": min(_min_seeds(pts), _min_seeds(ref)),
                 "level": LEVEL,
+                "resamples": resamples,
             }
         )
     return out
@@ -181,7 +183,7 @@ def gaps_markdown(claims: list[dict]) -> str:
     for c in claims:
         lo, hi = c["interval"]
         verdict = c["verdict"]
-        if c["min_seeds"] < 2:
+        if c["min_seeds"] < 2 and not verdict.startswith("one seed"):
             verdict += " (1 seed somewhere: seed noise not sampled there)"
         if not all(c["bracketed"]):
             verdict += " (an optimum at the range's edge: a bound)"
@@ -191,7 +193,8 @@ def gaps_markdown(claims: list[dict]) -> str:
             f"{hi:+.4f}] | {verdict} | {br} | {'yes' if c['min_seeds'] > 1 else 'no'} |"
         )
     return "\n".join(rows) + (
-        f"\n\nIntervals: {LEVEL:.0%} bootstrap of the difference ({RESAMPLES} resamples, each "
+        f"\n\nIntervals: {LEVEL:.0%} bootstrap of the difference "
+        f"({claims[0]['resamples'] if claims else RESAMPLES} resamples, each "
         "variant's seeds drawn independently and both parabolas refitted)."
     )
 

@@ -112,17 +112,21 @@ class Group:
 
     def _moe_variant(self, short: bool = False) -> str:
         """'MoE (4 experts, top-1, capacity factor 1.25, every 2)', 'Staged MoDE (12.5%
-        capacity, ...)', 'Integrated MoDE (4 experts + 4 no-op, ...)'; short: 'MoE 4x1.25/2'."""
+        capacity, ...)', 'Integrated MoDE (4 experts + 4 no-op, ...)', 'MoE (4 experts, expert
+        choice, ...)'; short: 'MoE 4x1.25/2', 'MoE 4x1.25/2 EC'."""
         m = self.cfg.model
         moe, cap = m.moe, f"{m.mod.capacity:.1%}".replace(".0%", "%")
+        expert_choice = moe.routing == "expert"  # another routing: another curve
         if short:
             name = f"{moe.experts}x{moe.capacity_factor:g}/{moe.every}"
+            name += " EC" if expert_choice else ""
             if m.routed_layers:
                 return f"Staged MoDE {cap} {name}"
             if moe.noop_experts:
                 return f"Integrated MoDE {name}+{moe.noop_experts}"
             return f"MoE {name}"
-        tail = f"top-{moe.top_k}, capacity factor {moe.capacity_factor:g}, every {moe.every}"
+        choice = "expert choice" if expert_choice else f"top-{moe.top_k}"
+        tail = f"{choice}, capacity factor {moe.capacity_factor:g}, every {moe.every}"
         if m.routed_layers:
             return f"Staged MoDE ({cap} capacity, {moe.experts} experts, {tail})"
         if moe.noop_experts:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from modxla.config import ModelConfig
-from modxla.model.mod import ROUTING_MODES, MoDBlock, RoutingInfo, capacity_k, causal_slots
+from modxla.model.mod import ROUTING_MODES, MoDBlock, RoutingInfo, capacity_k
+from modxla.model.predict import causal_slots
 from modxla.model.transformer import ModelOutput, Transformer, lm_loss
 
 __all__ = [

@@ -71,7 +71,7 @@ class MoDBlock(nn.Module):
         r = self.router_logits(x)
         topk_idx = torch.topk(r, k, dim=1).indices  # (B, k)
         topk_mask = torch.zeros_like(r).scatter(1, topk_idx, 1.0)
-        p = self.predictor(x.detach()) if self.predictor is not None else None
+        p = self.predictor(x.detach())[..., 0] if self.predictor is not None else None
         if routing == "topk":
             idx = torch.sort(topk_idx, dim=1).values  # causal order kept
             valid = torch.ones_like(idx, dtype=torch.bool)

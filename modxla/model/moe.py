@@ -13,8 +13,8 @@ Expert choice: each expert takes its top-C tokens of the sequence by router prob
 in position order (the routing family MoD uses); a token may be taken by several or none.
 Top-C over the sequence looks at the future, so, as for MoD, a predictor (model.moe.predictor:
 an MLP on stop_gradient(h), (B, n, E) logits, trained by BCE on top-C membership) gives the
-causal rule: in the causal routing modes expert e takes the tokens whose logit e is above its
-threshold, the first C of them in position order (overflow dropped, counted), `valid` tokens
+causal rule: in the causal routing modes expert e takes the tokens whose logit e is above the
+layer's threshold, the first C of them in position order (overflow dropped, counted), `valid` tokens
 only, with the router probability as gate as in training. That holds in `router` mode too:
 the mode names how MoD blocks decide, and an expert-choice router has no per-token rule of
 its own (its softmax is over experts, while top-C membership depends on how a token's
@@ -213,12 +213,8 @@ class MoEMLP(nn.Module):
         kept = (self.predictor.rows(x) > self.thresholds["predictor"]) & (used < capacity)
         if take is not None:
             kept = kept & take[:, None]
-        z = torch.einsum("bd,edf->bef", x, self.w1)  # (B, E, F)
-        if self.w3 is not None:
-            z = F.silu(z) * torch.einsum("bd,edf->bef", x, self.w3)
-        else:
-            z = F.gelu(z, approximate="tanh")
-        y = torch.einsum("bef,efd->bed", z, self.w2)  # (B, E, D)
+        b, e = kept.shape
+        y = self.experts(h[:, None].expand(b, e, 1, h.shape[-1]))[:, :, 0]  # (B, E, D)
         delta = (y * (gate * kept)[..., None].to(y.dtype)).sum(1)  # (B, D)
         return delta[:, None].to(h.dtype), used + kept.long()
 
@@ -257,7 +253,7 @@ class MoEMLP(nn.Module):
             taken = torch.zeros_like(by_expert).scatter(2, idx, ok.float()).transpose(1, 2) > 0
         routed = taken.any(-1).float()  # (B, n) taken by at least one expert
         terms = {
-            "balance_loss": logits.new_zeros(()),  # every expert fills its C slots
+            "balance_loss": logits.new_zeros(()),  # trained in topk mode: all C slots full
             "z_loss": torch.logsumexp(logits, -1).pow(2).mean(),
             "routed_frac": routed.mean(),  # fractions of tokens
             "dropped_frac": 1 - routed.mean(),

@@ -26,8 +26,8 @@ def causal_slots(decide: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 class Predictor(nn.Module):
     """Small MLP predicting top-k membership from one token's own state (causal by design).
 
-    outputs 1: a MoD block's (B, T) logits; E: an expert-choice MoE's (B, n, E), one per
-    expert's top-C."""
+    (..., outputs) logits: 1 for a MoD block, E for an expert-choice MoE (one per expert's
+    top-C; E may be 1, so the axis is never squeezed here)."""
 
     def __init__(self, d_model: int, hidden: int, normed: bool = False, outputs: int = 1) -> None:
         super().__init__()
@@ -36,16 +36,14 @@ class Predictor(nn.Module):
         self.normed = normed  # RMS-normalize x first (no gain: fc1 absorbs one)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.normed:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        out = self.fc2(F.silu(self.fc1(x)))
-        return out.squeeze(-1) if out.shape[-1] == 1 else out  # (B, T) or (B, n, E)
+        return self.fc2(F.silu(self.fc1(self._norm(x))))  # (B, T, outputs)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) if self.normed else x
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """forward for one token per row, x (B, D) -> (B, outputs), as W @ x^T: decoding on
         XLA:CPU lowered x @ W^T with a copy of W transposed at every token (~20 us a
         predictor, 0.09 ms of a 3.4 ms MoD token at 8 x d256)."""
-        if self.normed:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        h = F.silu(self.fc1.weight @ x.T + self.fc1.bias[:, None])  # (H, B)
+        h = F.silu(self.fc1.weight @ self._norm(x).T + self.fc1.bias[:, None])  # (H, B)
         return (self.fc2.weight @ h + self.fc2.bias[:, None]).T
