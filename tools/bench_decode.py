@@ -72,7 +72,7 @@ def calibrate_predictors(model, seq_len: int, seed: int = 0) -> None:
         hook = block.register_forward_pre_hook(keep_input)
         model(tokens, routing="predictor")
         hook.remove()
-        logits = block.predictor(seen["x"]).flatten()
+        logits = block.predictor(seen["x"]).flatten()  # (B*T,): one output
         block.predictor.fc2.bias -= torch.quantile(logits, 1 - block.capacity)
 
 

@@ -120,6 +120,14 @@ def bootstrap(pts: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> dic
 REFERENCE = "Baseline"
 
 
+def _curves(points: list[dict]) -> dict[tuple, list[dict]]:
+    """Points by (budget, variant), each curve ascending in parameters."""
+    by: dict[tuple, list[dict]] = {}
+    for p in sorted(points, key=lambda p: p["params"]):
+        by.setdefault((p["budget"], p["variant"]), []).append(p)
+    return by
+
+
 def _corpus(variant: str) -> str:
     """' on man' of 'MoD (...) on man' (runs.Group.variant's suffix), '' for the default."""
     return variant[variant.index(" on ") :] if " on " in variant else ""
@@ -133,11 +141,7 @@ def gaps(points: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> list[
     baseline' when above, else 'not separated'; 'one seed: no interval' when no size of
     either has two seeds. A claim also needs both optima bracketed and seeds at every size;
     `bracketed` and `min_seeds` say whether it has them."""
-    by: dict[tuple, list[dict]] = {}
-    for p in points:
-        by.setdefault((p["budget"], p["variant"]), []).append(p)
-    fits = {k: sorted(v, key=lambda p: p["params"]) for k, v in by.items()}
-    fits = {k: v for k, v in fits.items() if len({p["params"] for p in v}) >= 3}
+    fits = {k: v for k, v in _curves(points).items() if len({p["params"] for p in v}) >= 3}
     out = []
     for (budget, variant), pts in sorted(fits.items()):
         ref = fits.get((budget, REFERENCE + _corpus(variant)))
@@ -204,12 +208,8 @@ def summarize(points: list[dict]) -> list[dict]:
     optionally losses: one per seed} (one per size, loss the seed mean). Entries with fewer
     than 3 sizes carry no fit; a fit carries its residuals (seed mean - parabola, ascending in
     parameters) and the bootstrap interval over seeds."""
-    by: dict[tuple, list[dict]] = {}
-    for p in points:
-        by.setdefault((p["budget"], p["variant"]), []).append(p)
     out = []
-    for (budget, variant), pts in sorted(by.items()):
-        pts = sorted(pts, key=lambda p: p["params"])
+    for (budget, variant), pts in sorted(_curves(points).items()):
         entry = {
             "budget_flops": budget,
             "variant": variant,
