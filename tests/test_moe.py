@@ -690,3 +690,38 @@ def test_generate_on_xla_samples_a_token_choice_moe_run(tmp_path, data_cache, ca
     xla = capsys.readouterr()
     assert xla.out == cpu.out  # greedy: the same tokens as eager
     assert "expert-processed fraction of choices per MoE block: block 1: " in xla.err
+
+
+@pytest.mark.slow  # trains, then trains predictors: ~6 s
+def test_post_hoc_predictors_continue_mods_and_add_the_missing_moe_ones(
+    tmp_path, data_cache, capsys
+):
+    """Staged MoDE with expert choice, trained with MoD's predictors and not the MoE's:
+    --init auto continues MoD's jointly trained predictors and starts only the MoE's fresh."""
+    import json
+
+    from modxla.cli.train import main as train
+    from modxla.cli.train_predictor import main as train_predictor
+    from modxla.io.checkpoint import latest_checkpoint, load
+
+    run = tmp_path / "staged"
+    extra = ("train.device=cpu", "train.steps=2", "model.moe.routing=expert")
+    assert train(train_args(run, data_cache, *extra, config="configs/mode_staged.yaml")[2:]) == 0
+    steps = ["--steps", "1", "--eval-batches", "1", "--log-every", "1"]
+    assert train_predictor(["--run-dir", str(run), *steps]) == 0
+    out = capsys.readouterr().out
+    assert "predictors: continue (joint weights; fresh: model.moe)" in out
+    result = json.loads((run / "predictor" / "eval.json").read_text())
+    assert result["fresh_predictors"] == ["model.moe"]
+    # the MoD predictor went on from the run's weights: one step away from them, not a new init
+    model = build_model(load_config(str(run / "config.yaml")).model, seed=0)
+    key = next(
+        k for k, _ in model.named_parameters() if ".predictor.fc1.weight" in k and ".mlp." not in k
+    )
+
+    def weight(ckpts: str) -> torch.Tensor:
+        template = {"model": {key: torch.zeros_like(model.state_dict()[key])}}
+        return load(latest_checkpoint(str(run / ckpts)), template)["model"][key]
+
+    base, post = weight("checkpoints"), weight("predictor/checkpoints")
+    assert 0 < (post - base).abs().max() < 0.05 < base.abs().max()

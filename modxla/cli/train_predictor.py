@@ -42,7 +42,10 @@ from modxla.routing.predictor import INITS, PredictorOptions, train_predictors
 
 def print_eval(result: dict) -> None:
     init = result["predictor_init"]
-    print(f"predictors: {init} ({'new initialisation' if init == 'fresh' else 'joint weights'})")
+    how = "new initialisation" if init == "fresh" else "joint weights"
+    if result.get("fresh_predictors"):  # continued, but the run trained some kinds without
+        how += "; fresh: " + ", ".join(result["fresh_predictors"])
+    print(f"predictors: {init} ({how})")
     print(f"{'routing':<10} {'nll':>8} {'norm. LL':>9} {'routed':>8} {'overflow':>9}")
     for mode in ("topk", "predictor", "router"):
         if mode in result:

@@ -85,6 +85,14 @@ def _expert_choice(cfg) -> bool:
     return bool(cfg.model.moe_layers) and cfg.model.moe.routing == "expert"
 
 
+def trained_predictors(cfg) -> list[str]:
+    """The kinds of predictor the run trained jointly: 'mod' (routed blocks), 'moe'."""
+    m = cfg.model
+    kinds = [("mod", bool(m.routed_layers) and m.mod.predictor)]
+    kinds.append(("moe", _expert_choice(cfg) and m.moe.predictor))
+    return [k for k, on in kinds if on]
+
+
 def has_predictors(cfg) -> bool:
     """Whether every causal rule of the run's model has its predictor: each routed block's
     (model.mod.predictor) and each expert-choice MoE layer's (model.moe.predictor)."""
@@ -111,10 +119,17 @@ class PredictorTrainer(Loop):
             )
         self.opts = opts
         self.init = opts.init
+        # continue: the jointly trained predictors go on, any other starts fresh (a staged
+        # MoDE may have trained MoD's predictors but not its expert-choice MoE's)
+        m = run_cfg.model
+        trained = trained_predictors(run_cfg)
+        needed = [k for k, on in (("mod", m.routed_layers), ("moe", _expert_choice(run_cfg))) if on]
         if opts.init == "auto":
-            self.init = "continue" if has_predictors(run_cfg) else "fresh"
-        if self.init == "continue" and not has_predictors(run_cfg):
-            m = run_cfg.model
+            self.init = "continue" if trained else "fresh"
+        self.fresh_kinds = (
+            [k for k in needed if k not in trained] if self.init == "continue" else []
+        )
+        if self.init == "continue" and not trained:
             key = "mod" if m.routed_layers and not m.mod.predictor else "moe"
             raise UserError(
                 f"{run_dir} was trained with model.{key}.predictor: false: there are no "
@@ -215,6 +230,8 @@ class PredictorTrainer(Loop):
             "fresh": "fresh predictors (new initialisation)",
             "continue": "continuing from the jointly trained predictors",
         }[self.init]
+        if self.fresh_kinds:
+            how += "; fresh: " + ", ".join(f"model.{k} predictors" for k in self.fresh_kinds)
         say(f"{how}; frozen model from {path}")
 
     def marker(self) -> dict:
@@ -302,6 +319,7 @@ class PredictorTrainer(Loop):
             "base_step": self.base_id["step"],
             "capacity": self.cfg.model.mod.capacity,
             "predictor_init": self.init,
+            "fresh_predictors": [f"model.{k}" for k in self.fresh_kinds],  # when continuing
             "predictor_hidden": self.cfg.model.mod.predictor_hidden,
             "predictor_input": self.cfg.model.mod.predictor_input,
             "pos_weight": self.pos_weight or 1.0,
