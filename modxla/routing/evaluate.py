@@ -41,9 +41,10 @@ def evaluate_routing(
     tokens than the capacity buffer holds. Predictor quality is measured against top-k
     membership, next to the accuracy of always answering "skip" (1 - capacity). A model
     with expert-choice MoE predictors (model.moe.predictor) has them scored too, against
-    top-C membership of each expert, and per mode `moe_taken` (the share of (token, expert)
-    pairs an expert processed) and `moe_overflow` (the share of (sequence, layer, expert)
-    whose causal decisions wanted more than C tokens).
+    top-C membership of each expert, and per mode `moe_taken` (the share of (row, expert)
+    pairs an expert processed, the rows being the MoE's input: in a staged MoDE block the k
+    buffer slots, empty ones of the causal modes included) and `moe_overflow` (the share of
+    (sequence, layer, expert) whose causal decisions wanted more than C tokens).
     """
     cfg = model.cfg
     moe_pred = bool(cfg.moe_predictor_layers)
