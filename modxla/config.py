@@ -113,9 +113,14 @@ class ModelConfig:
         return [i for i in range(self.num_layers) if i % e == e - 1]
 
     @property
+    def expert_choice(self) -> bool:
+        """MoE layers with expert-choice routing: not causal without their top-C predictor."""
+        return bool(self.moe_layers) and self.moe.routing == "expert"
+
+    @property
     def moe_predictor_layers(self) -> list[int]:
         """The MoE layers with a top-C predictor (expert choice with model.moe.predictor)."""
-        return self.moe_layers if self.moe.routing == "expert" and self.moe.predictor else []
+        return self.moe_layers if self.expert_choice and self.moe.predictor else []
 
 
 @dataclass

@@ -74,7 +74,7 @@ def generate(
     if not prompt:
         raise InferenceError("the prompt encodes to no tokens")
     cfg = model.cfg
-    if cfg.moe_layers and cfg.moe.routing == "expert" and not cfg.moe_predictor_layers:
+    if cfg.expert_choice and not cfg.moe_predictor_layers:
         raise InferenceError(
             "expert-choice MoE routing (model.moe.routing: expert) is not causal without its "
             "top-C predictor: train one with modxla-train-predictor (or train with "

@@ -66,7 +66,7 @@ class KVCache:
         run; default model.cfg.max_seq_len, the longest sequence a bare model's config
         allows: pass the trained length whenever it is shorter)."""
         cfg = model.cfg
-        if cfg.moe_layers and cfg.moe.routing == "expert" and not cfg.moe_predictor_layers:
+        if cfg.expert_choice and not cfg.moe_predictor_layers:
             raise ValueError(
                 "decoding an expert-choice MoE (model.moe.routing: expert) needs its top-C "
                 "predictor (model.moe.predictor: true, or modxla-train-predictor on the run): "

@@ -55,7 +55,7 @@ def evaluate_routing(
         )
     if cfg.mod.router == "random" or not cfg.routed_layers:  # router: MoD's rule
         modes = tuple(m for m in modes if m != "router")
-    expert_choice = bool(cfg.moe_layers) and cfg.moe.routing == "expert"
+    expert_choice = cfg.expert_choice
     # predictor routing needs every causal rule: MoD's predictors, the experts' predictors
     has_predictor = (not cfg.routed_layers or cfg.mod.predictor) and (not expert_choice or moe_pred)
     if not has_predictor:  # trained without predictors: nothing to score them on

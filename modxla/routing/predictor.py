@@ -82,7 +82,7 @@ def _is_predictor(name: str) -> bool:
 
 
 def _expert_choice(cfg) -> bool:
-    return bool(cfg.model.moe_layers) and cfg.model.moe.routing == "expert"
+    return cfg.model.expert_choice
 
 
 def trained_predictors(cfg) -> list[str]:
