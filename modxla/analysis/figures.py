@@ -399,7 +399,9 @@ def isoflop_gap(groups: list[Group]):
                 ms=8,
             )
     ax.set_xscale("log")
+    ax.set_xticks(sorted({c["budget_flops"] for c in claims}))  # the budgets, as 2e12
     ax.xaxis.set_major_formatter(SCI)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, pos: ""))
     ax.set_xlabel("Training FLOPs")
     ax.set_ylabel("Optimum loss - baseline's optimum")
     ax.set_title("below 0: better than the isoFLOP-optimal baseline", fontsize=9)
