@@ -82,6 +82,16 @@ train() {
   if $py -m modxla.train --config "$cfg" --run-dir "$dir" train.seed="$seed" $COMMON "$@" \
       >"$dir.log" 2>&1; then
     if [ -n "$keep" ]; then
+      # one tokenizer per corpus for every kept run: a session that trained another (another
+      # sentencepiece, another interpreter's library) would mix vocabularies into one curve
+      local tok=${keep#"$kept"/} src
+      src=$(grep -m1 '^  source:' "$dir/config.yaml" | sed 's/^  source: //; s#[/ ]#_#g')
+      tok=$kept/${tok%%/*}/tokenizer_$src.model  # e.g. docs/study/finished/ladder/tokenizer_stdlib.model
+      if [ -e "$tok" ] && ! cmp -s "$tok" "$dir/tokenizer.model"; then
+        echo "FAILED $dir: its tokenizer differs from the kept runs' ($tok); not kept" >&2
+        return 1
+      fi
+      [ -e "$tok" ] || cp "$dir/tokenizer.model" "$tok"
       mkdir -p "$keep" && cp "$dir/config.yaml" "$keep/" && gzip -9c "$dir/metrics.jsonl" >"$keep/metrics.jsonl.gz"
     fi
     touch "$dir.done"
