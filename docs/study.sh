@@ -69,6 +69,8 @@ train() {
   shift 3
   [ -e "$dir.done" ] && return 0
   case $dir in "$lroot"/* | "$groot"/*) keep=$kept/${dir#"$out"/} ;; esac
+  local top=${keep#"$kept"/}
+  top=$kept/${top%%/*}  # docs/study/finished/ladder: its runs' tokenizers
   mkdir -p "$(dirname "$dir")"
   if [ -n "$keep" ] && [ -e "$keep/metrics.jsonl.gz" ]; then
     mkdir -p "$dir" && cp "$keep/config.yaml" "$dir/" && gunzip -c "$keep/metrics.jsonl.gz" >"$dir/metrics.jsonl"
@@ -78,15 +80,29 @@ train() {
   fi
   mkdir "$dir.lock" 2>/dev/null || { echo "skip   $dir (running elsewhere)"; return 0; }
   trap 'rmdir "$dir.lock"' RETURN
+  # sentencepiece is not deterministic (the same corpus trains another tokenizer in another
+  # process): a kept corpus's tokenizer goes where the run would train its own
+  [ -z "$keep" ] || $py - "$top" "$cfg" "$@" <<'EOF'
+import pathlib, shutil, sys
+from modxla.config import load_config
+from modxla.data.tokenizer import default_tokenizer_path
+top, cfg = pathlib.Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
+name = cfg.data.source.replace("/", "_").replace(" ", "_")  # as the check below names it
+kept_tok = top / f"tokenizer_{name}.model"
+path = default_tokenizer_path(cfg.data, cfg.model.vocab_size)
+if kept_tok.exists() and not cfg.data.tokenizer and not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(kept_tok, path)
+EOF
   # shellcheck disable=SC2086
   if $py -m modxla.train --config "$cfg" --run-dir "$dir" train.seed="$seed" $COMMON "$@" \
       >"$dir.log" 2>&1; then
     if [ -n "$keep" ]; then
       # one tokenizer per corpus for every kept run: a session that trained another (another
       # sentencepiece, another interpreter's library) would mix vocabularies into one curve
-      local tok=${keep#"$kept"/} src
+      local src tok
       src=$(grep -m1 '^  source:' "$dir/config.yaml" | sed 's/^  source: //; s#[/ ]#_#g')
-      tok=$kept/${tok%%/*}/tokenizer_$src.model  # e.g. docs/study/finished/ladder/tokenizer_stdlib.model
+      tok=$top/tokenizer_$src.model  # e.g. docs/study/finished/ladder/tokenizer_stdlib.model
       if [ -e "$tok" ] && ! cmp -s "$tok" "$dir/tokenizer.model"; then
         echo "FAILED $dir: its tokenizer differs from the kept runs' ($tok); not kept" >&2
         return 1
