@@ -80,8 +80,9 @@ train() {
   fi
   mkdir "$dir.lock" 2>/dev/null || { echo "skip   $dir (running elsewhere)"; return 0; }
   trap 'rmdir "$dir.lock"' RETURN
-  # sentencepiece is not deterministic (the same corpus trains another tokenizer in another
-  # process): a kept corpus's tokenizer goes where the run would train its own
+  # a kept corpus's tokenizer goes where the run would train its own: retrained, it would
+  # differ in its bytes (its trainer spec names a temporary file) even with the same pieces,
+  # and on another machine its corpus (another interpreter's library) may differ too
   [ -z "$keep" ] || $py - "$top" "$cfg" "$@" <<'EOF'
 import pathlib, shutil, sys
 from modxla.config import load_config
@@ -98,8 +99,8 @@ EOF
   if $py -m modxla.train --config "$cfg" --run-dir "$dir" train.seed="$seed" $COMMON "$@" \
       >"$dir.log" 2>&1; then
     if [ -n "$keep" ]; then
-      # one tokenizer per corpus for every kept run: a session that trained another (another
-      # sentencepiece, another interpreter's library) would mix vocabularies into one curve
+      # one tokenizer per corpus for every kept run, byte for byte: a run that trained another
+      # (its cache already held one) would mix vocabularies into one curve
       local src tok
       src=$(grep -m1 '^  source:' "$dir/config.yaml" | sed 's/^  source: //; s#[/ ]#_#g')
       tok=$top/tokenizer_$src.model  # e.g. docs/study/finished/ladder/tokenizer_stdlib.model
