@@ -183,10 +183,14 @@ lplan() {  # BUDGET [ROOT LADDER OVERRIDES...]: each variant's rungs (once): con
   mv "$dir/sizes.txt.tmp" "$dir/sizes.txt"
 }
 
-lsweep() {  # BUDGET SEEDS [ROOT] < lines "VARIANT SIZE...": a training line per (variant, size, seed)
+lsweep() {  # BUDGET SEEDS [ROOT] < lines "VARIANT SIZE...": a training line per (variant, size, seed),
+  # seed by seed: a sweep cut short has every variant at the seeds it reached
   local budget=$1 seeds=$2 root=${3:-$lroot} v sizes seed size
-  while read -r v sizes; do
-    for seed in $seeds; do
+  local -a plan
+  mapfile -t plan
+  for seed in $seeds; do
+    for line in "${plan[@]}"; do
+      read -r v sizes <<<"$line"
       for size in $sizes; do
         echo "$root/configs/$budget/${v}_$size.yaml $root/$budget/${v}_${size}_s$seed $seed"
       done
