@@ -383,4 +383,10 @@ def test_bench_decode_reports_both_variants(capsys):
         # k = round(0.125 * 32) = 4 slots of 32, plus 8-byte positions and a count
         assert r["routed_block_kv_over_dense"] == pytest.approx(4 / 32, rel=0.02)
         assert all(0 < f <= 4 / 32 for f in r["routed_frac"])  # calibration routes tokens
+        # taking fewer than k/S of the tokens only raises the FLOP ratio
+        assert r["flop_ratio_at_routed_frac"] >= res["flop_ratio"]
+    assert res["interleave"] == "sequence"
+    assert main(args[:2] + ["--batches", "1", "--interleave", "token"] + args[4:] + tiny) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["interleave"] == "token" and res["results"]["eager/B1"]["speedup"] > 0
     assert main(["--batches", "0"]) == 2

@@ -8,7 +8,12 @@ context (S = data.seq_len, so a routed block keeps the k = round(C * S) slots it
 with `modxla.model.decode.decode_step` as modxla-generate runs it: on XLA traced once and
 replayed, routed blocks in HLO conditionals (`modxla.xla.decode.Decoder`), interleaved with the
 same decoding traced at every token with every row computed (`--xla-modes`, as before).
-Steps alternate baseline, MoD, baseline, ... so both see the same machine load. Each
+The models take turns a sequence at a time (`--interleave sequence`, the default; who goes
+first alternates between repetitions), so both see the same machine load and each decodes as a
+sampler does, its weights and cache as warm as its own working set leaves them. With
+`--interleave token` they alternate token by token: then each step follows the other model's,
+which has evicted its weights from the CPU's caches, and a model whose working set would fit
+(MoD: half the dense blocks at this size) loses that advantage. Each
 repetition decodes S tokens with fresh caches; the figure per repetition is its mean time per
 token (a routed block's cost differs from token to token, so a per-token median would hide
 it), reported as the median over repetitions with quartiles.
@@ -38,21 +43,24 @@ from modxla.model.decode import KVCache, decode_step
 from modxla.model.mod import MoDBlock
 
 
-def decode_flops(cfg, seq_len: int) -> float:
-    """Mean forward FLOPs to decode one token of an S-token sequence (matmuls, 2*m*n*p)."""
+def decode_flops(cfg, seq_len: int, routed: list[float] | None = None) -> float:
+    """Mean forward FLOPs to decode one token of an S-token sequence (matmuls, 2*m*n*p).
+
+    routed: per routed block, the share of tokens it takes (default: its capacity k/S)."""
     d, f, s = cfg.d_model, cfg.ffn_dim, seq_len
     proj = 2 * 4 * d * d + 2 * d * f * (3 if cfg.mlp == "swiglu" else 2)
-    routed = set(cfg.routed_layers)
     k = capacity_k(cfg.mod.capacity, s)
+    share = dict(zip(cfg.routed_layers, routed or [k / s] * len(cfg.routed_layers), strict=True))
     total = 2 * d * cfg.vocab_size  # head
     for i in range(cfg.num_layers):
-        if i not in routed:
+        if i not in share:
             total += proj + 4 * d * (s + 1) / 2  # scores and values over t+1 keys, t < S
             continue
         total += 2 * d if cfg.mod.router == "learned" else 0
         if cfg.mod.predictor:
             total += 2 * (d * cfg.mod.predictor_hidden + cfg.mod.predictor_hidden)
-        total += (k / s) * (proj + 4 * d * (k + 1) / 2)  # k of S tokens, over <= k keys
+        n = share[i] * s  # tokens taken, the j-th attending over j keys
+        total += share[i] * (proj + 4 * d * (n + 1) / 2)
     return total
 
 
@@ -102,12 +110,16 @@ def _eager(model):
     return lambda cache, tok, pos: decode_step(model, cache, tok, pos, "predictor")
 
 
-def bench(models, batch: int, seq_len: int, reps: int, device, desc: str, modes=()) -> dict:
+def bench(
+    models, batch: int, seq_len: int, reps: int, device, desc: str, modes=(), interleave="sequence"
+) -> dict:
     """Interleaved decoding of `reps` sequences; per-variant ms/token and cache bytes."""
     steps = steppers(models, device, list(modes))
     gen = torch.Generator().manual_seed(1)
     per_rep = {name: [] for name in steps}
     caches = {}
+    routed = [i for i, b in enumerate(models["mod"].blocks) if isinstance(b, MoDBlock)]
+    routed_count = []  # per timed repetition: slots filled per routed block (mean over rows)
     for rep in tqdm(range(reps + 1), desc=desc, file=sys.stderr):  # rep 0 warms up/compiles
         vocab = models["baseline"].cfg.vocab_size
         tokens = torch.randint(0, vocab, (batch, seq_len), generator=gen)
@@ -116,28 +128,38 @@ def bench(models, batch: int, seq_len: int, reps: int, device, desc: str, modes=
             for v, (n, _) in steps.items()
         }
         total = dict.fromkeys(steps, 0.0)
-        for t in range(seq_len if rep else 3):
-            tok = tokens[:, t].to(device)  # host-made: device data, not a traced op
-            pos = torch.full((batch,), t).to(device)
-            for v, (_, step) in steps.items():
-                t0 = time.perf_counter()
-                logits = step(caches[v], tok, pos)
-                logits.cpu()  # sampling needs the logits on the host
-                total[v] += time.perf_counter() - t0
+        inputs = [  # host-made: device data, not a traced op
+            (tokens[:, t].to(device), torch.full((batch,), t).to(device))
+            for t in range(seq_len if rep else 3)
+        ]
+        names = list(steps)
+        if interleave == "token":  # token by token: baseline, MoD, baseline, ...
+            order = [(v, t) for t in range(len(inputs)) for v in names]
+        else:  # sequence by sequence, who goes first alternating between repetitions
+            names = names[rep % len(names) :] + names[: rep % len(names)]
+            order = [(v, t) for v in names for t in range(len(inputs))]
+        for v, t in order:
+            t0 = time.perf_counter()
+            logits = steps[v][1](caches[v], *inputs[t])
+            logits.cpu()  # sampling needs the logits on the host
+            total[v] += time.perf_counter() - t0
         if rep:
             for v in steps:
                 per_rep[v].append(1e3 * total[v] / seq_len)
+            routed_count.append([caches["mod"].count[i].float().mean().item() for i in routed])
     out = {}
     for name, times in per_rep.items():
         q1, med, q3 = _quartiles(times)
         out[name] = {"ms": med, "quartiles": [round(q1, 3), round(med, 3), round(q3, 3)]}
     mod, base = caches["mod"], caches["baseline"]
-    routed = [i for i, b in enumerate(models["mod"].blocks) if isinstance(b, MoDBlock)]
     dense = [i for i in range(len(base.k)) if i not in routed]
     out["kv_bytes_baseline"] = base.nbytes()
     out["kv_bytes_mod"] = mod.nbytes()
     out["routed_block_kv_over_dense"] = round(mod.nbytes(routed[0]) / base.nbytes(dense[0]), 4)
-    out["routed_frac"] = [round(float(mod.count[i].float().mean()) / seq_len, 4) for i in routed]
+    # the share of tokens each routed block took, over every timed sequence
+    out["routed_frac"] = [
+        round(statistics.mean(c) / seq_len, 4) for c in zip(*routed_count, strict=True)
+    ]
     if "mod_traced" in out:  # the same decoding traced at every token, interleaved
         bt, mt = out.pop("baseline_traced"), out.pop("mod_traced")
         out["traced_every_token"] = {
@@ -169,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         "modxla-generate runs) and/or traced (traced every token, every row computed)",
     )
     ap.add_argument("--reps", type=int, default=3, help="timed sequences per (backend, batch)")
+    ap.add_argument(
+        "--interleave",
+        choices=("sequence", "token"),
+        default="sequence",
+        help="take turns a whole sequence at a time (as a sampler decodes) or token by\n"
+        "token (each step after the other model's: both with caches the other evicted)",
+    )
     ap.add_argument(
         "--threads",
         type=int,
@@ -214,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "mod": f"capacity {cfgs['mod'].model.mod.capacity}, every {cfgs['mod'].model.mod.every}",
         "threads": torch.get_num_threads(),
         "reps": args.reps,
+        "interleave": args.interleave,
         "decode_flops_per_token": {n: round(v) for n, v in flops.items()},
         "flop_ratio": round(flops["baseline"] / flops["mod"], 3),
         "results": {},
@@ -234,13 +264,18 @@ def main(argv: list[str] | None = None) -> int:
                 run_models[n].to(device)
         for batch in batches:
             desc = f"{backend} B{batch}"
-            r = bench(run_models, batch, seq_len, args.reps, device, desc, modes)
+            r = bench(run_models, batch, seq_len, args.reps, device, desc, modes, args.interleave)
             base, mod = r.pop("baseline"), r.pop("mod")
             result["results"][f"{backend}/B{batch}"] = {
                 "decode_ms_baseline": round(base["ms"], 3),
                 "decode_ms_mod": round(mod["ms"], 3),
                 "speedup": round(base["ms"] / mod["ms"], 3),
                 "share_of_flop_ratio": round(base["ms"] / mod["ms"] / result["flop_ratio"], 3),
+                # the FLOP ratio had each routed block taken the share it took, not k/S
+                "flop_ratio_at_routed_frac": round(
+                    flops["baseline"] / decode_flops(cfgs["mod"].model, seq_len, r["routed_frac"]),
+                    3,
+                ),
                 "quartiles_ms_baseline": base["quartiles"],
                 "quartiles_ms_mod": mod["quartiles"],
                 **r,
