@@ -37,6 +37,11 @@ class _Graph:
     spec: object  # the result's pytree structure
     consts: list  # the constant inputs' host values, to check the next trace against
 
+    def __post_init__(self):
+        self.seeds = [(j, v) for j, (kind, v) in enumerate(self.inputs) if kind == "seed"]
+        self.const_values = [v for kind, v in self.inputs if kind == "const"]
+        self.pick: list[int] | None = None  # set at the first replay, once state is known
+
 
 class TracedStep:
     """`fn(*args)` on XLA, traced at most a few times per input signature.
@@ -155,14 +160,19 @@ class TracedStep:
         state = self.state()
         live = state + tensors
         flags = _X._check_tensor_need_materialization(live)
-        pending = [t for t, p in zip(live, flags, strict=True) if p]
-        if pending:  # e.g. a learning rate written in place since the last step
+        if any(flags):  # e.g. a learning rate written in place since the last step
+            pending = [t for t, p in zip(live, flags, strict=True) if p]
             _X._xla_sync_multi(pending, devices=[], wait=True, sync_xla_data=True)
-        where = {"state": state, "arg": tensors}  # once, not per input: decoding's ~125
-        values = [
-            v if kind == "const" else _next_seed(v) if kind == "seed" else where[kind][v]
-            for kind, v in graph.inputs
-        ]
+        if graph.pick is None:  # per input, its index in state + args + constants
+            base, consts = {"state": 0, "arg": len(state)}, iter(range(len(live), 1 << 62))
+            graph.pick = [  # a seed input is filled in below: any index will do
+                next(consts) if k == "const" else 0 if k == "seed" else base[k] + v
+                for k, v in graph.inputs
+            ]
+        pool = live + graph.const_values
+        values = [pool[j] for j in graph.pick]  # decoding's ~125: no branch per input
+        for j, device in graph.seeds:
+            values[j] = _next_seed(device)
         results = _X._run_cached_graph(graph.hash, values)
         return self._finish(graph, state, tensors, results)
 
@@ -174,7 +184,7 @@ class TracedStep:
         self._replayed = True
         where = {"state": state, "arg": tensors, "graph": results}
         leaves = [v if kind == "const" else where[kind][v] for kind, v in graph.outputs]
-        if self.sync or any(kind == "seed" for kind, _ in graph.inputs):
+        if self.sync or graph.seeds:
             torch_xla.sync()  # nothing pending: advances the RNG seed and runs step closures
         return torch.utils._pytree.tree_unflatten(leaves, graph.spec)
 
