@@ -40,7 +40,7 @@ class _Graph:
     def __post_init__(self):
         self.seeds = [(j, v) for j, (kind, v) in enumerate(self.inputs) if kind == "seed"]
         self.const_values = [v for kind, v in self.inputs if kind == "const"]
-        self.pick: list[int] | None = None  # set at the first replay, once state is known
+        self.pick: list[int] | None = None  # per input, its index in state + args + consts
 
 
 class TracedStep:
@@ -163,12 +163,8 @@ class TracedStep:
         if any(flags):  # e.g. a learning rate written in place since the last step
             pending = [t for t, p in zip(live, flags, strict=True) if p]
             _X._xla_sync_multi(pending, devices=[], wait=True, sync_xla_data=True)
-        if graph.pick is None:  # per input, its index in state + args + constants
-            base, consts = {"state": 0, "arg": len(state)}, iter(range(len(live), 1 << 62))
-            graph.pick = [  # a seed input is filled in below: any index will do
-                next(consts) if k == "const" else 0 if k == "seed" else base[k] + v
-                for k, v in graph.inputs
-            ]
+        if graph.pick is None:
+            graph.pick = _positions(graph.inputs, len(state), len(tensors))
         pool = live + graph.const_values
         values = [pool[j] for j in graph.pick]  # decoding's ~125: no branch per input
         for j, device in graph.seeds:
@@ -187,6 +183,18 @@ class TracedStep:
         if self.sync or graph.seeds:
             torch_xla.sync()  # nothing pending: advances the RNG seed and runs step closures
         return torch.utils._pytree.tree_unflatten(leaves, graph.spec)
+
+
+def _positions(inputs: list, n_state: int, n_args: int) -> list[int]:
+    """Per graph input, its index in state + args + the graph's constants."""
+    out, const = [], n_state + n_args
+    for kind, v in inputs:
+        if kind == "const":
+            out.append(const)
+            const += 1
+        else:  # a seed input is replaced at each replay: any index will do
+            out.append(v if kind == "state" else n_state + v if kind == "arg" else 0)
+    return out
 
 
 def _next_seed(device: str) -> torch.Tensor:
